@@ -1,0 +1,1 @@
+"""Triton kernels for CUDA, installed as ``ttsearch.kernels``."""

@@ -1,0 +1,289 @@
+"""The engine API on a tiny real checkpoint: forks, sharing, prefix reuse, sampling, steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttsearch import Engine, SamplingParams
+from ttsearch.errors import ContextLengthError, InvalidTokenError, KVCacheFullError
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tiny_checkpoints):
+    return str(tiny_checkpoints["llama3"])
+
+
+def make_engine(path, **kwargs) -> Engine:
+    kwargs.setdefault("kv_cache_bytes", 4 << 20)
+    return Engine(path, dtype="float32", progress=False, **kwargs)
+
+
+@pytest.fixture()
+def engine(tiny_path):
+    return make_engine(tiny_path)
+
+
+@pytest.fixture(scope="module")
+def fresh(tiny_path):
+    """Logits of a sequence prefilled from scratch on a new engine (nothing cached)."""
+
+    def logits_of(tokens: list[int]) -> torch.Tensor:
+        ref = make_engine(tiny_path)
+        return ref.logits(ref.add(tokens))
+
+    return logits_of
+
+
+def prompt(n: int, seed: int = 0, vocab: int = 300) -> list[int]:
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def snapshot(engine: Engine, *seqs) -> tuple:
+    return (engine.stats(), [(list(s.token_ids), list(s.block_table)) for s in seqs])
+
+
+# ---------------------------------------------------------------------------- forks
+
+
+def test_fork_child_continued_equals_fresh_sequence(engine, fresh):
+    parent = engine.add(prompt(37))
+    (child,) = engine.fork(parent, 1)
+    x = prompt(9, seed=1)
+    engine.append(child, x)
+    torch.testing.assert_close(engine.logits(child), fresh(parent.token_ids + x), atol=ATOL, rtol=0)
+
+
+def test_diverging_children_corrupt_neither_each_other_nor_the_parent(engine, fresh):
+    base = prompt(21)  # 21 tokens: a shared partial tail that every child must copy
+    parent = engine.add(base)
+    parent_logits = engine.logits(parent)
+    children = engine.fork(parent, 3)
+    continuations = [prompt(n, seed=10 + n) for n in (1, 5, 30)]
+    for child, x in zip(children, continuations):
+        engine.append(child, x)
+    for child, x in zip(children, continuations):
+        torch.testing.assert_close(engine.logits(child), fresh(base + x), atol=ATOL, rtol=0)
+    torch.testing.assert_close(engine.logits(parent), parent_logits, atol=0, rtol=0)
+    engine.append(parent, [5, 6])
+    torch.testing.assert_close(engine.logits(parent), fresh(base + [5, 6]), atol=ATOL, rtol=0)
+    engine.blocks.check_invariants()
+
+
+def test_batched_decode_equals_one_at_a_time(engine, tiny_path):
+    lengths = [3, 16, 17, 40]
+    seqs = [engine.add(prompt(n, seed=n)) for n in lengths]
+    batched = [engine.step(seqs) for _ in range(5)]
+    single = make_engine(tiny_path)
+    for i, n in enumerate(lengths):
+        seq = single.add(prompt(n, seed=n))
+        alone = [single.step([seq])[0] for _ in range(5)]
+        assert alone == [step[i] for step in batched]
+        torch.testing.assert_close(single.logits(seq), engine.logits(seqs[i]), atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------- sharing
+
+
+def test_hundred_token_prompt_forked_sixteen_ways_shares_its_blocks(engine):
+    parent = engine.add(prompt(100))
+    assert engine.stats()["blocks_used"] == 7  # ceil(100 / 16)
+    children = engine.fork(parent, 16)
+    assert engine.stats()["blocks_used"] == 7
+    engine.step(children)  # every child writes its own token: each copies only the partial tail
+    stats = engine.stats()
+    assert stats["blocks_used"] <= 7 + 16
+    assert stats["kv_bytes_used"] == stats["blocks_used"] * engine.block_bytes
+    assert stats["sequences"] == 17
+
+
+def test_same_prompt_added_twice_forwards_only_the_uncached_tail(engine, fresh):
+    tokens = prompt(100)
+    first = engine.add(tokens)
+    assert engine.stats()["tokens_forwarded"] == 100
+    engine.free(first)
+    assert engine.stats()["blocks_cached"] == 6 and engine.stats()["blocks_used"] == 0
+    second = engine.add(tokens)
+    assert engine.stats()["tokens_forwarded"] == 100 + 4  # 6 full blocks reused
+    torch.testing.assert_close(engine.logits(second), fresh(tokens), atol=ATOL, rtol=0)
+    third = engine.add(tokens + [7])  # live blocks are shared too
+    assert engine.stats()["tokens_forwarded"] == 104 + 5
+    assert engine.stats()["blocks_used"] == 7 + 1
+
+
+def test_prompt_that_is_entirely_cached_still_gets_its_logits(engine, fresh):
+    tokens = prompt(32)  # exactly two blocks
+    engine.free(engine.add(tokens))
+    seq = engine.add(tokens)
+    assert engine.stats()["tokens_forwarded"] == 32 + 16  # the last block is recomputed
+    torch.testing.assert_close(engine.logits(seq), fresh(tokens), atol=ATOL, rtol=0)
+
+
+def test_free_releases_everything(engine):
+    seq = engine.add(prompt(50))
+    kids = engine.fork(seq, 4)
+    engine.step(kids)
+    for s in [seq, *kids]:
+        engine.free(s)
+    stats = engine.stats()
+    assert stats["blocks_used"] == 0 and stats["kv_bytes_used"] == 0 and stats["sequences"] == 0
+    engine.blocks.check_invariants()
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def test_same_seed_same_tokens_and_forks_diverge(engine):
+    sampling = SamplingParams(temperature=1.0, top_p=0.95, top_k=50, seed=7)
+    runs = []
+    for _ in range(2):
+        root = engine.add(prompt(12))
+        kids = engine.fork(root, 4)
+        runs.append([engine.step(kids, sampling) for _ in range(6)])
+        for s in [root, *kids]:
+            engine.free(s)
+    assert runs[0] == runs[1]
+    per_child = list(zip(*runs[0]))
+    assert len(set(per_child)) > 1, "forked children drew identical samples"
+
+
+def test_a_sequences_samples_do_not_depend_on_its_batch(engine):
+    sampling = SamplingParams(temperature=0.9, seed=3)
+    alone = engine.add(prompt(10))
+    alone_tokens = [engine.step([alone], sampling)[0] for _ in range(5)]
+    engine.free(alone)
+    seq = engine.add(prompt(10))
+    other = engine.add(prompt(20, seed=5))
+    batched = [engine.step([other, seq], [SamplingParams(temperature=0.5, seed=99), sampling])[1] for _ in range(5)]
+    assert batched == alone_tokens
+
+
+def test_top_k_one_is_greedy(engine):
+    a, b = engine.add(prompt(8)), engine.add(prompt(8))
+    assert [engine.step([a], SamplingParams(temperature=2.0, top_k=1))[0] for _ in range(4)] == [
+        engine.step([b])[0] for _ in range(4)
+    ]
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"), ({"seed": 1.5}, "seed")],
+)
+def test_bad_sampling_params(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+# ---------------------------------------------------------------------------- steps
+
+
+def test_generate_step_reports_length_stop_and_eos(engine):
+    root = engine.add(prompt(10))
+    probe = engine.fork(root, 1)[0]
+    (free_run,) = engine.generate_step([probe], stop=None, max_tokens=6)
+    assert free_run.finish_reason == "length" and len(free_run.token_ids) == 6
+    tokens = free_run.token_ids
+
+    # a delimiter that the third token completes: the step ends there and keeps it
+    stop = engine.tokenizer.decode(tokens[:3])[-1]
+    if stop in engine.tokenizer.decode(tokens[:2]):
+        pytest.skip("the probe continuation repeats its characters")
+    (stopped,) = engine.generate_step(engine.fork(root, 1), stop=stop, max_tokens=6)
+    assert stopped.finish_reason == "stop" and stopped.token_ids == tokens[:3]
+    assert stopped.text.endswith(stop)
+
+    engine.eos_token_ids = frozenset({tokens[1]})
+    if tokens[0] == tokens[1]:
+        pytest.skip("the probe continuation repeats its first token")
+    (ended,) = engine.generate_step(engine.fork(root, 1), stop=None, max_tokens=6)
+    assert ended.finish_reason == "eos" and ended.token_ids == tokens[:2]
+
+
+def test_generate_step_batch_stops_each_sequence_on_its_own(engine):
+    seqs = [engine.add(prompt(n, seed=n)) for n in (5, 9)]
+    results = engine.generate_step(seqs, stop=None, max_tokens=4)
+    assert [len(r.token_ids) for r in results] == [4, 4]
+    assert [len(s) for s in seqs] == [9, 13]
+
+
+def test_generate_step_stops_at_the_context_length(tiny_path):
+    engine = make_engine(tiny_path, max_model_len=20)
+    seq = engine.add(prompt(17))
+    (result,) = engine.generate_step([seq], stop=None, max_tokens=10)
+    assert result.finish_reason == "length" and len(seq) == 20
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_token_outside_vocabulary(engine):
+    seq = engine.add(prompt(5))
+    before = snapshot(engine, seq)
+    vocab = engine.config.vocab_size
+    with pytest.raises(InvalidTokenError, match=rf"token id {vocab} at position 2 .*\[0, {vocab}\)"):
+        engine.add([1, 2, vocab])
+    with pytest.raises(InvalidTokenError, match="token id -1"):
+        engine.append(seq, [4, -1])
+    assert snapshot(engine, seq) == before
+
+
+def test_prompt_over_the_context_length(tiny_path):
+    engine = make_engine(tiny_path, max_model_len=64)
+    seq = engine.add(prompt(60))
+    before = snapshot(engine, seq)
+    with pytest.raises(ContextLengthError, match="65 tokens, over the context length 64"):
+        engine.add(prompt(65))
+    with pytest.raises(ContextLengthError, match="65 tokens"):
+        engine.append(seq, prompt(5))
+    assert snapshot(engine, seq) == before
+
+
+def test_pool_too_small(tiny_path):
+    engine = make_engine(tiny_path, kv_cache_bytes=5 * 16 * 2 * 2 * 2 * 16 * 4)  # 5 blocks of 16 tokens
+    assert engine.stats()["blocks_total"] == 5
+    with pytest.raises(KVCacheFullError, match=r"needs 6 free blocks, 5 of 5 are free"):
+        engine.add(prompt(90))
+    assert engine.stats()["blocks_used"] == 0 and engine.stats()["tokens_forwarded"] == 0
+    seq = engine.add(prompt(47))  # 3 blocks, the last with one free slot
+    kids = engine.fork(seq, 3)
+    before = snapshot(engine, seq, *kids)
+    with pytest.raises(KVCacheFullError, match="a decode step of 3 sequences"):
+        engine.step(kids)  # three private tails needed, two blocks free
+    assert snapshot(engine, seq, *kids) == before
+    engine.free(kids[0])
+    engine.step(kids[1:])  # now it fits
+
+
+def test_misused_sequences(engine, tiny_path):
+    seq = engine.add(prompt(5))
+    other_engine = make_engine(tiny_path)
+    stranger = other_engine.add(prompt(5))
+    before = snapshot(engine, seq)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        engine.fork(seq, 0)
+    with pytest.raises(ValueError, match="does not belong to this engine"):
+        engine.step([stranger])
+    with pytest.raises(ValueError, match="appears twice"):
+        engine.step([seq, seq])
+    with pytest.raises(ValueError, match="token_ids is empty"):
+        engine.append(seq, [])
+    assert snapshot(engine, seq) == before
+    engine.free(seq)
+    with pytest.raises(ValueError, match="was freed"):
+        engine.append(seq, [1])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dtype": "float16"}, "dtype='float16'"),
+        ({"block_size": 0}, "block_size"),
+        ({"kv_cache_bytes": 100}, "kv_cache_bytes=100 holds no block"),
+        ({"max_model_len": -5}, "max_model_len"),
+    ],
+)
+def test_bad_engine_settings(tiny_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Engine(tiny_path, progress=False, **kwargs)

@@ -1,0 +1,76 @@
+"""Our forward pass against transformers' own implementation on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ttsearch import Engine
+from ttsearch.models.loader import resolve_model_path
+
+TOL = 1e-3
+PROMPT_LEN = 50
+DECODE_STEPS = 20
+
+
+def reference_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.tensor([token_ids])).logits[0].float()
+
+
+def check_parity(engine: Engine, hf_model, prompt: list[int]) -> None:
+    """Logits after the prompt and after each of 20 greedy decode steps match the
+    reference's logits at the same positions of one full forward."""
+    seq = engine.add(prompt)
+    ours = [engine.logits(seq)]
+    for _ in range(DECODE_STEPS):
+        engine.step([seq])
+        ours.append(engine.logits(seq))
+    ref = reference_logits(hf_model, seq.token_ids)
+    ref = ref[PROMPT_LEN - 1 :]
+    diff = (torch.stack(ours) - ref).abs().max().item()
+    assert diff <= TOL, f"max |logit difference| {diff:.2e} > {TOL}"
+    engine.free(seq)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2", "mistral"])
+def test_tiny_checkpoint_logits_match_transformers(tiny_checkpoints, kind):
+    path = tiny_checkpoints[kind]
+    engine = Engine(str(path), dtype="float32", kv_cache_bytes=8 << 20, progress=False)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, engine.config.vocab_size, (PROMPT_LEN,), generator=generator).tolist()
+    check_parity(engine, hf_model, prompt)
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf():
+    path = resolve_model_path("smollm2-135m")
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_logits_match_transformers(smollm2_engine_fp32, smollm2_hf):
+    tok = smollm2_engine_fp32.tokenizer
+    text = "The history of mathematics spans many cultures. " * 12
+    prompt = tok.encode(text, add_special_tokens=False)[:PROMPT_LEN]
+    assert len(prompt) == PROMPT_LEN
+    check_parity(smollm2_engine_fp32, smollm2_hf, prompt)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_transformers_generate(smollm2_engine_fp32, smollm2_hf):
+    engine = smollm2_engine_fp32
+    messages = [{"role": "user", "content": "What is 15 + 27? Explain step by step."}]
+    prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+    with torch.no_grad():
+        expected = smollm2_hf.generate(
+            torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False
+        )[0, len(ids) :].tolist()
+    seq = engine.add(ids)
+    ours = [engine.step([seq])[0] for _ in range(32)]
+    engine.free(seq)
+    assert ours == expected

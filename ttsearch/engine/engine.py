@@ -1,0 +1,347 @@
+"""The engine API: sequences on one paged, forkable KV cache.
+
+    engine = Engine("smollm2-135m")
+    seq = engine.add(engine.tokenizer.encode(prompt))     # prefill, reusing cached blocks
+    beams = engine.fork(seq, 4)                            # share every block, copy-on-write
+    steps = engine.generate_step(beams, SamplingParams(temperature=0.8, seed=1))
+    engine.free(seq)
+
+Every public method validates its input before it changes anything: a bad call raises a
+clear error and leaves the engine as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ttsearch import ops
+from ttsearch.engine.block_manager import BlockManager
+from ttsearch.engine.kv_cache import allocate_kv_cache, bytes_per_token
+from ttsearch.engine.sampler import GREEDY, SamplingParams, derive_seed, sample
+from ttsearch.engine.sequence import Seq
+from ttsearch.errors import ContextLengthError, InvalidTokenError
+from ttsearch.models.llama import ForwardBatch, LlamaModel
+from ttsearch.models.loader import load_checkpoint
+
+DEFAULT_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class StepResult:
+    """One reasoning step written by one sequence."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (delimiter written, kept), "eos" (the answer ended), "length" (cut)
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype is None:
+        fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+        return torch.bfloat16 if fast_bf16 else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in names:
+            raise ValueError(f"dtype={dtype!r}: expected one of {sorted(names)}")
+        return names[dtype]
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype={dtype}: expected torch.float32 or torch.bfloat16")
+    return dtype
+
+
+class Engine:
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        block_size: int = 16,
+        kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+        max_model_len: int | None = None,
+        progress: bool = True,
+    ):
+        if not (isinstance(block_size, int) and block_size >= 1):
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if not (isinstance(kv_cache_bytes, int) and kv_cache_bytes > 0):
+            raise ValueError(f"kv_cache_bytes must be a positive int, got {kv_cache_bytes!r}")
+        if max_model_len is not None and not (isinstance(max_model_len, int) and max_model_len >= 1):
+            raise ValueError(f"max_model_len must be a positive int, got {max_model_len!r}")
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        checkpoint = load_checkpoint(str(model), progress=progress)
+        self.config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        self.max_model_len = min(self.config.max_position_embeddings, max_model_len or math.inf)
+        self.model = LlamaModel(self.config, checkpoint.weights, self.dtype, self.device, self.max_model_len)
+        self.block_size = block_size
+        self.kv_cache = allocate_kv_cache(self.config, self.dtype, self.device, block_size, kv_cache_bytes)
+        self.blocks = BlockManager(self.kv_cache.shape[2], block_size)
+        self.block_bytes = block_size * bytes_per_token(self.config, self.dtype)
+        eos = set(self.config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self._live: dict[int, Seq] = {}
+        self._tokens_forwarded = 0
+
+    # ------------------------------------------------------------------ public API
+    def add(self, token_ids: Sequence[int]) -> Seq:
+        """A new sequence holding ``token_ids``. Full blocks already cached for the same
+        prefix are reused; only the rest is forwarded."""
+        tokens = self._check_tokens(token_ids, "add")
+        self._check_room(len(tokens), "add")
+        # A prompt that is all cached still needs the logits after its last token, so the
+        # match stops one token short and that token's block is recomputed when it is full.
+        blocks, hashes = self.blocks.match_prefix(tokens[:-1])
+        cached = len(blocks) * self.block_size
+        revived = sum(1 for b in blocks if self.blocks.ref_count[b] == 0)  # leave the LRU
+        new_blocks = -(-len(tokens) // self.block_size) - len(blocks)
+        self.blocks.require(new_blocks + revived, f"a prompt of {len(tokens)} tokens ({cached} cached)")
+        for b in blocks:
+            self.blocks.retain(b)
+        seq = Seq(token_ids=tokens[:cached], block_table=list(blocks), block_hashes=hashes)
+        self._live[seq.seq_id] = seq
+        self._forward([seq], [tokens[cached:]])
+        return seq
+
+    def append(self, seq: Seq, token_ids: Sequence[int]) -> None:
+        """Extend ``seq`` with ``token_ids``, forwarded against its cached context."""
+        self._check_live([seq])
+        tokens = self._check_tokens(token_ids, "append")
+        self._check_room(len(seq) + len(tokens), "append")
+        self.blocks.require(self._blocks_needed(seq, len(tokens)), f"appending {len(tokens)} tokens")
+        self._forward([seq], [tokens])
+
+    def fork(self, seq: Seq, k: int) -> list[Seq]:
+        """``k`` children sharing every block of ``seq`` (the partial tail is copied on the
+        first write). The parent stays live; free it when it is no longer needed."""
+        self._check_live([seq])
+        if not (isinstance(k, int) and k >= 1):
+            raise ValueError(f"fork: k must be a positive int, got {k!r}")
+        children = [
+            Seq(
+                token_ids=list(seq.token_ids),
+                block_table=list(seq.block_table),
+                block_hashes=list(seq.block_hashes),
+                lineage=seq.lineage + (seq.forks, i),
+                last_logits=seq.last_logits,
+            )
+            for i in range(k)
+        ]
+        for block in seq.block_table:
+            self.blocks.retain(block, k)
+        seq.forks += 1
+        for child in children:
+            self._live[child.seq_id] = child
+        return children
+
+    def free(self, seq: Seq) -> None:
+        """Release ``seq``'s blocks now; full ones stay cached for prefix reuse."""
+        self._check_live([seq])
+        self.blocks.release_all(seq.block_table)
+        seq.block_table = []
+        seq.last_logits = None
+        seq.freed = True
+        del self._live[seq.seq_id]
+
+    def logits(self, seq: Seq) -> torch.Tensor:
+        """Float32 logits ``[vocab]`` after the last token of ``seq``."""
+        self._check_live([seq])
+        return seq.last_logits.clone()
+
+    def step(self, seqs: Sequence[Seq], sampling: SamplingParams | Sequence[SamplingParams] = GREEDY) -> list[int]:
+        """One batched decode step: every sequence samples one token, which is appended and
+        forwarded. Returns the tokens."""
+        seqs = list(seqs)
+        params = self._per_seq(sampling, len(seqs))
+        self._check_live(seqs)
+        if not seqs:
+            return []
+        for seq in seqs:
+            self._check_room(len(seq) + 1, "step")
+        self.blocks.require(sum(self._blocks_needed(s, 1) for s in seqs), f"a decode step of {len(seqs)} sequences")
+        generators = [self._generator(s, p) for s, p in zip(seqs, params)]
+        tokens = sample(torch.stack([s.last_logits for s in seqs]), params, generators)
+        self._forward(seqs, [[t] for t in tokens])
+        return tokens
+
+    def generate_step(
+        self,
+        seqs: Sequence[Seq],
+        sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
+        stop: str | None = "\n\n",
+        max_tokens: int = 256,
+    ) -> list[StepResult]:
+        """Each sequence writes one reasoning step, all decoding in one batch: it stops after
+        the ``stop`` delimiter (kept in the text), at EOS, or after ``max_tokens`` tokens
+        (or at the context length), and its result says which."""
+        seqs = list(seqs)
+        params = self._per_seq(sampling, len(seqs))
+        if not (isinstance(max_tokens, int) and max_tokens >= 1):
+            raise ValueError(f"generate_step: max_tokens must be a positive int, got {max_tokens!r}")
+        self._check_live(seqs)
+        written: list[list[int]] = [[] for _ in seqs]
+        reasons: list[str | None] = [None] * len(seqs)
+        active = [i for i, s in enumerate(seqs) if len(s) < self.max_model_len]
+        for i in set(range(len(seqs))) - set(active):
+            reasons[i] = "length"
+        window = len(stop) + 2 if stop else 0  # tokens enough to spell the delimiter
+        while active:
+            tokens = self.step([seqs[i] for i in active], [params[i] for i in active])
+            still = []
+            for i, token in zip(active, tokens):
+                written[i].append(token)
+                if token in self.eos_token_ids:
+                    reasons[i] = "eos"
+                elif stop and stop in self.tokenizer.decode(written[i][-window:]):
+                    reasons[i] = "stop"
+                elif len(written[i]) >= max_tokens or len(seqs[i]) >= self.max_model_len:
+                    reasons[i] = "length"
+                else:
+                    still.append(i)
+            active = still
+        return [
+            StepResult(w, self.tokenizer.decode(w, skip_special_tokens=True), r) for w, r in zip(written, reasons)
+        ]
+
+    def stats(self) -> dict:
+        used = self.blocks.num_used
+        return {
+            "blocks_total": self.blocks.num_blocks,
+            "blocks_used": used,
+            "blocks_cached": self.blocks.num_cached,
+            "blocks_free": self.blocks.num_blocks - used - self.blocks.num_cached,
+            "block_size": self.block_size,
+            "kv_bytes_used": used * self.block_bytes,
+            "kv_bytes_total": self.blocks.num_blocks * self.block_bytes,
+            "kv_bytes_per_token": self.block_bytes // self.block_size,
+            "sequences": len(self._live),
+            "tokens_forwarded": self._tokens_forwarded,
+        }
+
+    # ------------------------------------------------------------------ checks
+    def _check_tokens(self, token_ids: Sequence[int], what: str) -> list[int]:
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.flatten().tolist()
+        tokens = [int(t) for t in token_ids]
+        if not tokens:
+            raise ValueError(f"{what}: token_ids is empty")
+        vocab = self.config.vocab_size
+        for pos, t in enumerate(tokens):
+            if not 0 <= t < vocab:
+                raise InvalidTokenError(f"{what}: token id {t} at position {pos} is outside the vocabulary [0, {vocab})")
+        return tokens
+
+    def _check_room(self, length: int, what: str) -> None:
+        if length > self.max_model_len:
+            raise ContextLengthError(
+                f"{what}: the sequence would hold {length} tokens, over the context length {self.max_model_len}"
+            )
+
+    def _check_live(self, seqs: list[Seq]) -> None:
+        seen = set()
+        for seq in seqs:
+            if not isinstance(seq, Seq):
+                raise TypeError(f"expected a Seq, got {type(seq).__name__}")
+            if seq.freed:
+                raise ValueError(f"{seq!r} was freed")
+            if self._live.get(seq.seq_id) is not seq:
+                raise ValueError(f"{seq!r} does not belong to this engine")
+            if seq.seq_id in seen:
+                raise ValueError(f"{seq!r} appears twice in one batch")
+            seen.add(seq.seq_id)
+
+    @staticmethod
+    def _per_seq(sampling, n: int) -> list[SamplingParams]:
+        if isinstance(sampling, SamplingParams):
+            return [sampling] * n
+        params = list(sampling)
+        if len(params) != n or not all(isinstance(p, SamplingParams) for p in params):
+            raise ValueError(f"sampling: expected one SamplingParams or a list of {n}, got {sampling!r}")
+        return params
+
+    # ------------------------------------------------------------------ cache writes
+    def _blocks_needed(self, seq: Seq, n: int) -> int:
+        """Blocks that writing ``n`` more tokens to ``seq`` takes from the pool."""
+        grow = -(-(len(seq) + n) // self.block_size) - len(seq.block_table)
+        return grow + int(self._tail_is_shared(seq))
+
+    def _tail_is_shared(self, seq: Seq) -> bool:
+        return len(seq) % self.block_size != 0 and self.blocks.ref_count[seq.block_table[-1]] > 1
+
+    def _reserve(self, seq: Seq, n: int, copies: list[tuple[int, int]]) -> list[int]:
+        """Make ``seq``'s next ``n`` slots writable: copy a shared partial tail (queued in
+        ``copies``) and allocate new blocks. Returns the slots."""
+        if self._tail_is_shared(seq):
+            shared = seq.block_table[-1]
+            private = self.blocks.allocate()
+            copies.append((shared, private))
+            self.blocks.release(shared)
+            seq.block_table[-1] = private
+        while len(seq.block_table) * self.block_size < len(seq) + n:
+            seq.block_table.append(self.blocks.allocate())
+        bs = self.block_size
+        return [seq.block_table[p // bs] * bs + p % bs for p in range(len(seq), len(seq) + n)]
+
+    def _register_full_blocks(self, seq: Seq) -> None:
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), len(seq) // bs):
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            seq.block_hashes.append(self.blocks.register(seq.block_table[i], parent, tokens))
+
+    def _forward(self, seqs: list[Seq], new_tokens: list[list[int]]) -> None:
+        """Write ``new_tokens[i]`` to ``seqs[i]`` in one batched forward (capacity already
+        checked) and keep each sequence's next-token logits."""
+        copies: list[tuple[int, int]] = []
+        slots, positions, input_ids, last_rows, q_starts = [], [], [], [], [0]
+        for seq, tokens in zip(seqs, new_tokens):
+            slots += self._reserve(seq, len(tokens), copies)
+            positions += range(len(seq), len(seq) + len(tokens))
+            input_ids += tokens
+            q_starts.append(len(input_ids))
+            last_rows.append(len(input_ids) - 1)
+        if copies:
+            src, dst = zip(*copies)
+            ops.copy_blocks(self.kv_cache, self._int_tensor(src, torch.int64), self._int_tensor(dst, torch.int64))
+        for seq, tokens in zip(seqs, new_tokens):
+            seq.token_ids += tokens
+        width = max(len(s.block_table) for s in seqs)
+        decode = all(len(t) == 1 for t in new_tokens)
+        batch = ForwardBatch(
+            positions=self._int_tensor(positions, torch.int64),
+            slot_mapping=self._int_tensor(slots, torch.int64),
+            block_tables=self._int_tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32),
+            context_lens=self._int_tensor([len(s) for s in seqs], torch.int32),
+            query_start_loc=None if decode else self._int_tensor(q_starts, torch.int32),
+            last_rows=self._int_tensor(last_rows, torch.int64),
+        )
+        hidden = self.model.forward(self._int_tensor(input_ids, torch.int64), batch, self.kv_cache)
+        logits = self.model.compute_logits(hidden[batch.last_rows])
+        self._tokens_forwarded += len(input_ids)
+        for seq, row in zip(seqs, logits):
+            seq.last_logits = row
+            self._register_full_blocks(seq)
+
+    def _int_tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
+    def _generator(self, seq: Seq, params: SamplingParams) -> torch.Generator | None:
+        if params.greedy:
+            return None
+        if seq.generator is None:
+            seq.generator = torch.Generator().manual_seed(derive_seed(params.seed, seq.lineage))
+        return seq.generator

@@ -1,0 +1,143 @@
+"""A Llama-family decoder (Llama 2/3.x, Qwen2/2.5, Mistral) written against the paged cache.
+
+The forward pass takes a flat batch of new tokens from many sequences; each layer stores
+the new keys and values into the paged pools, then attends through the ops registry
+(decode: one token per sequence; extend: several, causal among themselves). Weights are
+plain tensors with q/k/v and gate/up fused so each layer runs four matmuls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ttsearch import ops
+from ttsearch.models.config import ModelConfig, rope_inv_freq
+
+
+@dataclass
+class ForwardBatch:
+    """Where each new token goes and what it attends to. Built by the engine."""
+
+    positions: torch.Tensor  # [T] int64, position of each new token in its sequence
+    slot_mapping: torch.Tensor  # [T] int64, cache slot of each new token (-1: already cached)
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32, sequence length including the new tokens
+    query_start_loc: torch.Tensor | None  # [B + 1] int32; None when every sequence has one new token
+    last_rows: torch.Tensor  # [B] int64, row of each sequence's last new token
+
+    @property
+    def is_decode(self) -> bool:
+        return self.query_start_loc is None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalize in float32 and scale in the model dtype, as the reference implementations do.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. ``x [T, heads, D]``, ``cos``/``sin`` ``[T, 1, D]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class LlamaModel:
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+        max_len: int,
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        c = config
+        self.q_size = c.num_heads * c.head_dim
+        self.kv_size = c.num_kv_heads * c.head_dim
+        self.scale = c.head_dim**-0.5
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(device=self.device, dtype=dtype).contiguous()
+
+        self.embed = w("model.embed_tokens.weight")
+        self.final_norm = w("model.norm.weight")
+        self.lm_head = self.embed if c.tie_word_embeddings else w("lm_head.weight")
+        self.layers = []
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            layer = {
+                "input_norm": w(p + "input_layernorm.weight"),
+                "post_norm": w(p + "post_attention_layernorm.weight"),
+                "qkv": torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+                "o": w(p + "self_attn.o_proj.weight"),
+                "gate_up": torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                "down": w(p + "mlp.down_proj.weight"),
+                "qkv_bias": None,
+            }
+            if c.attention_bias:
+                layer["qkv_bias"] = torch.cat([w(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            self.layers.append(layer)
+
+        inv_freq = rope_inv_freq(c).to(self.device)
+        t = torch.arange(max_len, device=self.device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(dtype)
+        self.sin = emb.sin().to(dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        tensors = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        tensors += [t for layer in self.layers for t in layer.values() if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def matmul_flops_per_token(self) -> int:
+        """Multiply-adds x 2 of the weight matmuls one token costs (attention excluded)."""
+        c = self.config
+        per_layer = c.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * c.hidden_size
+        per_layer += 3 * c.hidden_size * c.intermediate_size
+        return 2 * (c.num_layers * per_layer + c.hidden_size * c.vocab_size)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``[T, hidden]`` (before the final norm) of the new tokens."""
+        c = self.config
+        x = F.embedding(input_ids, self.embed)
+        cos = self.cos[batch.positions].unsqueeze(1)
+        sin = self.sin[batch.positions].unsqueeze(1)
+        for i, layer in enumerate(self.layers):
+            k_cache, v_cache = kv_cache[0, i], kv_cache[1, i]
+            h = rms_norm(x, layer["input_norm"], c.rms_norm_eps)
+            qkv = F.linear(h, layer["qkv"], layer["qkv_bias"])
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = apply_rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
+            k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
+            v = v.view(-1, c.num_kv_heads, c.head_dim)
+            ops.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+            if batch.is_decode:
+                attn = ops.paged_decode_attention(
+                    q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale
+                )
+            else:
+                attn = ops.paged_extend_attention(
+                    q, k_cache, v_cache, batch.block_tables, batch.query_start_loc, batch.context_lens, self.scale
+                )
+            x = x + F.linear(attn.reshape(-1, self.q_size), layer["o"])
+            h = rms_norm(x, layer["post_norm"], c.rms_norm_eps)
+            gate, up = F.linear(h, layer["gate_up"]).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer["down"])
+        return x
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits ``[n, vocab]`` from pre-norm hidden states ``[n, hidden]``."""
+        h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()

@@ -1,0 +1,208 @@
+"""The op registry: every ttsearch op is defined here once.
+
+Each op has a torch.library schema under the ``ttsearch`` namespace and a pure-torch
+reference body (``ttsearch.ops.reference``) registered as the device-generic kernel.
+Fast implementations register the same op name for one dispatch key each: the C++
+extension ``ttsearch._C`` for CPU, the Triton kernels in ``ttsearch.kernels`` for CUDA.
+The dispatcher then picks the implementation from the tensors' device, so call sites
+never branch on the device.
+
+``TTSEARCH_OPS`` chooses what is loaded:
+  ``auto`` (default)  fast implementations where they load; one warning if the C++
+                      extension is missing, then the reference serves the CPU.
+  ``reference``       the reference bodies everywhere (debugging, and the tests' oracle).
+  ``fast``            fast implementations required: failing to load one raises.
+
+The public functions below validate their arguments (shapes, dtypes, devices, index
+ranges) before dispatch, so no implementation ever sees a bad block table.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ttsearch.ops import reference
+
+_SCHEMAS = {
+    "store_kv": "store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
+    "paged_decode_attention": "paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, float scale) -> Tensor",
+    "paged_extend_attention": "paged_extend_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor query_start_loc, Tensor context_lens, float scale) -> Tensor",
+    "copy_blocks": "copy_blocks(Tensor(a!) kv_cache, Tensor src, Tensor dst) -> ()",
+}
+
+_LIB = torch.library.Library("ttsearch", "DEF")
+for _name, _schema in _SCHEMAS.items():
+    _LIB.define(_schema)
+    _LIB.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("ttsearch::paged_decode_attention")
+def _(query, k_cache, v_cache, block_tables, context_lens, scale):
+    return torch.empty_like(query)
+
+
+@torch.library.register_fake("ttsearch::paged_extend_attention")
+def _(query, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale):
+    return torch.empty_like(query)
+
+
+@torch.library.register_fake("ttsearch::store_kv")
+def _(key, value, k_cache, v_cache, slot_mapping):
+    return None
+
+
+@torch.library.register_fake("ttsearch::copy_blocks")
+def _(kv_cache, src, dst):
+    return None
+
+
+MODE = os.environ.get("TTSEARCH_OPS", "auto")
+if MODE not in ("auto", "reference", "fast"):
+    raise ValueError(f"TTSEARCH_OPS={MODE!r}: expected one of 'auto', 'reference', 'fast'")
+
+#: which implementation serves each device, for reports and benchmarks
+IMPLEMENTATIONS: dict[str, str] = {"cpu": "reference", "cuda": "reference"}
+
+
+def _load_fast_implementations() -> None:
+    if MODE == "reference":
+        return
+    try:
+        from ttsearch import _C  # noqa: F401  (registers the CPU kernels on import)
+
+        IMPLEMENTATIONS["cpu"] = "cpp"
+    except ImportError as exc:
+        if MODE == "fast":
+            raise ImportError(f"TTSEARCH_OPS=fast but the C++ extension ttsearch._C did not load: {exc}") from exc
+        warnings.warn(
+            f"ttsearch._C is not built ({exc}); CPU ops run on the pure-torch reference. "
+            "Reinstall with a C++ compiler to build it.",
+            stacklevel=3,
+        )
+    if torch.cuda.is_available():
+        try:
+            from ttsearch.kernels import register_cuda  # registers the Triton kernels
+
+            register_cuda(_LIB)
+            IMPLEMENTATIONS["cuda"] = "triton"
+        except ImportError as exc:
+            if MODE == "fast":
+                raise ImportError(f"TTSEARCH_OPS=fast but the Triton kernels did not load: {exc}") from exc
+            warnings.warn(f"Triton kernels unavailable ({exc}); CUDA ops run on the reference.", stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _check_cache(name: str, cache: torch.Tensor, device: torch.device) -> None:
+    _check(cache.dim() == 4, f"{name}: expected [num_blocks, block_size, kv_heads, head_dim], got shape {tuple(cache.shape)}")
+    _check(cache.device == device, f"{name} is on {cache.device}, the query on {device}")
+
+
+def _check_int(name: str, t: torch.Tensor, dim: int, device: torch.device) -> None:
+    _check(t.dim() == dim, f"{name}: expected {dim} dimensions, got shape {tuple(t.shape)}")
+    _check(t.dtype in (torch.int32, torch.int64), f"{name}: expected int32 or int64, got {t.dtype}")
+    _check(t.device == device, f"{name} is on {t.device}, the data on {device}")
+
+
+def _check_block_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, k_cache: torch.Tensor) -> None:
+    num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+    _check(block_tables.shape[0] == context_lens.shape[0],
+           f"block_tables has {block_tables.shape[0]} rows but context_lens has {context_lens.shape[0]}")
+    if context_lens.numel() == 0:
+        return
+    _check(bool((context_lens >= 1).all()), f"context_lens must be >= 1, got min {int(context_lens.min())}")
+    needed = (context_lens + block_size - 1) // block_size
+    _check(int(needed.max()) <= block_tables.shape[1],
+           f"a context of {int(context_lens.max())} tokens needs {int(needed.max())} blocks; "
+           f"block_tables has {block_tables.shape[1]} columns")
+    used = torch.arange(block_tables.shape[1], device=block_tables.device)[None, :] < needed[:, None]
+    ids = block_tables[used]
+    bad = (ids < 0) | (ids >= num_blocks)
+    if bool(bad.any()):
+        raise ValueError(f"block id {int(ids[bad][0])} out of range [0, {num_blocks}) in block_tables")
+
+
+def _check_attention(query, k_cache, v_cache, scale) -> None:
+    _check(k_cache.shape == v_cache.shape, f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    _check_cache("k_cache", k_cache, query.device)
+    _check(query.dim() == 3, f"query: expected [tokens, heads, head_dim], got shape {tuple(query.shape)}")
+    _check(query.shape[2] == k_cache.shape[3], f"query head_dim {query.shape[2]} != cache head_dim {k_cache.shape[3]}")
+    _check(query.shape[1] % k_cache.shape[2] == 0,
+           f"{query.shape[1]} query heads are not a multiple of {k_cache.shape[2]} kv heads")
+    _check(query.dtype == k_cache.dtype, f"query dtype {query.dtype} != cache dtype {k_cache.dtype}")
+    _check(scale > 0, f"scale must be positive, got {scale}")
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """Write ``key``/``value`` ``[T, Hkv, D]`` into their slots; slot -1 is skipped."""
+    _check_cache("k_cache", k_cache, key.device)
+    _check(k_cache.shape == v_cache.shape, f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    _check(key.shape == value.shape and key.dim() == 3 and key.shape[1:] == k_cache.shape[2:],
+           f"key {tuple(key.shape)} / value {tuple(value.shape)} do not match the cache's [*, {k_cache.shape[2]}, {k_cache.shape[3]}]")
+    _check_int("slot_mapping", slot_mapping, 1, key.device)
+    _check(slot_mapping.shape[0] == key.shape[0], f"slot_mapping has {slot_mapping.shape[0]} slots for {key.shape[0]} tokens")
+    if slot_mapping.numel():
+        num_slots = k_cache.shape[0] * k_cache.shape[1]
+        lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+        _check(lo >= -1 and hi < num_slots, f"slot out of range: slots span [{lo}, {hi}], the pool has {num_slots}")
+    torch.ops.ttsearch.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale: float):
+    """``query [B, H, D]`` (one token per sequence) against each sequence's paged context."""
+    _check_attention(query, k_cache, v_cache, scale)
+    _check_int("block_tables", block_tables, 2, query.device)
+    _check_int("context_lens", context_lens, 1, query.device)
+    _check(query.shape[0] == context_lens.shape[0], f"{query.shape[0]} queries but {context_lens.shape[0]} context lengths")
+    _check_block_tables(block_tables, context_lens, k_cache)
+    return torch.ops.ttsearch.paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def paged_extend_attention(query, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale: float):
+    """New tokens ``query [T, H, D]`` of several sequences, causal among themselves, against
+    each sequence's paged context (which already holds their keys and values)."""
+    _check_attention(query, k_cache, v_cache, scale)
+    _check_int("block_tables", block_tables, 2, query.device)
+    _check_int("context_lens", context_lens, 1, query.device)
+    _check_int("query_start_loc", query_start_loc, 1, query.device)
+    _check(query_start_loc.shape[0] == context_lens.shape[0] + 1,
+           f"query_start_loc needs {context_lens.shape[0] + 1} entries, got {query_start_loc.shape[0]}")
+    q_lens = query_start_loc.diff()
+    _check(int(query_start_loc[0]) == 0 and int(query_start_loc[-1]) == query.shape[0] and bool((q_lens >= 0).all()),
+           f"query_start_loc must rise from 0 to {query.shape[0]}, got {query_start_loc.tolist()[:8]}...")
+    _check(bool((q_lens <= context_lens).all()), "a sequence has more new tokens than its context length")
+    _check_block_tables(block_tables, context_lens, k_cache)
+    return torch.ops.ttsearch.paged_extend_attention(
+        query, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale
+    )
+
+
+def copy_blocks(kv_cache, src, dst) -> None:
+    """Copy whole blocks ``src[i] -> dst[i]`` in every layer of ``kv_cache [2, L, NB, BS, Hkv, D]``."""
+    _check(kv_cache.dim() == 6, f"kv_cache: expected [2, layers, blocks, block_size, kv_heads, head_dim], got {tuple(kv_cache.shape)}")
+    _check_int("src", src, 1, kv_cache.device)
+    _check_int("dst", dst, 1, kv_cache.device)
+    _check(src.shape == dst.shape, f"src has {src.numel()} blocks, dst {dst.numel()}")
+    if src.numel():
+        n = kv_cache.shape[2]
+        both = torch.cat([src, dst])
+        _check(int(both.min()) >= 0 and int(both.max()) < n, f"block id out of range [0, {n}) in copy_blocks")
+        _check(len(set(dst.tolist())) == dst.numel(), "copy_blocks: a destination block appears twice")
+    torch.ops.ttsearch.copy_blocks(kv_cache, src, dst)
+
+
+_load_fast_implementations()
+
+__all__ = ["store_kv", "paged_decode_attention", "paged_extend_attention", "copy_blocks", "reference", "IMPLEMENTATIONS", "MODE"]

@@ -1,0 +1,117 @@
+"""Pure-torch reference bodies of every ttsearch op.
+
+These are the oracle for the fast implementations and what runs when no fast one is
+registered for a device (or when ``TTSEARCH_OPS=reference``). They favour clarity over
+speed, but stay vectorized where that costs no clarity.
+
+Cache layout (see DESIGN.md): a layer's K or V pool is ``[num_blocks, block_size,
+num_kv_heads, head_dim]``; a token's slot is ``block_id * block_size + offset``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter ``key``/``value`` ``[T, Hkv, D]`` into the pools at ``slot_mapping`` ``[T]``;
+    slot -1 is skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_flat = k_cache.view(-1, *k_cache.shape[2:])
+    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    k_flat[slots] = key[keep].to(k_cache.dtype)
+    v_flat[slots] = value[keep].to(v_cache.dtype)
+
+
+def gather_context(
+    cache: torch.Tensor, block_tables: torch.Tensor, max_len: int
+) -> torch.Tensor:
+    """``[B, max_len, Hkv, D]``: each sequence's first ``max_len`` cached tokens, in order.
+    Table entries past a sequence's length may hold any value; they are clamped and masked."""
+    block_size = cache.shape[1]
+    num_blocks = -(-max_len // block_size)
+    tables = block_tables[:, :num_blocks].clamp(min=0).long()
+    gathered = cache[tables]  # [B, nb, bs, Hkv, D]
+    return gathered.flatten(1, 2)[:, :max_len]
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence: ``query [B, H, D]`` attends to the sequence's
+    ``context_lens[b]`` cached tokens. Returns ``[B, H, D]``."""
+    batch = query.shape[0]
+    if batch == 0:
+        return torch.empty_like(query)
+    max_len = int(context_lens.max())
+    keys = gather_context(k_cache, block_tables, max_len).transpose(1, 2)
+    values = gather_context(v_cache, block_tables, max_len).transpose(1, 2)
+    positions = torch.arange(max_len, device=query.device)
+    mask = (positions[None, :] < context_lens[:, None].to(positions.device))[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        query.unsqueeze(2),
+        keys.to(query.dtype),
+        values.to(query.dtype),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return out.squeeze(2)
+
+
+def paged_extend_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Several new tokens per sequence against the sequence's cache (which already holds
+    the new tokens' keys and values). Sequence ``b`` owns query rows
+    ``query_start_loc[b]:query_start_loc[b+1]``, which are its last tokens, so new token
+    ``i`` of ``n`` sits at position ``context_lens[b] - n + i`` and sees keys up to there.
+    ``query [T, H, D]`` -> ``[T, H, D]``."""
+    out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    lens = context_lens.tolist()
+    for b, ctx in enumerate(lens):
+        start, end = starts[b], starts[b + 1]
+        n = end - start
+        if n == 0:
+            continue
+        keys = gather_context(k_cache, block_tables[b : b + 1], ctx)[0].transpose(0, 1)
+        values = gather_context(v_cache, block_tables[b : b + 1], ctx)[0].transpose(0, 1)
+        q_pos = torch.arange(ctx - n, ctx, device=query.device)
+        k_pos = torch.arange(ctx, device=query.device)
+        mask = k_pos[None, :] <= q_pos[:, None]
+        out[start:end] = F.scaled_dot_product_attention(
+            query[start:end].transpose(0, 1),
+            keys.to(query.dtype),
+            values.to(query.dtype),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
+        ).transpose(0, 1)
+    return out
+
+
+def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Copy blocks ``src[i] -> dst[i]`` in every layer, K and V, of the whole cache
+    ``[2, layers, num_blocks, block_size, Hkv, D]`` (copy-on-write of forked tails)."""
+    if src.numel():
+        kv_cache[:, :, dst.long()] = kv_cache[:, :, src.long()]
