@@ -86,10 +86,9 @@ def _check_consistency(config: ModelConfig, names: dict[str, str]) -> None:
             f"field {names['num_kv_heads']!r} = {config.num_kv_heads}"
         )
     if config.head_dim % 2:
-        raise ModelLoadError(f"{src}: head_dim must be even for RoPE, got {config.head_dim}")
-    for token_field, token_id in [("bos_token_id", config.bos_token_id)] + [
-        ("eos_token_id", i) for i in config.eos_token_ids
-    ]:
+        raise ModelLoadError(f"{src}: field {names['head_dim']!r} = {config.head_dim} must be even for RoPE")
+    token_ids = [("bos_token_id", config.bos_token_id)] + [("eos_token_id", i) for i in config.eos_token_ids]
+    for token_field, token_id in token_ids:
         if token_id is not None and token_id >= config.vocab_size:
             raise ModelLoadError(
                 f"{src}: field {names[token_field]!r} = {token_id} is outside the vocabulary "
@@ -108,25 +107,21 @@ def _rope_scaling(params: dict, field: str, source: str, default_original_max: i
     if rope_type == "default":
         return None
 
-    def get(key, default=None):
-        if key not in params and default is None:
+    def number(key):
+        if key not in params:
             raise ModelLoadError(f"{source}: field '{field}.{key}' is required for rope_type {rope_type!r}")
-        return params.get(key, default)
+        return _positive_float(params[key], f"{field}.{key}", source)
 
-    factor = _positive_float(get("factor"), f"{field}.factor", source)
+    factor = number("factor")
     if rope_type == "linear":
         return {"rope_type": "linear", "factor": factor}
-    low = _positive_float(get("low_freq_factor"), f"{field}.low_freq_factor", source)
-    high = _positive_float(get("high_freq_factor"), f"{field}.high_freq_factor", source)
+    low, high = number("low_freq_factor"), number("high_freq_factor")
     if high <= low:
         raise ModelLoadError(
             f"{source}: field '{field}.high_freq_factor' = {high} must exceed '{field}.low_freq_factor' = {low}"
         )
-    original = _positive_int(
-        get("original_max_position_embeddings", default_original_max),
-        f"{field}.original_max_position_embeddings",
-        source,
-    )
+    original = params.get("original_max_position_embeddings", default_original_max)
+    original = _positive_int(original, f"{field}.original_max_position_embeddings", source)
     return {
         "rope_type": "llama3",
         "factor": factor,
@@ -164,7 +159,9 @@ def _hf_architecture(d: dict, source: str) -> str:
 def _refuse_unsupported_hf_features(d: dict, architecture: str, source: str) -> None:
     """Config switches that change the computation in ways the ttsearch decoder does not implement."""
     if d.get("hidden_act", "silu") != "silu":
-        raise UnsupportedArchitectureError(f"{source}: field 'hidden_act' = {d['hidden_act']!r}; only 'silu' is supported")
+        raise UnsupportedArchitectureError(
+            f"{source}: field 'hidden_act' = {d['hidden_act']!r}; only 'silu' is supported"
+        )
     if architecture == "llama":
         # Llama's attention_bias also puts a bias on o_proj, and mlp_bias on every MLP projection.
         for field in ("attention_bias", "mlp_bias"):
@@ -249,6 +246,7 @@ def config_from_hf(d: dict, source: str) -> ModelConfig:
         {
             "num_heads": "num_attention_heads",
             "num_kv_heads": "num_key_value_heads",
+            "head_dim": "head_dim",
             "vocab_size": "vocab_size",
             "bos_token_id": "bos_token_id",
             "eos_token_id": "eos_token_id",
@@ -370,6 +368,7 @@ def config_from_gguf(reader, source: str) -> ModelConfig:
         {
             "num_heads": f"{arch}.attention.head_count",
             "num_kv_heads": f"{arch}.attention.head_count_kv",
+            "head_dim": f"{arch}.attention.key_length",
             "vocab_size": f"{arch}.vocab_size",
             "bos_token_id": bos_key,
             "eos_token_id": "tokenizer.ggml.eos_token_id",

@@ -115,7 +115,7 @@ def check_weights(
         if actual != shape:
             raise ModelLoadError(
                 f"tensor {name!r} in {weight_files.get(name, '?')!r} has shape {actual}, expected {shape} "
-                f"(from {config.source})"
+                f"(per {config.source})"
             )
 
 
