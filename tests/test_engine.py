@@ -287,3 +287,18 @@ def test_misused_sequences(engine, tiny_path):
 def test_bad_engine_settings(tiny_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         Engine(tiny_path, progress=False, **kwargs)
+
+
+def test_append_batch_returns_hidden_states_at_the_asked_tokens(engine, fresh):
+    a, b = engine.add(prompt(10)), engine.add(prompt(20, seed=2))
+    xa, xb = prompt(4, seed=3), prompt(7, seed=4)
+    hidden = engine.append_batch([a, b], [xa, xb], hidden_at=[[-1], [2, -1]])
+    assert hidden.shape == (3, engine.config.hidden_size)
+    logits = engine.model.compute_logits(hidden)
+    torch.testing.assert_close(logits[0], engine.logits(a), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[2], engine.logits(b), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[1], fresh(prompt(20, seed=2) + xb[:3]), atol=ATOL, rtol=0)
+    before = snapshot(engine, a, b)
+    with pytest.raises(IndexError, match="hidden_at index 4 outside 4 new tokens"):
+        engine.append_batch([a], [xa], hidden_at=[[4]])
+    assert snapshot(engine, a, b) == before

@@ -119,11 +119,40 @@ class Engine:
 
     def append(self, seq: Seq, token_ids: Sequence[int]) -> None:
         """Extend ``seq`` with ``token_ids``, forwarded against its cached context."""
-        self._check_live([seq])
-        tokens = self._check_tokens(token_ids, "append")
-        self._check_room(len(seq) + len(tokens), "append")
-        self.blocks.require(self._blocks_needed(seq, len(tokens)), f"appending {len(tokens)} tokens")
-        self._forward([seq], [tokens])
+        self.append_batch([seq], [token_ids])
+
+    def append_batch(
+        self,
+        seqs: Sequence[Seq],
+        token_lists: Sequence[Sequence[int]],
+        hidden_at: Sequence[Sequence[int]] | None = None,
+    ) -> torch.Tensor | None:
+        """Extend many sequences in one forward. With ``hidden_at`` (per sequence, indices
+        into its new tokens; negative counts from the end), return the hidden states before
+        the final norm at those tokens, ``[total, hidden_size]`` in order; verifiers read
+        their scores from them without forming full-vocabulary logits."""
+        seqs = list(seqs)
+        self._check_live(seqs)
+        if len(token_lists) != len(seqs):
+            raise ValueError(f"append_batch: {len(seqs)} sequences but {len(token_lists)} token lists")
+        lists = [self._check_tokens(t, "append_batch") for t in token_lists]
+        rows: list[int] = []
+        if hidden_at is not None:
+            if len(hidden_at) != len(seqs):
+                raise ValueError(f"append_batch: {len(seqs)} sequences but {len(hidden_at)} hidden_at lists")
+            start = 0
+            for tokens, wanted in zip(lists, hidden_at):
+                for i in wanted:
+                    if not -len(tokens) <= i < len(tokens):
+                        raise IndexError(f"append_batch: hidden_at index {i} outside {len(tokens)} new tokens")
+                    rows.append(start + i % len(tokens))
+                start += len(tokens)
+        for seq, tokens in zip(seqs, lists):
+            self._check_room(len(seq) + len(tokens), "append_batch")
+        needed = sum(self._blocks_needed(s, len(t)) for s, t in zip(seqs, lists))
+        self.blocks.require(needed, f"appending to {len(seqs)} sequences")
+        hidden = self._forward(seqs, lists)
+        return hidden[rows] if hidden_at is not None else None
 
     def fork(self, seq: Seq, k: int) -> list[Seq]:
         """``k`` children sharing every block of ``seq`` (the partial tail is copied on the
@@ -303,9 +332,9 @@ class Engine:
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             seq.block_hashes.append(self.blocks.register(seq.block_table[i], parent, tokens))
 
-    def _forward(self, seqs: list[Seq], new_tokens: list[list[int]]) -> None:
+    def _forward(self, seqs: list[Seq], new_tokens: list[list[int]]) -> torch.Tensor:
         """Write ``new_tokens[i]`` to ``seqs[i]`` in one batched forward (capacity already
-        checked) and keep each sequence's next-token logits."""
+        checked), keep each sequence's next-token logits, return the new tokens' hidden states."""
         copies: list[tuple[int, int]] = []
         slots, positions, input_ids, last_rows, q_starts = [], [], [], [], [0]
         for seq, tokens in zip(seqs, new_tokens):
@@ -335,6 +364,7 @@ class Engine:
         for seq, row in zip(seqs, logits):
             seq.last_logits = row
             self._register_full_blocks(seq)
+        return hidden
 
     def _int_tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)

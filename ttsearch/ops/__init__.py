@@ -31,6 +31,7 @@ _SCHEMAS = {
     "paged_decode_attention": "paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, float scale) -> Tensor",
     "paged_extend_attention": "paged_extend_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor query_start_loc, Tensor context_lens, float scale) -> Tensor",
     "copy_blocks": "copy_blocks(Tensor(a!) kv_cache, Tensor src, Tensor dst) -> ()",
+    "prm_step_score": "prm_step_score(Tensor hidden, Tensor? norm_weight, float eps, Tensor head_weight, Tensor? head_bias, int positive_index, Tensor prev_agg, Tensor prev_count, str aggregation) -> (Tensor, Tensor)",
 }
 
 _LIB = torch.library.Library("ttsearch", "DEF")
@@ -57,6 +58,12 @@ def _(key, value, k_cache, v_cache, slot_mapping):
 @torch.library.register_fake("ttsearch::copy_blocks")
 def _(kv_cache, src, dst):
     return None
+
+
+@torch.library.register_fake("ttsearch::prm_step_score")
+def _(hidden, norm_weight, eps, head_weight, head_bias, positive_index, prev_agg, prev_count, aggregation):
+    n = hidden.shape[0]
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
 
 
 MODE = os.environ.get("TTSEARCH_OPS", "auto")
@@ -203,6 +210,41 @@ def copy_blocks(kv_cache, src, dst) -> None:
     torch.ops.ttsearch.copy_blocks(kv_cache, src, dst)
 
 
+def prm_step_score(
+    hidden, norm_weight, eps: float, head_weight, head_bias, positive_index: int, prev_agg, prev_count, aggregation: str
+):
+    """P(good) per tag from hidden states at the tags ``[N, hidden]`` (final norm, then only
+    the head's 1 or 2 rows), and each beam's running aggregate. See the reference body."""
+    n, width = hidden.shape if hidden.dim() == 2 else (None, None)
+    _check(hidden.dim() == 2, f"hidden: expected [tags, hidden], got shape {tuple(hidden.shape)}")
+    _check(head_weight.dim() == 2 and head_weight.shape[0] in (1, 2) and head_weight.shape[1] == width,
+           f"head_weight: expected [1 or 2, {width}], got shape {tuple(head_weight.shape)}")
+    _check(norm_weight is None or tuple(norm_weight.shape) == (width,),
+           f"norm_weight: expected [{width}], got shape {tuple(norm_weight.shape) if norm_weight is not None else None}")
+    _check(head_bias is None or tuple(head_bias.shape) == (head_weight.shape[0],),
+           f"head_bias: expected [{head_weight.shape[0]}]")
+    _check(head_weight.shape[0] == 1 or positive_index in (0, 1), f"positive_index must be 0 or 1, got {positive_index}")
+    _check(aggregation in reference.AGGREGATIONS, f"aggregation={aggregation!r}: expected one of {reference.AGGREGATIONS}")
+    _check(tuple(prev_agg.shape) == (n,) and prev_agg.dtype == torch.float32,
+           f"prev_agg: expected float32 [{n}], got {prev_agg.dtype} {tuple(prev_agg.shape)}")
+    _check_int("prev_count", prev_count, 1, hidden.device)
+    _check(prev_count.shape[0] == n, f"prev_count has {prev_count.shape[0]} entries for {n} tags")
+    for name, t in (("norm_weight", norm_weight), ("head_weight", head_weight), ("head_bias", head_bias), ("prev_agg", prev_agg)):
+        _check(t is None or t.device == hidden.device, f"{name} is on {t.device if t is not None else None}, hidden on {hidden.device}")
+    return torch.ops.ttsearch.prm_step_score(
+        hidden, norm_weight, eps, head_weight, head_bias, positive_index, prev_agg, prev_count, aggregation
+    )
+
+
 _load_fast_implementations()
 
-__all__ = ["store_kv", "paged_decode_attention", "paged_extend_attention", "copy_blocks", "reference", "IMPLEMENTATIONS", "MODE"]
+__all__ = [
+    "store_kv",
+    "paged_decode_attention",
+    "paged_extend_attention",
+    "copy_blocks",
+    "prm_step_score",
+    "reference",
+    "IMPLEMENTATIONS",
+    "MODE",
+]

@@ -115,3 +115,49 @@ def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) ->
     ``[2, layers, num_blocks, block_size, Hkv, D]`` (copy-on-write of forked tails)."""
     if src.numel():
         kv_cache[:, :, dst.long()] = kv_cache[:, :, src.long()]
+
+
+AGGREGATIONS = ("last", "min", "prod", "mean")
+
+
+def prm_step_score(
+    hidden: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    eps: float,
+    head_weight: torch.Tensor,
+    head_bias: torch.Tensor | None,
+    positive_index: int,
+    prev_agg: torch.Tensor,
+    prev_count: torch.Tensor,
+    aggregation: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score one step per beam from the hidden states at its tag ``hidden [N, hidden]``.
+
+    RMS-norm with ``norm_weight`` (skipped when None), then only the head's rows
+    ``head_weight [C, hidden]`` (the candidate tokens' LM-head rows, or a 2-class or value
+    head): C = 2 gives P(good) = softmax(logits)[positive_index], C = 1 gives sigmoid.
+    The running aggregate over a beam's steps is updated from ``prev_agg``/``prev_count``
+    (steps scored before; count 0 means this is the first). Returns float32
+    ``(scores [N], aggregates [N])``; full-vocabulary logits are never formed."""
+    x = hidden.float()
+    if norm_weight is not None:
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        x = norm_weight.float() * x.to(hidden.dtype).float()
+    logits = x @ head_weight.float().t()
+    if head_bias is not None:
+        logits = logits + head_bias.float()
+    if head_weight.shape[0] == 1:
+        scores = torch.sigmoid(logits[:, 0])
+    else:
+        scores = torch.softmax(logits, dim=-1)[:, positive_index].contiguous()
+    first = prev_count == 0
+    count = prev_count.float()
+    if aggregation == "last":
+        agg = scores.clone()  # outputs never alias each other
+    elif aggregation == "min":
+        agg = torch.where(first, scores, torch.minimum(prev_agg, scores))
+    elif aggregation == "prod":
+        agg = torch.where(first, scores, prev_agg * scores)
+    else:  # mean
+        agg = torch.where(first, scores, (prev_agg * count + scores) / (count + 1))
+    return scores, agg
