@@ -150,14 +150,17 @@ def prm_step_score(
         scores = torch.sigmoid(logits[:, 0])
     else:
         scores = torch.softmax(logits, dim=-1)[:, positive_index].contiguous()
+    return scores, update_aggregate(prev_agg, prev_count, scores, aggregation)
+
+
+def update_aggregate(prev_agg: torch.Tensor, prev_count: torch.Tensor, scores: torch.Tensor, how: str) -> torch.Tensor:
+    """A beam's running aggregate after one more step score; count 0 starts from the score."""
     first = prev_count == 0
+    if how == "last":
+        return scores.clone()  # outputs never alias each other
+    if how == "min":
+        return torch.where(first, scores, torch.minimum(prev_agg, scores))
+    if how == "prod":
+        return torch.where(first, scores, prev_agg * scores)
     count = prev_count.float()
-    if aggregation == "last":
-        agg = scores.clone()  # outputs never alias each other
-    elif aggregation == "min":
-        agg = torch.where(first, scores, torch.minimum(prev_agg, scores))
-    elif aggregation == "prod":
-        agg = torch.where(first, scores, prev_agg * scores)
-    else:  # mean
-        agg = torch.where(first, scores, (prev_agg * count + scores) / (count + 1))
-    return scores, agg
+    return torch.where(first, scores, (prev_agg * count + scores) / (count + 1))

@@ -1,0 +1,190 @@
+"""The Triton kernels on a CUDA GPU, against the reference ops and the device's copy bandwidth.
+
+One run measures, side by side:
+- ``test_copy_bandwidth``: a large device-to-device ``copy_`` (bytes read + written per second),
+  the practical memory ceiling of this GPU;
+- ``test_op[op-impl]``: every op, Triton and reference, on SmolLM2-135M shapes
+  (9 query heads, 3 KV heads, head_dim 64, block size 16, bfloat16);
+- ``test_decode_shared_prefix[beams-prefix]``: decode attention for N beams that share a
+  P-token prefix and own 64 tokens each, the shape of a beam search. Reported as bytes/s
+  twice: the bytes the kernel reads (every beam its whole context) and the unique bytes of
+  the tree (the prefix once), each also as a fraction of the copy bandwidth.
+
+Skipped without CUDA. Times are per call: each round runs the op ``INNER`` times, then
+synchronizes once.
+
+    python -m pytest benchmarks/bench_triton.py --benchmark-only \\
+        --benchmark-json benchmarks/results/gpu_<name>.json
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("the Triton benchmarks need a CUDA GPU", allow_module_level=True)
+pytest.importorskip("triton", reason="triton is not importable")
+
+from ttsearch.kernels.copy_blocks import copy_blocks  # noqa: E402
+from ttsearch.kernels.decode_attention import paged_decode_attention  # noqa: E402
+from ttsearch.kernels.extend_attention import paged_extend_attention  # noqa: E402
+from ttsearch.kernels.prm_step_score import prm_step_score  # noqa: E402
+from ttsearch.kernels.store_kv import store_kv  # noqa: E402
+from ttsearch.ops import reference  # noqa: E402
+
+DEVICE = torch.device("cuda")
+GPU = torch.cuda.get_device_name(DEVICE)
+DTYPE = torch.bfloat16
+# SmolLM2-135M
+HEADS, KV_HEADS, HEAD_DIM, LAYERS, HIDDEN = 9, 3, 64, 30, 576
+BLOCK = 16
+TOKEN_KV = 2 * KV_HEADS * HEAD_DIM * DTYPE.itemsize  # K and V of one token in one layer, bytes
+ROUNDS, INNER = 10, 20
+PRIVATE = 64  # tokens each beam owns after the shared prefix
+TRITON = {
+    "store_kv": store_kv,
+    "paged_decode_attention": paged_decode_attention,
+    "paged_extend_attention": paged_extend_attention,
+    "copy_blocks": copy_blocks,
+    "prm_step_score": prm_step_score,
+}
+
+
+def per_call_seconds(benchmark, fn, *args) -> float:
+    """Median seconds per call of ``fn(*args)`` (compiled and warm before timing)."""
+
+    def rounds():
+        for _ in range(INNER):
+            fn(*args)
+        torch.cuda.synchronize()
+
+    rounds()
+    benchmark.pedantic(rounds, rounds=ROUNDS, warmup_rounds=1)
+    return benchmark.stats["median"] / INNER
+
+
+@functools.cache
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy_ (best of 10)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = math.inf
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() / best
+
+
+def paged(tables: torch.Tensor, num_blocks: int):
+    shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, device=DEVICE).to(DTYPE)
+    v_cache = torch.randn(shape, device=DEVICE).to(DTYPE)
+    return k_cache, v_cache, tables.to(DEVICE, torch.int32)
+
+
+def private_tables(batch: int, context: int):
+    """Every sequence its own ``context`` tokens, on shuffled blocks."""
+    per_seq = math.ceil(context / BLOCK)
+    ids = torch.randperm(batch * per_seq).view(batch, per_seq)
+    return *paged(ids, batch * per_seq), torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+
+
+def shared_prefix_tables(beams: int, prefix: int):
+    """``beams`` sequences sharing ``prefix`` tokens' blocks, then ``PRIVATE`` tokens each."""
+    shared, own = prefix // BLOCK, PRIVATE // BLOCK
+    ids = torch.randperm(shared + beams * own)
+    tables = torch.cat([ids[:shared].expand(beams, shared), ids[shared:].view(beams, own)], dim=1)
+    return *paged(tables, shared + beams * own), torch.full(
+        (beams,), prefix + PRIVATE, dtype=torch.int32, device=DEVICE
+    )
+
+
+def cases():
+    """(op name, args, bytes the op must move at least)."""
+    el = DTYPE.itemsize
+    # one decode step of 256 beams: write their new K/V
+    k_cache, v_cache, _, _ = private_tables(256, 512)
+    key = torch.randn(256, KV_HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
+    slots = torch.randperm(k_cache.shape[0] * BLOCK, device=DEVICE)[:256]
+    yield "store_kv", (key, key.clone(), k_cache, v_cache, slots), 2 * 256 * TOKEN_KV
+
+    # 64 beams of 512 tokens decode one token
+    k_cache, v_cache, tables, lens = private_tables(64, 512)
+    query = torch.randn(64, HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
+    moved = 64 * 512 * TOKEN_KV + 2 * query.numel() * el
+    yield "paged_decode_attention", (query, k_cache, v_cache, tables, lens, HEAD_DIM**-0.5), moved
+
+    # 64 beams of 512 tokens append a 32-token step
+    starts = torch.arange(0, 64 * 32 + 1, 32, dtype=torch.int32, device=DEVICE)
+    query = torch.randn(64 * 32, HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
+    moved = 64 * 512 * TOKEN_KV + 2 * query.numel() * el
+    yield "paged_extend_attention", (query, k_cache, v_cache, tables, starts, lens, HEAD_DIM**-0.5), moved
+
+    # 256 forks copy their partial tail block, in every layer
+    kv_cache = torch.zeros(2, LAYERS, 1024, BLOCK, KV_HEADS, HEAD_DIM, dtype=DTYPE, device=DEVICE)
+    src, dst = torch.arange(256, device=DEVICE), torch.arange(512, 768, device=DEVICE)
+    yield "copy_blocks", (kv_cache, src, dst), 2 * LAYERS * 256 * BLOCK * TOKEN_KV
+
+    # 256 beams' step tags scored with the 2 candidate rows of the LM head
+    hidden = torch.randn(256, HIDDEN, device=DEVICE).to(DTYPE)
+    norm = torch.ones(HIDDEN, device=DEVICE).to(DTYPE)
+    head = (torch.randn(2, HIDDEN, device=DEVICE) * HIDDEN**-0.5).to(DTYPE)
+    prev_agg, prev_count = torch.rand(256, device=DEVICE), torch.ones(256, dtype=torch.int32, device=DEVICE)
+    args = (hidden, norm, 1e-5, head, None, 1, prev_agg, prev_count, "min")
+    yield "prm_step_score", args, hidden.numel() * el
+
+
+CASES = {name: (args, moved) for name, args, moved in cases()}
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("op_name", list(TRITON))
+def test_op(benchmark, op_name, impl):
+    args, moved = CASES[op_name]
+    fn = TRITON[op_name] if impl == "triton" else getattr(reference, op_name)
+    seconds = per_call_seconds(benchmark, fn, *args)
+    benchmark.extra_info.update(
+        {"gpu": GPU, "op": op_name, "impl": impl, "dtype": str(DTYPE), "seconds_per_call": seconds,
+         "min_bytes_moved": moved, "bytes_per_s": moved / seconds}
+    )
+
+
+def test_copy_bandwidth(benchmark):
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    seconds = per_call_seconds(benchmark, dst.copy_, src)
+    benchmark.extra_info.update(
+        {"gpu": GPU, "bytes": src.numel(), "bytes_per_s": 2 * src.numel() / seconds,
+         "best_bytes_per_s": copy_bandwidth()}
+    )
+
+
+@pytest.mark.parametrize("prefix", [256, 1024])
+@pytest.mark.parametrize("beams", [16, 64, 256])
+def test_decode_shared_prefix(benchmark, beams, prefix):
+    k_cache, v_cache, tables, lens = shared_prefix_tables(beams, prefix)
+    query = torch.randn(beams, HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
+    seconds = per_call_seconds(benchmark, paged_decode_attention, query, k_cache, v_cache, tables, lens,
+                               HEAD_DIM**-0.5)
+    io = 2 * query.numel() * query.element_size() + tables.numel() * tables.element_size()
+    read = beams * (prefix + PRIVATE) * TOKEN_KV + io  # every beam reads its whole context
+    unique = (prefix + beams * PRIVATE) * TOKEN_KV + io  # the tree's tokens, each once
+    ceiling = copy_bandwidth()
+    benchmark.extra_info.update(
+        {"gpu": GPU, "beams": beams, "prefix": prefix, "private": PRIVATE, "dtype": str(DTYPE),
+         "seconds_per_call": seconds,
+         "bytes_read": read, "bytes_read_per_s": read / seconds,
+         "unique_bytes": unique, "unique_bytes_per_s": unique / seconds,
+         "copy_bytes_per_s": ceiling,
+         "read_fraction_of_copy": read / seconds / ceiling,
+         "unique_fraction_of_copy": unique / seconds / ceiling}
+    )

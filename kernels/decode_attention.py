@@ -1,0 +1,109 @@
+"""paged_decode_attention: one new query token per sequence against its paged context.
+
+One program per (sequence, kv head) takes all query heads of that kv head together as a
+``[heads_per_group, D]`` tile, so each key/value of the context is read once per group
+rather than once per query head (GQA). It walks the context in tiles of ``BLOCK_N`` tokens,
+looking each token's block up in the sequence's block table, with an online softmax in
+float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ttsearch.kernels.utils import dot_dtype
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_ptr,
+    scale_log2,
+    stride_qb, stride_qh, stride_qd,
+    stride_ob, stride_oh, stride_od,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_tb, stride_tn,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    context = tl.load(lens_ptr + seq)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g
+    q_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    q = q.to(DOT_DTYPE)
+
+    # Running max (log2 domain), denominator and unnormalised output per query head.
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(0, context, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        valid = pos < context
+        # Table entries past the context may hold anything: never dereference them.
+        block = tl.load(tables_ptr + seq * stride_tb + (pos // BLOCK_SIZE) * stride_tn, mask=valid, other=0)
+        block = block.to(tl.int64)
+        offset = pos % BLOCK_SIZE
+        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
+        k_rows = block * stride_kb + offset * stride_ks + kv_head * stride_kh
+        k = tl.load(k_cache_ptr + k_rows[:, None] + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * scale_log2
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds a valid token
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+
+        v_rows = block * stride_vb + offset * stride_vs + kv_head * stride_vh
+        v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        # p is rounded to the cache dtype, as a bf16 attention multiplies it with V.
+        pv = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+
+    out = acc / l[:, None]
+    tl.store(
+        out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od,
+        out.to(out_ptr.dtype.element_ty),
+        mask=q_mask,
+    )
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    out = torch.empty_like(query)
+    batch, num_heads, head_dim = query.shape
+    if batch == 0:
+        return out
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // kv_heads
+    _paged_decode_kernel[(batch, kv_heads)](
+        query, k_cache, v_cache, out, block_tables, context_lens,
+        scale * _LOG2E,
+        *query.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
+        *block_tables.stride(),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        # tl.dot needs every dimension >= 16 on a GPU: pad the group and head dims.
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_N=64,
+        DOT_DTYPE=dot_dtype(query),
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,359 @@
+"""The Triton kernels against the reference ops, launched directly (not through the dispatcher).
+
+Every case runs on CPU tensors through Triton's interpreter and, on a CUDA machine, natively
+on the GPU too. Data movement must be exact; attention and scores within TOL of the
+reference, computed on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import os
+
+import pytest
+import torch
+
+# Triton fixes a function's mode (interpreted or compiled) when it is decorated, so the
+# interpreter must be on before triton is first imported. Anything that imported triton
+# earlier in the session, and a CUDA machine (which keeps native kernels), is handled by the
+# ``device`` fixture.
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton", reason="triton is not importable: no Triton kernels to test")
+
+import triton.language as tl  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+with contextlib.suppress(ImportError):  # Triton imports it at the first launch: see ``device``
+    import triton.experimental.gluon  # noqa: F401
+
+import ttsearch.ops as ops  # noqa: E402
+from ttsearch.kernels import copy_blocks as copy_blocks_module  # noqa: E402
+from ttsearch.kernels import decode_attention, extend_attention, prm_step_score, register_cuda, store_kv  # noqa: E402
+from ttsearch.ops import reference  # noqa: E402
+
+KERNEL_MODULES = [store_kv, decode_attention, extend_attention, copy_blocks_module, prm_step_score]
+LAUNCHERS = {
+    "store_kv": store_kv.store_kv,
+    "paged_decode_attention": decode_attention.paged_decode_attention,
+    "paged_extend_attention": extend_attention.paged_extend_attention,
+    "copy_blocks": copy_blocks_module.copy_blocks,
+    "prm_step_score": prm_step_score.prm_step_score,
+}
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.bfloat16]
+BLOCK = 16
+
+
+@pytest.fixture(params=DEVICES)
+def device(request, monkeypatch):
+    """The device the launchers run on: CPU tensors through the interpreter, CUDA natively.
+
+    For a CPU case, every compiled Triton function the kernels reach (theirs, and
+    triton.language's own, such as tl.sum) is swapped for an interpreted twin for the
+    duration of the test. (Triton imports triton.experimental.gluon at its first launch, and
+    that import needs the compiled ones: it was imported above, before any swap.)
+    """
+    if request.param == "cpu":
+        for module in (tl, tl.standard, *KERNEL_MODULES):
+            for name, fn in list(vars(module).items()):
+                if isinstance(fn, JITFunction):
+                    monkeypatch.setattr(module, name, InterpretedFunction(fn.fn))
+    return torch.device(request.param)
+
+
+def assert_close(actual, expected, tol):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert not actual.isnan().any(), "NaN in the output"
+    err = (actual.cpu().float() - expected.float()).abs().max().item() if actual.numel() else 0.0
+    assert err <= tol, f"max abs error {err:.3g} > {tol}"
+
+
+# ----------------------------------------------------------------------------- paged inputs
+
+
+def make_paged(ctx_lens, kv_heads, head_dim, dtype, index_dtype=torch.int32, seed=0):
+    """Caches and shuffled block tables for sequences of ``ctx_lens`` tokens, on the CPU.
+
+    Table entries past a sequence's blocks hold -1 or an id past the pool: kernels must
+    never follow them. Returns k_cache, v_cache, block_tables, context_lens.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    needed = [math.ceil(c / BLOCK) for c in ctx_lens]
+    num_blocks = sum(needed) + 3
+    ids = torch.randperm(num_blocks, generator=gen)
+    tables = torch.full((len(ctx_lens), max(needed) + 1), -1, dtype=torch.int64)
+    tables[:, -1] = 10 * num_blocks
+    used = 0
+    for b, n in enumerate(needed):
+        tables[b, :n] = ids[used : used + n]
+        used += n
+    shape = (num_blocks, BLOCK, kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    return k_cache, v_cache, tables.to(index_dtype), torch.tensor(ctx_lens, dtype=index_dtype)
+
+
+def poison_unused(cache, tables, ctx_lens):
+    """A copy of ``cache`` with NaN in every slot that no sequence's context covers."""
+    covered = torch.zeros(cache.shape[0] * cache.shape[1], dtype=torch.bool)
+    for b, ctx in enumerate(ctx_lens):
+        for pos in range(ctx):
+            covered[int(tables[b, pos // BLOCK]) * BLOCK + pos % BLOCK] = True
+    out = cache.clone()
+    out.view(-1, *cache.shape[2:])[~covered] = float("nan")
+    return out
+
+
+def on(device, *tensors):
+    """Copies on ``device`` (never the CPU originals: those stay the reference's inputs)."""
+    return [t.to(device, copy=True) for t in tensors]
+
+
+# ----------------------------------------------------------------------------- attention
+
+# (query heads, kv heads): GQA ratios 1, 3, 4, 8
+HEADS = {"gqa1": (2, 2), "gqa3": (9, 3), "gqa4": (8, 2), "gqa8": (8, 1)}
+# A single-token context, block boundaries and +-1, ragged lengths; 100 spans two key tiles.
+CONTEXT_LENS = [1, 15, 16, 17, 33, 100]
+ATTENTION_CASES = [
+    pytest.param(dtype, head_dim, heads, id=f"{str(dtype)[6:]}-d{head_dim}-{heads}")
+    for dtype in DTYPES
+    for head_dim in (64, 128)
+    for heads in HEADS
+]
+
+
+def extend_batch(ctx_lens, num_heads, head_dim, dtype, index_dtype, seed=1):
+    """New tokens per sequence mixing full prefills, single tokens, chunks and none."""
+    pattern = [lambda c: c, lambda c: 1, lambda c: (c + 1) // 2, lambda c: 0 if c > 1 else 1]
+    q_lens = [pattern[i % len(pattern)](c) for i, c in enumerate(ctx_lens)]
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=index_dtype)
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype)
+    return query, starts
+
+
+@pytest.mark.parametrize("dtype,head_dim,heads", ATTENTION_CASES)
+def test_paged_decode_attention(device, dtype, head_dim, heads):
+    num_heads, kv_heads = HEADS[heads]
+    k_cache, v_cache, tables, lens = make_paged(CONTEXT_LENS, kv_heads, head_dim, dtype)
+    query = torch.randn(len(CONTEXT_LENS), num_heads, head_dim).to(dtype)
+    scale = head_dim**-0.5
+    args = on(device, query, k_cache, v_cache, tables, lens)
+
+    out = decode_attention.paged_decode_attention(*args, scale)
+
+    expected = reference.paged_decode_attention(query, k_cache, v_cache, tables.clamp(min=0), lens, scale)
+    assert_close(out, expected, TOL[dtype])
+    assert torch.equal(args[1].cpu(), k_cache) and torch.equal(args[2].cpu(), v_cache)
+
+
+@pytest.mark.parametrize("dtype,head_dim,heads", ATTENTION_CASES)
+def test_paged_extend_attention(device, dtype, head_dim, heads):
+    num_heads, kv_heads = HEADS[heads]
+    k_cache, v_cache, tables, lens = make_paged(CONTEXT_LENS, kv_heads, head_dim, dtype, torch.int64)
+    query, starts = extend_batch(CONTEXT_LENS, num_heads, head_dim, dtype, torch.int64)
+    scale = head_dim**-0.5
+
+    out = extend_attention.paged_extend_attention(*on(device, query, k_cache, v_cache, tables, starts, lens), scale)
+
+    expected = reference.paged_extend_attention(query, k_cache, v_cache, tables, starts, lens, scale)
+    assert_close(out, expected, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op_name", ["paged_decode_attention", "paged_extend_attention"])
+def test_attention_never_reads_past_a_context(device, dtype, op_name):
+    """NaN in every slot outside the contexts must not reach the output."""
+    ctx_lens = [15, 17, 1, 70, 33]
+    k_cache, v_cache, tables, lens = make_paged(ctx_lens, 3, 64, dtype, seed=2)
+    k_poisoned, v_poisoned = poison_unused(k_cache, tables, ctx_lens), poison_unused(v_cache, tables, ctx_lens)
+    if op_name == "paged_decode_attention":
+        query = torch.randn(len(ctx_lens), 9, 64).to(dtype)
+        extra = []
+    else:
+        query, starts = extend_batch(ctx_lens, 9, 64, dtype, torch.int32)
+        extra = [starts]
+
+    out = LAUNCHERS[op_name](*on(device, query, k_poisoned, v_poisoned, tables, *extra, lens), 0.125)
+
+    expected = getattr(reference, op_name)(query, k_cache, v_cache, tables.clamp(min=0), *extra, lens, 0.125)
+    assert_close(out, expected, TOL[dtype])
+
+
+def test_attention_on_strided_caches(device):
+    """K and V pools as views of one [2, layers, ...] cache, a query sliced out of a wider tensor."""
+    ctx_lens = [20, 3]
+    k_cache, v_cache, tables, lens = make_paged(ctx_lens, 2, 64, torch.float32, seed=3)
+    kv_cache = torch.stack([torch.zeros_like(k_cache), k_cache, torch.zeros_like(k_cache), v_cache]).view(
+        2, 2, *k_cache.shape
+    )
+    qkv = torch.randn(2, 8, 64)
+    kv_cache, qkv, tables, lens = on(device, kv_cache, qkv, tables, lens)
+
+    out = decode_attention.paged_decode_attention(qkv[:, :4], kv_cache[0, 1], kv_cache[1, 1], tables, lens, 0.125)
+
+    expected = reference.paged_decode_attention(qkv[:, :4].cpu(), k_cache, v_cache, tables.cpu().clamp(min=0),
+                                                lens.cpu(), 0.125)
+    assert_close(out, expected, TOL[torch.float32])
+
+
+def test_attention_empty_batches(device):
+    k_cache, v_cache, tables, lens = on(device, *make_paged([5], 1, 64, torch.float32))
+    out = decode_attention.paged_decode_attention(torch.randn(0, 2, 64, device=device), k_cache, v_cache,
+                                                  tables[:0], lens[:0], 0.2)
+    assert out.shape == (0, 2, 64)
+    starts = torch.tensor([0, 0], dtype=torch.int32, device=device)
+    out = extend_attention.paged_extend_attention(torch.randn(0, 2, 64, device=device), k_cache, v_cache,
+                                                  tables, starts, lens, 0.2)
+    assert out.shape == (0, 2, 64)
+
+
+# ----------------------------------------------------------------------------- data movement
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens,kv_heads,head_dim", [(1, 1, 64), (7, 3, 64), (33, 2, 128)])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_store_kv(device, dtype, num_tokens, kv_heads, head_dim, slot_dtype):
+    gen = torch.Generator().manual_seed(num_tokens)
+    num_blocks = 2 * math.ceil(num_tokens / BLOCK) + 1
+    k_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
+    key = torch.randn(num_tokens, kv_heads, head_dim, generator=gen).to(dtype)
+    value = torch.randn(num_tokens, kv_heads, head_dim, generator=gen).to(dtype)
+    slots = torch.randperm(num_blocks * BLOCK, generator=gen)[:num_tokens]
+    slots[1::3] = -1  # padding tokens
+    slots = slots.to(slot_dtype)
+    k_out, v_out = on(device, k_cache, v_cache)
+
+    store_kv.store_kv(*on(device, key, value), k_out, v_out, slots.to(device))
+
+    reference.store_kv(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_out.cpu(), k_cache) and torch.equal(v_out.cpu(), v_cache)
+
+
+def test_store_kv_strided_and_converted_inputs(device):
+    """Keys sliced out of a fused QKV projection, and float32 values into a bfloat16 cache."""
+    qkv = torch.randn(10, 5, 64)
+    key, value = qkv[:, 3:4], qkv[:, 4:5].clone()
+    k_cache = torch.zeros(4, BLOCK, 1, 64, dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([0, 5, -1, 17, 63, 20, 21, 22, -1, 1])
+    qkv_dev, k_out, v_out = on(device, qkv, k_cache, v_cache)
+
+    store_kv.store_kv(qkv_dev[:, 3:4], qkv_dev[:, 4:5], k_out, v_out, slots.to(device))
+
+    reference.store_kv(key, value, k_cache, v_cache, slots)
+    assert torch.equal(k_out.cpu(), k_cache) and torch.equal(v_out.cpu(), v_cache)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "layers,src,dst",
+    [
+        (1, [0], [5]),
+        (3, [1, 2, 3, 7], [8, 9, 10, 11]),
+        (2, [4, 4, 0], [1, 2, 3]),  # one source, several destinations
+        (2, [1, 2, 5], [2, 3, 1]),  # destinations that are also sources
+        (1, [], []),
+    ],
+)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_copy_blocks(device, dtype, layers, src, dst, index_dtype):
+    kv_cache = torch.randn(2, layers, 12, BLOCK, 3, 64).to(dtype)
+    src_t, dst_t = torch.tensor(src, dtype=index_dtype), torch.tensor(dst, dtype=index_dtype)
+    (out,) = on(device, kv_cache)
+
+    copy_blocks_module.copy_blocks(out, *on(device, src_t, dst_t))
+
+    reference.copy_blocks(kv_cache, src_t, dst_t)
+    assert torch.equal(out.cpu(), kv_cache)
+
+
+# ----------------------------------------------------------------------------- prm_step_score
+
+
+def prm_inputs(num_rows, width, rows, dtype, count_dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = (3 * torch.randn(num_rows, width, generator=gen)).to(dtype)
+    norm_weight = (0.5 + torch.rand(width, generator=gen)).to(dtype)
+    # LM-head-like rows: logits of a few units, where the probability is informative.
+    head_weight = (torch.randn(rows, width, generator=gen) * width**-0.5).to(dtype)
+    head_bias = torch.randn(rows, generator=gen).to(dtype)
+    prev_agg = torch.rand(num_rows, generator=gen)
+    prev_count = torch.arange(num_rows, dtype=count_dtype) % 4  # 0: the beam's first step
+    return hidden, norm_weight, head_weight, head_bias, prev_agg, prev_count
+
+
+@pytest.mark.parametrize("aggregation", reference.AGGREGATIONS)
+@pytest.mark.parametrize(
+    "rows,positive_index,use_norm,use_bias",
+    [(2, 1, True, False), (2, 0, True, True), (1, 0, False, True), (1, 0, True, False)],
+    ids=["two-rows-pos1-norm", "two-rows-pos0-norm-bias", "value-head-bias", "value-head-norm"],
+)
+@pytest.mark.parametrize("dtype,width", [(torch.float32, 576), (torch.bfloat16, 576), (torch.float32, 1500)])
+def test_prm_step_score(device, aggregation, rows, positive_index, use_norm, use_bias, dtype, width):
+    hidden, norm_weight, head_weight, head_bias, prev_agg, prev_count = prm_inputs(
+        7, width, rows, dtype, torch.int64 if use_bias else torch.int32, seed=rows + width
+    )
+    norm_weight = norm_weight if use_norm else None
+    head_bias = head_bias if use_bias else None
+    args = (hidden, norm_weight, 1e-5, head_weight, head_bias, positive_index, prev_agg, prev_count, aggregation)
+    on_device = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+
+    scores, aggregates = prm_step_score.prm_step_score(*on_device)
+
+    expected_scores, expected_aggregates = reference.prm_step_score(*args)
+    assert_close(scores, expected_scores, TOL[dtype])
+    assert_close(aggregates, expected_aggregates, TOL[dtype])
+    assert scores.data_ptr() != aggregates.data_ptr()
+
+
+def test_prm_step_score_strided_hidden_and_empty(device):
+    hidden, norm_weight, head_weight, _, prev_agg, prev_count = prm_inputs(5, 64, 2, torch.float32, torch.int32, 0)
+    wide = torch.randn(5, 3 * 64)
+    wide[:, 64:128] = hidden
+    args = (norm_weight, 1e-6, head_weight, None, 1, prev_agg, prev_count, "min")
+    wide_dev = wide.to(device)
+    scores, aggregates = prm_step_score.prm_step_score(
+        wide_dev[:, 64:128], *[a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    )
+    expected = reference.prm_step_score(wide[:, 64:128], *args)
+    assert_close(scores, expected[0], TOL[torch.float32])
+    assert_close(aggregates, expected[1], TOL[torch.float32])
+
+    empty = torch.empty(0, device=device)
+    scores, aggregates = prm_step_score.prm_step_score(
+        torch.empty(0, 64, device=device), None, 1e-6, head_weight.to(device), None, 0, empty,
+        torch.empty(0, dtype=torch.int32, device=device), "last",
+    )
+    assert scores.shape == aggregates.shape == (0,)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def test_register_cuda_registers_every_op_with_its_schema_arguments():
+    calls = []
+
+    class Recorder:
+        def impl(self, name, fn, key):
+            calls.append((name, fn, key))
+
+    register_cuda(Recorder())
+
+    assert sorted(name for name, _, _ in calls) == sorted(ops._SCHEMAS)
+    for name, fn, key in calls:
+        assert key == "CUDA"
+        schema = torch._C.parse_schema(ops._SCHEMAS[name])
+        assert list(inspect.signature(fn).parameters) == [arg.name for arg in schema.arguments], name
+        assert fn is LAUNCHERS[name]
