@@ -43,7 +43,7 @@ def extensions():
     class Build(OptionalBuildExt, BuildExtension):
         pass
 
-    flags = ["-O3", "-fopenmp", "-march=native", "-std=c++17"]
+    flags = ["-O3", "-fopenmp", "-march=native", "-std=c++20"]
     ext = CppExtension(
         "ttsearch._C",
         SOURCES,

@@ -23,7 +23,7 @@ from ttsearch.engine.block_manager import BlockManager
 from ttsearch.engine.kv_cache import allocate_kv_cache, bytes_per_token
 from ttsearch.engine.sampler import GREEDY, SamplingParams, derive_seed, sample
 from ttsearch.engine.sequence import Seq
-from ttsearch.errors import ContextLengthError, InvalidTokenError
+from ttsearch.errors import ContextLengthError, InvalidTokenError, UnsupportedArchitectureError
 from ttsearch.models.llama import ForwardBatch, LlamaModel
 from ttsearch.models.loader import load_checkpoint
 
@@ -83,6 +83,11 @@ class Engine:
         self.dtype = resolve_dtype(dtype, self.device)
         checkpoint = load_checkpoint(str(model), progress=progress)
         self.config = checkpoint.config
+        if self.config.head_dim % ops.HEAD_DIM_MULTIPLE:
+            raise UnsupportedArchitectureError(
+                f"{self.config.source}: head_dim {self.config.head_dim} is not a multiple of "
+                f"{ops.HEAD_DIM_MULTIPLE}, which ttsearch's attention ops require"
+            )
         self.tokenizer = checkpoint.tokenizer
         self.max_model_len = min(self.config.max_position_embeddings, max_model_len or math.inf)
         self.model = LlamaModel(self.config, checkpoint.weights, self.dtype, self.device, self.max_model_len)

@@ -66,6 +66,9 @@ def _(hidden, norm_weight, eps, head_weight, head_bias, positive_index, prev_agg
     return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
 
 
+#: attention ops take head_dim in multiples of one AVX-512 float vector
+HEAD_DIM_MULTIPLE = 16
+
 MODE = os.environ.get("TTSEARCH_OPS", "auto")
 if MODE not in ("auto", "reference", "fast"):
     raise ValueError(f"TTSEARCH_OPS={MODE!r}: expected one of 'auto', 'reference', 'fast'")
@@ -143,9 +146,12 @@ def _check_attention(query, k_cache, v_cache, scale) -> None:
     _check_cache("k_cache", k_cache, query.device)
     _check(query.dim() == 3, f"query: expected [tokens, heads, head_dim], got shape {tuple(query.shape)}")
     _check(query.shape[2] == k_cache.shape[3], f"query head_dim {query.shape[2]} != cache head_dim {k_cache.shape[3]}")
+    _check(query.shape[2] % HEAD_DIM_MULTIPLE == 0,
+           f"head_dim {query.shape[2]} is not a multiple of {HEAD_DIM_MULTIPLE} (the vector width every implementation assumes)")
     _check(query.shape[1] % k_cache.shape[2] == 0,
            f"{query.shape[1]} query heads are not a multiple of {k_cache.shape[2]} kv heads")
-    _check(query.dtype == k_cache.dtype, f"query dtype {query.dtype} != cache dtype {k_cache.dtype}")
+    _check(query.dtype == k_cache.dtype == v_cache.dtype,
+           f"query dtype {query.dtype}, k_cache {k_cache.dtype} and v_cache {v_cache.dtype} must match")
     _check(scale > 0, f"scale must be positive, got {scale}")
 
 

@@ -38,7 +38,7 @@ def gather_context(
     Table entries past a sequence's length may hold any value; they are clamped and masked."""
     block_size = cache.shape[1]
     num_blocks = -(-max_len // block_size)
-    tables = block_tables[:, :num_blocks].clamp(min=0).long()
+    tables = block_tables[:, :num_blocks].clamp(0, cache.shape[0] - 1).long()
     gathered = cache[tables]  # [B, nb, bs, Hkv, D]
     return gathered.flatten(1, 2)[:, :max_len]
 

@@ -1,0 +1,137 @@
+"""The ops on SmolLM2-135M shapes: pure-torch reference vs the C++ kernels.
+
+    pytest benchmarks/bench_ops.py --benchmark-json benchmarks/results/ops_cpu.json
+
+Each benchmark records in ``extra_info`` the bytes the op must read and write and those
+bytes divided by the mean time (GB/s). ``reference`` is ``ttsearch.ops.reference``; for
+decode attention that is the plain-torch way: gather the blocks into a dense tensor, then
+``F.scaled_dot_product_attention``. ``cpp`` calls the registered op, which the C++
+extension serves on the CPU (skipped when it is not built). Neither goes through the
+public wrappers' argument validation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import ttsearch.ops as ops
+from ttsearch.ops import reference
+
+# SmolLM2-135M: 9 query heads, 3 kv heads, head_dim 64, 30 layers; the engine's block size.
+HEADS, KV_HEADS, HEAD_DIM, LAYERS, BLOCK = 9, 3, 64, 30, 16
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+LABELS = {
+    "reference": "reference (plain torch)",
+    "reference-decode": "plain torch: gather blocks to dense + F.scaled_dot_product_attention",
+    "cpp": "ttsearch._C",
+}
+IMPLS = [
+    "reference",
+    pytest.param("cpp", marks=pytest.mark.skipif(ops.IMPLEMENTATIONS["cpu"] != "cpp", reason="ttsearch._C is not built")),
+]
+
+
+def implementation(impl, name):
+    return getattr(reference, name) if impl == "reference" else getattr(torch.ops.ttsearch, name)
+
+
+def record(benchmark, impl, label, nbytes):
+    benchmark.extra_info["implementation"] = impl
+    benchmark.extra_info["label"] = label
+    benchmark.extra_info["bytes"] = nbytes
+    if benchmark.stats:  # None under --benchmark-disable
+        benchmark.extra_info["GB/s"] = nbytes / benchmark.stats.stats.mean / 1e9
+
+
+def paged_pool(ctx_lens, dtype, seed=0):
+    """K/V pools holding the contexts in shuffled blocks, as a pool looks after some churn."""
+    gen = torch.Generator().manual_seed(seed)
+    needed = [math.ceil(c / BLOCK) for c in ctx_lens]
+    num_blocks = sum(needed)
+    ids = torch.randperm(num_blocks, generator=gen)
+    tables = torch.zeros(len(ctx_lens), max(needed), dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(needed):
+        tables[b, :n] = ids[used : used + n]
+        used += n
+    shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    return k_cache, v_cache, tables, torch.tensor(ctx_lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ctx", [256, 1024])
+@pytest.mark.parametrize("batch", [1, 16, 64])
+def test_decode_attention(benchmark, impl, dtype, ctx, batch):
+    k_cache, v_cache, tables, lens = paged_pool([ctx] * batch, DTYPES[dtype])
+    query = torch.randn(batch, HEADS, HEAD_DIM).to(DTYPES[dtype])
+    op = implementation(impl, "paged_decode_attention")
+    benchmark.group = f"decode {dtype} batch {batch} ctx {ctx}"
+
+    benchmark(op, query, k_cache, v_cache, tables, lens, HEAD_DIM**-0.5)
+
+    elem = query.element_size()
+    kv_bytes = 2 * batch * ctx * KV_HEADS * HEAD_DIM * elem
+    nbytes = kv_bytes + 2 * query.numel() * elem + tables.numel() * 4 + lens.numel() * 4
+    record(benchmark, impl, LABELS["reference-decode" if impl == "reference" else impl], nbytes)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_extend_attention(benchmark, impl, dtype):
+    """A 512-token prompt prefilled at once."""
+    tokens = 512
+    k_cache, v_cache, tables, lens = paged_pool([tokens], DTYPES[dtype])
+    query = torch.randn(tokens, HEADS, HEAD_DIM).to(DTYPES[dtype])
+    starts = torch.tensor([0, tokens], dtype=torch.int32)
+    op = implementation(impl, "paged_extend_attention")
+    benchmark.group = f"extend {dtype} prefill {tokens}"
+
+    benchmark(op, query, k_cache, v_cache, tables, starts, lens, HEAD_DIM**-0.5)
+
+    elem = query.element_size()
+    nbytes = 2 * tokens * KV_HEADS * HEAD_DIM * elem + 2 * query.numel() * elem + tables.numel() * 4
+    record(benchmark, impl, LABELS[impl], nbytes)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv(benchmark, impl, dtype):
+    """One decode step of 64 sequences: a token each into a 1024-token-per-sequence pool."""
+    batch, num_blocks = 64, 64 * 1024 // BLOCK
+    gen = torch.Generator().manual_seed(0)
+    k_cache = torch.zeros(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, dtype=DTYPES[dtype])
+    v_cache = torch.zeros_like(k_cache)
+    key = torch.randn(batch, KV_HEADS, HEAD_DIM, generator=gen).to(DTYPES[dtype])
+    value = torch.randn(batch, KV_HEADS, HEAD_DIM, generator=gen).to(DTYPES[dtype])
+    slots = torch.randperm(num_blocks * BLOCK, generator=gen)[:batch]
+    op = implementation(impl, "store_kv")
+    benchmark.group = f"store_kv {dtype} batch {batch}"
+
+    benchmark(op, key, value, k_cache, v_cache, slots)
+
+    nbytes = 4 * key.numel() * key.element_size() + slots.numel() * 8
+    record(benchmark, impl, LABELS[impl], nbytes)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_copy_blocks(benchmark, impl, dtype):
+    """Copy-on-write of 64 forked tails in all 30 layers, K and V."""
+    pairs, num_blocks = 64, 256
+    kv_cache = torch.randn(2, LAYERS, num_blocks, BLOCK, KV_HEADS, HEAD_DIM).to(DTYPES[dtype])
+    ids = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0))
+    src, dst = ids[:pairs], ids[pairs : 2 * pairs]
+    op = implementation(impl, "copy_blocks")
+    benchmark.group = f"copy_blocks {dtype} {pairs} blocks x {LAYERS} layers"
+
+    benchmark(op, kv_cache, src, dst)
+
+    block_bytes = BLOCK * KV_HEADS * HEAD_DIM * kv_cache.element_size()
+    nbytes = 2 * (2 * LAYERS * pairs * block_bytes) + 2 * pairs * 8
+    record(benchmark, impl, LABELS[impl], nbytes)
