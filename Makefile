@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/ttsearch generate
+	$(VENV)/bin/ttsearch demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

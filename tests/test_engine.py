@@ -92,8 +92,10 @@ def test_hundred_token_prompt_forked_sixteen_ways_shares_its_blocks(engine):
     assert engine.stats()["blocks_used"] == 7  # ceil(100 / 16)
     children = engine.fork(parent, 16)
     assert engine.stats()["blocks_used"] == 7
+    assert engine.stats()["tokens_held"] == 100
     engine.step(children)  # every child writes its own token: each copies only the partial tail
     stats = engine.stats()
+    assert stats["tokens_held"] == 100 + 16 * 5  # each private tail: the 4 shared tokens + its own
     assert stats["blocks_used"] <= 7 + 16
     assert stats["kv_bytes_used"] == stats["blocks_used"] * engine.block_bytes
     assert stats["sequences"] == 17
@@ -302,3 +304,16 @@ def test_append_batch_returns_hidden_states_at_the_asked_tokens(engine, fresh):
     with pytest.raises(IndexError, match="hidden_at index 4 outside 4 new tokens"):
         engine.append_batch([a], [xa], hidden_at=[[4]])
     assert snapshot(engine, a, b) == before
+
+
+def test_top_p_keeps_exactly_the_nucleus():
+    from ttsearch.engine import sampler
+
+    probs = torch.softmax(torch.randn(3, 2000, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
+    probs[2] = 1 / 2000  # flat: the nucleus is wider than the candidates the fast path sorts
+    for p in (0.5, 0.9):
+        kept = sampler._filter_top_p(probs, [p] * 3)
+        for row in range(3):
+            ordered = probs[row].sort(descending=True).values
+            expected = int(((ordered.cumsum(0) - ordered) < p).sum())
+            assert int((kept[row] > 0).sum()) == expected

@@ -1,12 +1,114 @@
-"""The ``ttsearch`` command line."""
+"""The ``ttsearch`` command line: run | eval | plot | fit | demo | generate."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 DEFAULT_PROMPT = "What is 12 * 7 + 5? Think step by step."
+
+
+# ----------------------------------------------------------------------------- run
+def _add_search_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML or JSON file of search settings; flags given here override it")
+    p.add_argument("--strategy", help="best_of_n | beam_search | dvts | compute_optimal")
+    p.add_argument("--n", type=int, help="samples / live beams / budget")
+    p.add_argument("--beam-width", type=int, help="M: children per surviving beam")
+    p.add_argument("--max-iterations", type=int)
+    p.add_argument("--max-step-tokens", type=int)
+    p.add_argument("--lookahead", type=int)
+    p.add_argument("--aggregation", help="last | min | prod | mean")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--problems-in-flight", type=int)
+    p.add_argument("--optimal-table", help="compute_optimal: the table from `ttsearch fit`")
+
+
+SEARCH_FLAGS = ("strategy", "n", "beam_width", "max_iterations", "max_step_tokens", "lookahead", "aggregation",
+                "temperature", "top_p", "top_k", "seed", "problems_in_flight", "optimal_table")
+
+
+def _search_config(args: argparse.Namespace):
+    from ttsearch.search.config import SearchConfig, read_config_file
+
+    values = read_config_file(args.config) if args.config else {}
+    values.update({k: getattr(args, k) for k in SEARCH_FLAGS if getattr(args, k) is not None})
+    return SearchConfig.from_dict(values, source=args.config or "flags")
+
+
+def _json_flag(flag: str, value: str | None) -> dict | None:
+    from ttsearch.search.config import ConfigError
+
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{flag}: expected a JSON object")
+    return parsed
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ttsearch.search import run
+
+    config = _search_config(args)
+    fields = _json_flag("--fields", args.fields)
+    options = _json_flag("--verifier-options", args.verifier_options)
+    output = run(config, args.output, model=args.model, verifier=args.verifier, verifier_options=options,
+                 dataset=args.dataset, limit=args.limit, fields=fields, dtype=args.dtype)
+    print(f"results: {output}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval / plot / fit
+def _records(paths: list[str]) -> list[dict]:
+    from ttsearch.search.results import read_results
+
+    records = []
+    for path in paths:
+        records += read_results(path)
+    if not records:
+        raise SystemExit(f"no results in {', '.join(paths)}")
+    return records
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ttsearch.eval.report import accuracy_rows, format_rows
+
+    rows = accuracy_rows(_records(args.results))
+    print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from ttsearch.eval.report import plot_accuracy
+
+    print(f"plot: {plot_accuracy(_records(args.results), args.output)}")
+    return 0
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from ttsearch.search.compute_optimal import fit_table
+
+    table = fit_table(_records(args.results), pilot_samples=args.pilot_samples, bins=args.bins)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(table, indent=1) + "\n")
+    print(f"table: {args.output}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo / generate
+def _demo(args: argparse.Namespace) -> int:
+    from ttsearch.demo import run_demo
+
+    return run_demo(args.output_dir, limit=args.limit, n=args.n)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -34,14 +136,49 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ttsearch", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ttsearch", description="Test-time-scaling search for small language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    run = sub.add_parser("run", help="search a dataset, one JSON line per problem (resumes)")
+    run.add_argument("--model", default="smollm2-135m", help="alias, Hugging Face directory or .gguf file")
+    run.add_argument("--verifier", default="arithmetic", help="arithmetic | self | a PRM's directory, .gguf or alias")
+    run.add_argument("--verifier-options", help='JSON options for the verifier, e.g. {"family": "math-shepherd", "tag": "ки"}')
+    run.add_argument("--dataset", help="JSONL file (MATH-500, GSM8K or mapped fields); default: bundled arithmetic")
+    run.add_argument("--fields", help='JSON mapping for other datasets, e.g. {"question": "prompt", "answer": "target"}')
+    run.add_argument("--limit", type=int, help="first N problems")
+    run.add_argument("--output", required=True, help="results JSONL (appended; finished problems are skipped)")
+    run.add_argument("--dtype", choices=["float32", "bfloat16"])
+    _add_search_flags(run)
+    run.set_defaults(func=_run)
+
+    ev = sub.add_parser("eval", help="accuracy per strategy x selection x N, overall and by level")
+    ev.add_argument("results", nargs="+")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=_eval)
+
+    plot = sub.add_parser("plot", help="PNG of accuracy against N")
+    plot.add_argument("results", nargs="+")
+    plot.add_argument("--output", default="accuracy.png")
+    plot.set_defaults(func=_plot)
+
+    fit = sub.add_parser("fit", help="fit compute_optimal's table from runs on a dev split")
+    fit.add_argument("results", nargs="+")
+    fit.add_argument("--output", required=True)
+    fit.add_argument("--pilot-samples", type=int, default=4)
+    fit.add_argument("--bins", type=int, default=4)
+    fit.set_defaults(func=_fit)
+
+    demo = sub.add_parser("demo", help="SmolLM2-135M + arithmetic checker: accuracy gained by search")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.add_argument("--limit", type=int, default=None)
+    demo.add_argument("--n", type=int, default=None)
+    demo.set_defaults(func=_demo)
+
     gen = sub.add_parser("generate", help="write reasoning steps for one prompt")
-    gen.add_argument("--model", default="smollm2-135m", help="alias, Hugging Face directory or .gguf file")
+    gen.add_argument("--model", default="smollm2-135m")
     gen.add_argument("--prompt", default=DEFAULT_PROMPT)
-    gen.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: bfloat16 where the CPU is fast at it")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"])
     gen.add_argument("--max-steps", type=int, default=8)
     gen.add_argument("--max-step-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -49,9 +186,22 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=_generate)
+    return parser
 
-    args = parser.parse_args(argv)
-    return args.func(args)
+
+def main(argv: list[str] | None = None) -> int:
+    from ttsearch.errors import TTSearchError
+    from ttsearch.search.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, TTSearchError, FileNotFoundError) as exc:
+        print(f"ttsearch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ttsearch {args.command}: interrupted; finished problems are saved, rerun to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -263,8 +263,18 @@ class Engine:
             "kv_bytes_total": self.blocks.num_blocks * self.block_bytes,
             "kv_bytes_per_token": self.block_bytes // self.block_size,
             "sequences": len(self._live),
+            "tokens_held": self._tokens_held(),
             "tokens_forwarded": self._tokens_forwarded,
         }
+
+    def _tokens_held(self) -> int:
+        """Tokens stored in the used blocks, each shared block counted once: U in DESIGN.md."""
+        fill: dict[int, int] = {}
+        bs = self.block_size
+        for seq in self._live.values():
+            for i, block in enumerate(seq.block_table):
+                fill[block] = max(fill.get(block, 0), min(bs, len(seq) - i * bs))
+        return sum(fill.values())
 
     # ------------------------------------------------------------------ checks
     def _check_tokens(self, token_ids: Sequence[int], what: str) -> list[int]:

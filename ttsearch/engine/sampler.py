@@ -41,6 +41,7 @@ class SamplingParams:
 
 
 GREEDY = SamplingParams()
+NUCLEUS_CANDIDATES = 512
 
 
 def derive_seed(seed: int, lineage: tuple[int, ...]) -> int:
@@ -82,8 +83,13 @@ def _filter_top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
 def _filter_top_p(probs: torch.Tensor, ps: list[float]) -> torch.Tensor:
     if all(p >= 1 for p in ps):
         return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly ahead of each token
     top_p = torch.tensor(ps, device=probs.device)[:, None]
+    # The nucleus almost always lies within the top few hundred tokens: sort only those,
+    # and the whole row only where they do not reach top_p.
+    k = min(NUCLEUS_CANDIDATES, probs.shape[1])
+    sorted_probs, order = probs.topk(k, dim=-1)
+    if k < probs.shape[1] and bool((sorted_probs.sum(-1, keepdim=True) < top_p).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly ahead of each token
     sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # keeps at least the top token
     return torch.zeros_like(probs).scatter(1, order, sorted_probs)

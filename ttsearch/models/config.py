@@ -18,6 +18,12 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "MistralForCausalLM": "mistral",
 }
+# Process reward models: a supported decoder read through a scoring head instead of the LM head
+# (see loader.head_shapes). architecture name -> (decoder, head)
+PRM_ARCHITECTURES = {
+    "Qwen2ForProcessRewardModel": ("qwen2", "classifier"),  # Qwen2.5-Math-PRM
+    "Qwen2ForPrmModel": ("qwen2", "value"),  # Skywork-o1-Open-PRM
+}
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 # llama.cpp writes the Llama 3 RoPE scaling as a tensor of per-frequency divisors, not as metadata;
 # these are the parameters its converter assumes when the HF config does not override them.
@@ -45,6 +51,7 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     source: str
+    head: str = "lm"  # "lm" (causal LM), or a PRM head: "classifier" | "value"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,23 +144,26 @@ def _rope_scaling(params: dict, field: str, source: str, default_original_max: i
 _MISSING = object()
 
 
-def _hf_architecture(d: dict, source: str) -> str:
+def _hf_architecture(d: dict, source: str) -> tuple[str, str]:
+    """(decoder architecture, head) named by the config."""
     architectures = d.get("architectures")
     if architectures:
         name = architectures[0]
+        if name in PRM_ARCHITECTURES:
+            return PRM_ARCHITECTURES[name]
         if name not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedArchitectureError(
                 f"{source}: field 'architectures' = {architectures!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+                f"(supported: {', '.join([*SUPPORTED_ARCHITECTURES, *PRM_ARCHITECTURES])})"
             )
-        return SUPPORTED_ARCHITECTURES[name]
+        return SUPPORTED_ARCHITECTURES[name], "lm"
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_ARCHITECTURES.values():
         raise UnsupportedArchitectureError(
             f"{source}: neither field 'architectures' nor field 'model_type' (= {model_type!r}) names a "
             f"supported architecture (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
-    return model_type
+    return model_type, "lm"
 
 
 def _refuse_unsupported_hf_features(d: dict, architecture: str, source: str) -> None:
@@ -188,7 +198,7 @@ def _hf_max_positions(d: dict, architecture: str, source: str, max_positions: in
 
 def config_from_hf(d: dict, source: str) -> ModelConfig:
     """Parse a HF config.json dict (transformers 4.x rope_theta/rope_scaling or 5.x rope_parameters)."""
-    architecture = _hf_architecture(d, source)
+    architecture, head = _hf_architecture(d, source)
     _refuse_unsupported_hf_features(d, architecture, source)
 
     def field(name, default=_MISSING):
@@ -240,6 +250,7 @@ def config_from_hf(d: dict, source: str) -> ModelConfig:
         bos_token_id=_optional_token_id(field("bos_token_id", None), "bos_token_id", source),
         eos_token_ids=_token_ids(field("eos_token_id", None), "eos_token_id", source),
         source=source,
+        head=head,
     )
     _check_consistency(
         config,

@@ -67,12 +67,28 @@ def _smollm2_gguf() -> pathlib.Path:
     return files[0]
 
 
+def head_shapes(head: str, hidden: int) -> dict[str, tuple[int, ...]]:
+    """The tensors of a PRM head, read on top of the final norm, as the published checkpoints name them."""
+    if head == "classifier":  # Qwen2.5-Math-PRM: score = Linear(h, h), ReLU, Linear(h, 2)
+        return {
+            "score.0.weight": (hidden, hidden),
+            "score.0.bias": (hidden,),
+            "score.2.weight": (2, hidden),
+            "score.2.bias": (2,),
+        }
+    if head == "value":  # Skywork-o1-Open-PRM: v_head.summary = Linear(h, 1)
+        return {"v_head.summary.weight": (1, hidden), "v_head.summary.bias": (1,)}
+    raise ValueError(f"head={head!r}: expected 'classifier' or 'value'")
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the decoder reads, by canonical name."""
+    """Every tensor the decoder reads, by canonical name (and a PRM's head)."""
     hidden, q_dim = config.hidden_size, config.num_heads * config.head_dim
     kv_dim, inter = config.num_kv_heads * config.head_dim, config.intermediate_size
     shapes = {"model.embed_tokens.weight": (config.vocab_size, hidden), "model.norm.weight": (hidden,)}
-    if not config.tie_word_embeddings:
+    if config.head != "lm":
+        shapes |= head_shapes(config.head, hidden)  # a PRM is read through its head, never its LM head
+    elif not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, hidden)
     for i in range(config.num_layers):
         p = f"model.layers.{i}"
@@ -107,15 +123,19 @@ def check_weights(
 
     `searched` names the files looked in, for the missing-tensor message (default: those in weight_files).
     """
+    _check_shapes(expected_shapes(config), weights, weight_files, config.source, searched)
+
+
+def _check_shapes(shapes, weights, weight_files, source: str, searched: list[str] | None) -> None:
     files = searched if searched is not None else sorted(set(weight_files.values()))
-    for name, shape in expected_shapes(config).items():
+    for name, shape in shapes.items():
         if name not in weights:
             raise ModelLoadError(f"tensor {name!r} is missing; searched {', '.join(map(repr, files)) or 'no files'}")
         actual = tuple(weights[name].shape)
         if actual != shape:
             raise ModelLoadError(
                 f"tensor {name!r} in {weight_files.get(name, '?')!r} has shape {actual}, expected {shape} "
-                f"(per {config.source})"
+                f"(per {source})"
             )
 
 
@@ -129,6 +149,10 @@ def load_checkpoint(name_or_path: str, progress: bool = True) -> Checkpoint:
     else:
         raise ModelLoadError(f"{str(path)!r} is neither a model directory nor a .gguf file")
     check_weights(checkpoint.config, checkpoint.weights, checkpoint.weight_files, searched=searched)
+    config = checkpoint.config
+    if config.head != "lm" and not config.tie_word_embeddings:
+        # The decoder needs an LM head; a PRM's has no rows, so next-token logits are empty.
+        checkpoint.weights["lm_head.weight"] = torch.empty(0, config.hidden_size)
     vocab = len(checkpoint.tokenizer)
     if vocab > checkpoint.config.vocab_size:
         raise ModelLoadError(
@@ -220,6 +244,20 @@ def _load_hf(directory: pathlib.Path, progress: bool) -> tuple[Checkpoint, list[
     tokenizer = _hf_tokenizer(directory)
     checkpoint = Checkpoint(config, weights, tokenizer, directory, weight_files)
     return checkpoint, [str(f) for f in files]
+
+
+def load_head_weights(name_or_path: str, head: str) -> dict[str, torch.Tensor]:
+    """The float32 tensors of a PRM ``head`` ("classifier" | "value") in a HF directory, read
+    without the decoder (the engine keeps only what the decoder needs)."""
+    path = resolve_model_path(name_or_path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{str(path)!r}: a {head} PRM head is read from a HF model directory")
+    config = _hf_config(path)
+    shapes = head_shapes(head, config.hidden_size)
+    files = _safetensors_files(path)
+    weights, weight_files = _read_safetensors(files, set(shapes), progress=False)
+    _check_shapes(shapes, weights, weight_files, config.source, [str(f) for f in files])
+    return weights
 
 
 # ---------------------------------------------------------------------------------------------

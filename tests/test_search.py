@@ -1,0 +1,241 @@
+"""The strategies on a scripted policy and verifier whose steps and scores are known, so
+every iteration's kept, forked, pruned and finished beams can be checked exactly."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import pytest
+
+from ttsearch.engine.engine import StepResult
+from ttsearch.eval.datasets import Problem
+from ttsearch.search.config import ConfigError, SearchConfig
+from ttsearch.search.runner import make_record, run_jobs, step_all
+from ttsearch.search.selection import budgets, select
+from ttsearch.search.strategies import SEARCHES
+
+
+@dataclass(eq=False)
+class ScriptedSeq:
+    path: tuple  # position in the fork tree: a child's path is its parent's plus its index
+    length: int
+    freed: bool = False
+
+    def __len__(self):
+        return self.length
+
+
+class ScriptedTokenizer:
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=True):
+        return [1] * 5
+
+
+@dataclass
+class ScriptedPolicy:
+    """Each step's text names the path that wrote it; ``eos`` lists paths whose step ends
+    the answer. Tracks live sequences so leaks show."""
+
+    eos: set = field(default_factory=set)
+    live: set = field(default_factory=set)
+    max_model_len: int = 10_000
+    tokenizer: ScriptedTokenizer = field(default_factory=ScriptedTokenizer)
+    roots: itertools.count = field(default_factory=itertools.count)
+
+    def add(self, ids):
+        seq = ScriptedSeq((f"r{next(self.roots)}",), len(ids))
+        self.live.add(id(seq))
+        return seq
+
+    def fork(self, seq, k):
+        assert not seq.freed
+        kids = [ScriptedSeq(seq.path + (i,), seq.length) for i in range(k)]
+        self.live.update(id(c) for c in kids)
+        return kids
+
+    def free(self, seq):
+        assert not seq.freed, "freed twice"
+        seq.freed = True
+        self.live.discard(id(seq))
+
+    def generate_step(self, seqs, sampling, stop="\n\n", max_tokens=256):
+        out = []
+        for s in seqs:
+            assert not s.freed
+            s.length += 3
+            name = "/".join(map(str, s.path[1:]))
+            out.append(StepResult([7, 7, 7], f"<{name}> ", "eos" if name in self.eos else "stop"))
+        return out
+
+    def stats(self):
+        return {"blocks_used": len(self.live)}
+
+
+@dataclass
+class ScriptedState:
+    step_scores: list = field(default_factory=list)
+    aggregate: float | None = None
+    freed: bool = False
+
+
+class ScriptedVerifier:
+    """Scores a step by the path that wrote it (``scores[path]``, default 0.5); aggregate = last."""
+
+    def __init__(self, scores):
+        self.scores = scores
+        self.live = 0
+
+    def new(self, question, policy_seq=None):
+        self.live += 1
+        return ScriptedState()
+
+    def fork(self, state, k):
+        self.live += k
+        return [ScriptedState(list(state.step_scores), state.aggregate) for _ in range(k)]
+
+    def free(self, state):
+        assert not state.freed
+        state.freed = True
+        self.live -= 1
+
+    def score(self, states, steps, policy_seqs=None):
+        out = []
+        for state, text in zip(states, steps):
+            s = self.scores.get(text.strip()[1:-1], 0.5)
+            state.step_scores.append(s)
+            state.aggregate = s
+            out.append(s)
+        return out
+
+
+def run_one(strategy, scores, eos=(), **settings):
+    config = SearchConfig(strategy=strategy, **settings)
+    policy, verifier = ScriptedPolicy(eos=set(eos)), ScriptedVerifier(scores)
+    search = SEARCHES[strategy](policy, verifier, config, [1] * 5, "q")
+    search.start()
+    job = type("J", (), {})()
+    job.search, job.sampling, job.extra, job.tokens_generated, job.tokens_verified, job.peak_blocks = (
+        search, None, {}, 0, 0.0, 0)
+    while not search.done:
+        step_all([job], policy, verifier, config)
+    assert not policy.live and verifier.live == 0, "a search leaked sequences or verifier states"
+    return search
+
+
+def test_beam_search_keeps_the_best_n_over_m_and_forks_them():
+    # iteration 1: roots 0..3 score 0.1, 0.9, 0.5, 0.7 -> keep beams 1 and 3, each forks 2 ways
+    scores = {"0": 0.1, "1": 0.9, "2": 0.5, "3": 0.7,
+              "1/0": 0.2, "1/1": 0.3, "3/0": 0.8, "3/1": 0.6}
+    eos = {"3/0/0", "3/0/1", "3/1/0", "3/1/1"}
+    search = run_one("beam_search", scores, eos, n=4, beam_width=2, max_iterations=10)
+    first, second, third = search.trace
+    assert first["kept"] == [1, 3] and first["pruned"] == [2, 0]
+    assert first["forked"] == {1: [4, 5], 3: [6, 7]}
+    # iteration 2: 3/0 (0.8) and 3/1 (0.6) beat 1/1 (0.3) and 1/0 (0.2)
+    assert second["kept"] == [6, 7] and second["pruned"] == [5, 4]
+    # iteration 3: all four children of the 3-subtree finish: n answers, the search stops
+    assert sorted(third["finished"]) == [8, 9, 10, 11] and third["kept"] == []
+    assert [b.text for b in search.completions] == ["<3> <3/0> <3/0/0> ", "<3> <3/0> <3/0/1> ",
+                                                    "<3> <3/1> <3/1/0> ", "<3> <3/1> <3/1/1> "]
+
+
+def test_beam_search_stops_at_the_iteration_limit_without_counting_cut_paths_as_answers():
+    search = run_one("beam_search", {}, n=4, beam_width=2, max_iterations=3)
+    assert search.iteration == 3 and search.completions == [] and len(search.unfinished) == 4
+
+
+def test_dvts_subtrees_stay_independent():
+    # two subtrees of width 2: roots 0,1 (subtree 0) and 2,3 (subtree 1)
+    scores = {"0": 0.2, "1": 0.3, "2": 0.9, "3": 0.8, "1/0": 0.1, "1/1": 0.4, "2/0": 0.5, "2/1": 0.6}
+    eos = {"1/1/0", "1/1/1", "2/1/0", "2/1/1"}
+    search = run_one("dvts", scores, eos, n=4, beam_width=2, max_iterations=10)
+    first, second, third = search.trace
+    # the globally best beams (2, 3) are in one subtree; DVTS keeps one per subtree
+    assert first["kept"] == [1, 2] and sorted(first["pruned"]) == [0, 3]
+    assert second["kept"] == [5, 7]  # 1/1 (0.4) in subtree 0, 2/1 (0.6) in subtree 1
+    assert sorted(third["finished"]) == [8, 9, 10, 11]
+    subtrees = sorted(b.subtree for b in search.completions)
+    assert subtrees == [0, 0, 1, 1]
+    for b in search.completions:  # every path descends from its own subtree's roots only
+        assert b.text.startswith("<1>" if b.subtree == 0 else "<2>")
+
+
+def test_dvts_returns_only_finished_solutions():
+    search = run_one("dvts", {}, eos={"0/0"}, n=4, beam_width=2, max_iterations=4)
+    assert all(b.finish == "eos" for b in search.completions)
+    assert [b.text for b in search.completions] == ["<0> <0/0> "]
+
+
+def test_best_of_n_keeps_every_sample_to_its_end():
+    search = run_one("best_of_n", {}, eos={"0", "2/"}, n=3, max_iterations=3)
+    assert [b.text for b in search.completions] == ["<0> "]
+    assert len(search.unfinished) == 2
+    assert search.trace[0]["finished"] == [0] and search.trace[0]["kept"] == [1, 2]
+
+
+def test_beam_search_lookahead_ranks_by_the_rollout():
+    # without lookahead beam 0 (0.9) would win; its greedy rollout scores 0.1, beam 1's 0.95
+    scores = {"0": 0.9, "1": 0.2, "0/0": 0.1, "1/0": 0.95}
+    search = run_one("beam_search", scores, n=2, beam_width=2, max_iterations=2, lookahead=1)
+    assert search.trace[0]["kept"] == [1]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"strategy": "beam_search", "n": 6, "beam_width": 4}, "n=6 is not a multiple of beam_width=4"),
+        ({"strategy": "greedy"}, "strategy='greedy'"),
+        ({"aggregation": "max"}, "aggregation='max'"),
+        ({"n": 0}, "n=0"),
+        ({"strategy": "compute_optimal"}, "optimal_table"),
+        ({"strategy": "dvts", "lookahead": 2}, "lookahead"),
+    ],
+)
+def test_bad_configs_name_the_setting(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        SearchConfig(**settings)
+
+
+def test_unknown_setting_in_a_config_file():
+    with pytest.raises(ConfigError, match="unknown setting.*beams"):
+        SearchConfig.from_dict({"beams": 4}, source="c.yaml")
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_budgets():
+    assert budgets(16) == [1, 2, 4, 8, 16] and budgets(6) == [1, 2, 4, 6] and budgets(1) == [1]
+
+
+def test_selections_on_hand_made_cases():
+    candidates = [("2", 0.9), ("3", 0.4), ("3", 0.3), ("4", 0.2), (None, 1.0)]
+    assert select(candidates, "naive") == "2"
+    assert select(candidates, "majority") == "3"
+    assert select(candidates, "weighted") == "2"  # 0.9 against 0.4 + 0.3
+    assert select([("3", 0.5), ("3", 0.5), ("2", 0.9)], "weighted") == "3"
+    assert select([(None, 0.3)], "naive") is None
+
+
+def test_selection_groups_equivalent_answers():
+    from ttsearch.eval.grading import answer_key
+
+    candidates = [("\\frac{1}{2}", 0.4), ("0.5", 0.4), ("2", 0.7)]
+    assert select(candidates, "majority", key=answer_key) == "\\frac{1}{2}"
+    assert select(candidates, "weighted", key=answer_key) == "\\frac{1}{2}"
+
+
+def test_record_selects_at_every_budget():
+    search = run_one("best_of_n", {"0": 0.2, "1": 0.9, "2": 0.5}, eos={"0", "1", "2"}, n=3)
+    for beam, answer in zip(search.completions, ["7", "5", "7"]):
+        beam.steps.append(f"The answer is \\boxed{{{answer}}}.")
+    job = type("J", (), {})()
+    job.problem, job.search, job.extra, job.tokens_generated, job.tokens_verified, job.peak_blocks, job.started = (
+        Problem(id="p", question="q", answer="7"), search, {}, 9, 0.0, 3, 0.0)
+    record = make_record(job, SearchConfig(strategy="best_of_n", n=3))
+    assert record["selections"]["naive"]["1"] == {"answer": "7", "correct": True}
+    assert record["selections"]["naive"]["3"] == {"answer": "5", "correct": False}
+    assert record["selections"]["majority"]["3"] == {"answer": "7", "correct": True}
+    assert record["selections"]["weighted"]["2"]["answer"] == "5"  # 0.9 against 0.2

@@ -1,0 +1,137 @@
+"""The verifier interface the search drives: one state per beam, forked and freed with the beams.
+
+    verifier = load_verifier("arithmetic")
+    root = verifier.new(question)                     # per problem
+    beams = verifier.fork(root, 4)                    # with the policy's fork
+    scores = verifier.score(beams, steps)             # the new step of every beam, one batch
+    beams[0].step_scores, beams[0].aggregate          # updated in place
+    verifier.free(root)
+
+Like the engine's sequences, a forked state stays live until it is freed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from ttsearch.engine.sequence import Seq
+from ttsearch.ops.reference import AGGREGATIONS
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class VerifierState:
+    """One beam's verifier state. ``step_scores`` and ``aggregate`` (over the steps, per the
+    verifier's aggregation; None before the first step) are updated by ``Verifier.score``."""
+
+    step_scores: list[float] = field(default_factory=list)
+    aggregate: float | None = None
+    seq: Seq | None = None  # the verifier's own sequence, for model-based verifiers
+    context: Any = None  # what the step format needs next; immutable, so forks share it
+    freed: bool = False
+    owner: int = -1  # id of the verifier that made it
+    state_id: int = field(default_factory=lambda: next(_ids))
+
+    def __repr__(self) -> str:
+        status = "freed" if self.freed else f"{len(self.step_scores)} steps, aggregate {self.aggregate}"
+        return f"VerifierState(id={self.state_id}, {status})"
+
+
+class Verifier:
+    """Scores reasoning steps. Subclasses implement ``_score``; those that hold a sequence per
+    state also extend ``new`` and implement ``_fork_seqs``/``_free_seq``."""
+
+    def __init__(self, aggregation: str = "last"):
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
+        self.aggregation = aggregation
+        self.verifier_id = next(_ids)
+
+    def new(self, question: str, policy_seq: Seq | None = None) -> VerifierState:
+        """The state of a problem's root, before any step. ``policy_seq`` is the policy's
+        sequence for it, for verifiers that read the policy's cache."""
+        if not isinstance(question, str):
+            raise TypeError(f"new: question must be a str, got {type(question).__name__}")
+        return VerifierState(owner=self.verifier_id)
+
+    def fork(self, state: VerifierState, k: int) -> list[VerifierState]:
+        """``k`` children with the parent's scores; the parent stays live."""
+        self._check_states([state], "fork")
+        if not (isinstance(k, int) and k >= 1):
+            raise ValueError(f"fork: k must be a positive int, got {k!r}")
+        return [
+            VerifierState(list(state.step_scores), state.aggregate, seq, state.context, owner=self.verifier_id)
+            for seq in self._fork_seqs(state, k)
+        ]
+
+    def free(self, state: VerifierState) -> None:
+        self._check_states([state], "free")
+        self._free_seq(state)
+        state.freed = True
+
+    def score(
+        self, states: Sequence[VerifierState], steps: Sequence[str], policy_seqs: Sequence[Seq] | None = None
+    ) -> list[float]:
+        """Score the new step of each state in one batch (``policy_seqs[i]``, where given, is the
+        policy beam that wrote ``steps[i]``, the step already appended). Appends each score to
+        the state's ``step_scores``, updates its ``aggregate``, and returns the scores."""
+        states = list(states)
+        self._check_states(states, "score")
+        steps = list(steps)
+        if len(steps) != len(states) or not all(isinstance(s, str) for s in steps):
+            raise ValueError(f"score: expected {len(states)} step strings, got {steps!r:.200}")
+        if policy_seqs is not None and len(policy_seqs) != len(states):
+            raise ValueError(f"score: {len(states)} states but {len(policy_seqs)} policy sequences")
+        if not states:
+            return []
+        prev_agg = torch.tensor([s.aggregate or 0.0 for s in states], dtype=torch.float32)
+        prev_count = torch.tensor([len(s.step_scores) for s in states], dtype=torch.int64)
+        scores, aggregates = self._score(states, steps, policy_seqs, prev_agg, prev_count)
+        scores, aggregates = scores.tolist(), aggregates.tolist()
+        for state, score, aggregate in zip(states, scores, aggregates):
+            state.step_scores.append(score)
+            state.aggregate = aggregate
+        return scores
+
+    def _score(self, states, steps, policy_seqs, prev_agg, prev_count) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, aggregates), float32 ``[len(states)]``; ``prev_agg``/``prev_count`` are the
+        states' aggregates and step counts so far (CPU tensors)."""
+        raise NotImplementedError
+
+    def _fork_seqs(self, state: VerifierState, k: int) -> list[Seq | None]:
+        return [None] * k
+
+    def _free_seq(self, state: VerifierState) -> None:
+        pass
+
+    def _check_states(self, states: list[VerifierState], what: str) -> None:
+        seen = set()
+        for state in states:
+            if not isinstance(state, VerifierState):
+                raise TypeError(f"{what}: expected a VerifierState, got {type(state).__name__}")
+            if state.freed:
+                raise ValueError(f"{what}: {state!r} was freed")
+            if state.owner != self.verifier_id:
+                raise ValueError(f"{what}: {state!r} belongs to another verifier")
+            if state.state_id in seen:
+                raise ValueError(f"{what}: {state!r} appears twice in one batch")
+            seen.add(state.state_id)
+
+
+def aggregate(prev_agg: torch.Tensor, prev_count: torch.Tensor, scores: torch.Tensor, how: str) -> torch.Tensor:
+    """The running aggregate for verifiers without a model readout (which get it from
+    ``ops.prm_step_score``), with the op's semantics: count 0 starts from the score."""
+    first = prev_count == 0
+    if how == "last":
+        return scores.clone()
+    if how == "min":
+        return torch.where(first, scores, torch.minimum(prev_agg, scores))
+    if how == "prod":
+        return torch.where(first, scores, prev_agg * scores)
+    count = prev_count.float()
+    return torch.where(first, scores, (prev_agg * count + scores) / (count + 1))
