@@ -22,7 +22,6 @@ import torch
 
 from ttsearch import ops
 from ttsearch.verifiers import ModelPRM, load_verifier
-from ttsearch.verifiers.model import no_next_token_logits
 
 TAG = "ки"
 BEAMS, KEEP, STEPS = 16, 4, 10
@@ -84,13 +83,13 @@ def rescore(v: ModelPRM, question: str, histories: list[list[str]]) -> torch.Ten
     """Every step of every beam's whole text, forwarded from scratch in one batch."""
     engine = v.engine
     written = [v.token_ids(question, steps) for steps in histories]
-    with no_next_token_logits(engine):
-        # one token through add, the rest appended: add would reuse cached blocks, and this
-        # mode forwards the whole text as a text-driven search does
-        seqs = [engine.add(ids[:1]) for ids, _ in written]
-        hidden = engine.append_batch(
-            seqs, [ids[1:] for ids, _ in written], hidden_at=[[r - 1 for r in reads] for _, reads in written]
-        )
+    # one token through add, the rest appended: add would reuse cached blocks, and this
+    # mode forwards the whole text as a text-driven search does
+    seqs = [engine.add(ids[:1], logits=False) for ids, _ in written]
+    hidden = engine.append_batch(
+        seqs, [ids[1:] for ids, _ in written], hidden_at=[[r - 1 for r in reads] for _, reads in written],
+        logits=False,
+    )
     for seq in seqs:
         engine.free(seq)
     n = hidden.shape[0]

@@ -103,9 +103,10 @@ class Engine:
         self._tokens_forwarded = 0
 
     # ------------------------------------------------------------------ public API
-    def add(self, token_ids: Sequence[int]) -> Seq:
+    def add(self, token_ids: Sequence[int], logits: bool = True) -> Seq:
         """A new sequence holding ``token_ids``. Full blocks already cached for the same
-        prefix are reused; only the rest is forwarded."""
+        prefix are reused; only the rest is forwarded. ``logits=False`` skips the
+        next-token logits (a verifier's sequence never samples)."""
         tokens = self._check_tokens(token_ids, "add")
         self._check_room(len(tokens), "add")
         # A prompt that is all cached still needs the logits after its last token, so the
@@ -119,7 +120,7 @@ class Engine:
             self.blocks.retain(b)
         seq = Seq(token_ids=tokens[:cached], block_table=list(blocks), block_hashes=hashes)
         self._live[seq.seq_id] = seq
-        self._forward([seq], [tokens[cached:]])
+        self._forward([seq], [tokens[cached:]], logits)
         return seq
 
     def append(self, seq: Seq, token_ids: Sequence[int]) -> None:
@@ -131,11 +132,13 @@ class Engine:
         seqs: Sequence[Seq],
         token_lists: Sequence[Sequence[int]],
         hidden_at: Sequence[Sequence[int]] | None = None,
+        logits: bool = True,
     ) -> torch.Tensor | None:
         """Extend many sequences in one forward. With ``hidden_at`` (per sequence, indices
         into its new tokens; negative counts from the end), return the hidden states before
         the final norm at those tokens, ``[total, hidden_size]`` in order; verifiers read
-        their scores from them without forming full-vocabulary logits."""
+        their scores from them without forming full-vocabulary logits, and pass
+        ``logits=False`` so that no next-token logits are formed either."""
         seqs = list(seqs)
         self._check_live(seqs)
         if len(token_lists) != len(seqs):
@@ -156,7 +159,7 @@ class Engine:
             self._check_room(len(seq) + len(tokens), "append_batch")
         needed = sum(self._blocks_needed(s, len(t)) for s, t in zip(seqs, lists))
         self.blocks.require(needed, f"appending to {len(seqs)} sequences")
-        hidden = self._forward(seqs, lists)
+        hidden = self._forward(seqs, lists, logits)
         return hidden[rows] if hidden_at is not None else None
 
     def fork(self, seq: Seq, k: int) -> list[Seq]:
@@ -194,6 +197,7 @@ class Engine:
     def logits(self, seq: Seq) -> torch.Tensor:
         """Float32 logits ``[vocab]`` after the last token of ``seq``."""
         self._check_live([seq])
+        self._check_has_logits([seq])
         return seq.last_logits.clone()
 
     def step(self, seqs: Sequence[Seq], sampling: SamplingParams | Sequence[SamplingParams] = GREEDY) -> list[int]:
@@ -204,6 +208,7 @@ class Engine:
         self._check_live(seqs)
         if not seqs:
             return []
+        self._check_has_logits(seqs)
         for seq in seqs:
             self._check_room(len(seq) + 1, "step")
         self.blocks.require(sum(self._blocks_needed(s, 1) for s in seqs), f"a decode step of {len(seqs)} sequences")
@@ -309,6 +314,12 @@ class Engine:
             seen.add(seq.seq_id)
 
     @staticmethod
+    def _check_has_logits(seqs: list[Seq]) -> None:
+        for seq in seqs:
+            if seq.last_logits is None:
+                raise ValueError(f"{seq!r} has no next-token logits: its last tokens were written with logits=False")
+
+    @staticmethod
     def _per_seq(sampling, n: int) -> list[SamplingParams]:
         if isinstance(sampling, SamplingParams):
             return [sampling] * n
@@ -347,7 +358,7 @@ class Engine:
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             seq.block_hashes.append(self.blocks.register(seq.block_table[i], parent, tokens))
 
-    def _forward(self, seqs: list[Seq], new_tokens: list[list[int]]) -> torch.Tensor:
+    def _forward(self, seqs: list[Seq], new_tokens: list[list[int]], logits: bool = True) -> torch.Tensor:
         """Write ``new_tokens[i]`` to ``seqs[i]`` in one batched forward (capacity already
         checked), keep each sequence's next-token logits, return the new tokens' hidden states."""
         copies: list[tuple[int, int]] = []
@@ -374,9 +385,9 @@ class Engine:
             last_rows=self._int_tensor(last_rows, torch.int64),
         )
         hidden = self.model.forward(self._int_tensor(input_ids, torch.int64), batch, self.kv_cache)
-        logits = self.model.compute_logits(hidden[batch.last_rows])
+        rows = self.model.compute_logits(hidden[batch.last_rows]) if logits else [None] * len(seqs)
         self._tokens_forwarded += len(input_ids)
-        for seq, row in zip(seqs, logits):
+        for seq, row in zip(seqs, rows):
             seq.last_logits = row
             self._register_full_blocks(seq)
         return hidden

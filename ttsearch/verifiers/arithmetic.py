@@ -29,7 +29,8 @@ from fractions import Fraction
 
 import torch
 
-from ttsearch.verifiers.base import Verifier, aggregate
+from ttsearch.ops.reference import update_aggregate
+from ttsearch.verifiers.base import Verifier
 
 MAX_CHARS = 20_000
 MAX_EQUATIONS = 64
@@ -292,4 +293,4 @@ class ArithmeticChecker(Verifier):
 
     def _score(self, states, steps, policy_seqs, prev_agg, prev_count):
         scores = torch.tensor([check(step, self.neutral) for step in steps], dtype=torch.float32)
-        return scores, aggregate(prev_agg, prev_count, scores, self.aggregation)
+        return scores, update_aggregate(prev_agg, prev_count, scores, self.aggregation)

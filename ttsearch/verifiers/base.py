@@ -122,16 +122,3 @@ class Verifier:
                 raise ValueError(f"{what}: {state!r} appears twice in one batch")
             seen.add(state.state_id)
 
-
-def aggregate(prev_agg: torch.Tensor, prev_count: torch.Tensor, scores: torch.Tensor, how: str) -> torch.Tensor:
-    """The running aggregate for verifiers without a model readout (which get it from
-    ``ops.prm_step_score``), with the op's semantics: count 0 starts from the score."""
-    first = prev_count == 0
-    if how == "last":
-        return scores.clone()
-    if how == "min":
-        return torch.where(first, scores, torch.minimum(prev_agg, scores))
-    if how == "prod":
-        return torch.where(first, scores, prev_agg * scores)
-    count = prev_count.float()
-    return torch.where(first, scores, (prev_agg * count + scores) / (count + 1))

@@ -9,7 +9,6 @@ and the running aggregate. Full-vocabulary logits are never formed at a read pos
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -70,20 +69,6 @@ class Readout:
         return cls(model.final_norm, eps, t["v_head.summary.weight"], t["v_head.summary.bias"])
 
 
-@contextmanager
-def no_next_token_logits(engine: Engine):
-    """The engine forms next-token logits after every sequence's last new token, which here is
-    the read position. A verifier never samples from what it appends, so while it appends the
-    LM head has no rows and those logits are empty."""
-    model = engine.model
-    lm_head = model.lm_head
-    model.lm_head = lm_head[:0]
-    try:
-        yield
-    finally:
-        model.lm_head = lm_head
-
-
 class ModelPRM(Verifier):
     """A PRM read from ``engine``: ``format`` writes the steps, ``readout`` scores them."""
 
@@ -96,8 +81,7 @@ class ModelPRM(Verifier):
     def new(self, question, policy_seq=None):
         state = super().new(question, policy_seq)
         ids, state.context = self.format.prefix(question)
-        with no_next_token_logits(self.engine):
-            state.seq = self.engine.add(ids)
+        state.seq = self.engine.add(ids, logits=False)
         return state
 
     def _fork_seqs(self, state, k):
@@ -108,10 +92,9 @@ class ModelPRM(Verifier):
 
     def _score(self, states, steps, policy_seqs, prev_agg, prev_count):
         written = self.format.steps([s.context for s in states], steps)
-        with no_next_token_logits(self.engine):
-            hidden = self.engine.append_batch(
-                [s.seq for s in states], [ids for ids, _ in written], hidden_at=[[-1]] * len(states)
-            )
+        hidden = self.engine.append_batch(
+            [s.seq for s in states], [ids for ids, _ in written], hidden_at=[[-1]] * len(states), logits=False
+        )
         for state, (_, context) in zip(states, written):
             state.context = context
         return self.readout(hidden, prev_agg, prev_count, self.aggregation)

@@ -12,7 +12,7 @@ from ttsearch.engine.engine import Engine
 from ttsearch.errors import ModelLoadError
 from ttsearch.verifiers.base import Verifier
 from ttsearch.verifiers.formats import SENTINEL, render_chat, sentinel_at, single_token
-from ttsearch.verifiers.model import Readout, no_next_token_logits
+from ttsearch.verifiers.model import Readout
 
 ASK = "Is this step correct? Answer yes or no."
 
@@ -57,10 +57,9 @@ class SelfVerifier(Verifier):
         try:
             for seq in policy_seqs:
                 forks += self.engine.fork(seq, 1)
-            with no_next_token_logits(self.engine):
-                hidden = self.engine.append_batch(
-                    forks, [self.suffix_ids] * len(forks), hidden_at=[[-1]] * len(forks)
-                )
+            hidden = self.engine.append_batch(
+                forks, [self.suffix_ids] * len(forks), hidden_at=[[-1]] * len(forks), logits=False
+            )
         finally:
             for fork in forks:
                 self.engine.free(fork)
