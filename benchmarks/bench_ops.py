@@ -8,6 +8,14 @@ decode attention that is the plain-torch way: gather the blocks into a dense ten
 ``F.scaled_dot_product_attention``. ``cpp`` calls the registered op, which the C++
 extension serves on the CPU (skipped when it is not built). Neither goes through the
 public wrappers' argument validation.
+
+The shared-prefix sweep (``test_shared_prefix_decode``, issue 3): N beams share a P-token
+prefix and hold 64 tokens of their own, decoded three ways — ``plain_torch`` (the reference
+decode: gather + SDPA), ``paged_cpp`` (plain paged decode attention in C++, every beam
+reads the prefix) and ``cascade_cpp`` (cascade decode attention in C++, the prefix read once
+per group). ``extra_info`` gives the bytes each way reads and their rate, and the
+unique-token bytes ``U * 2 * kv_heads * head_dim * elem`` (U = P + 64 N), the floor every
+way could reach, with their rate.
 """
 
 from __future__ import annotations
@@ -134,4 +142,94 @@ def test_copy_blocks(benchmark, impl, dtype):
 
     block_bytes = BLOCK * KV_HEADS * HEAD_DIM * kv_cache.element_size()
     nbytes = 2 * (2 * LAYERS * pairs * block_bytes) + 2 * pairs * 8
+    record(benchmark, impl, LABELS[impl], nbytes)
+
+
+# ----------------------------------------------------------------------------- shared prefix sweep
+
+SWEEP_IMPLS = [
+    "plain_torch",
+    pytest.param("paged_cpp", marks=pytest.mark.skipif(ops.IMPLEMENTATIONS["cpu"] != "cpp", reason="ttsearch._C is not built")),
+    pytest.param("cascade_cpp", marks=pytest.mark.skipif(ops.IMPLEMENTATIONS["cpu"] != "cpp", reason="ttsearch._C is not built")),
+]
+SWEEP_LABELS = {
+    "plain_torch": "plain torch: gather blocks to dense + F.scaled_dot_product_attention (the reference decode)",
+    "paged_cpp": "ttsearch._C paged_decode_attention: each beam reads its whole context",
+    "cascade_cpp": "ttsearch._C cascade_decode_attention: the shared prefix read once per group",
+}
+PRIVATE_TOKENS = 64
+
+
+def shared_prefix_pool(beams, prefix, dtype, seed=0):
+    """Beams whose tables start with the same ``prefix // BLOCK`` blocks, then 64 private
+    tokens each, in a shuffled pool; and the group description the cascade op takes."""
+    gen = torch.Generator().manual_seed(seed)
+    prefix_blocks, own_blocks = prefix // BLOCK, math.ceil(PRIVATE_TOKENS / BLOCK)
+    num_blocks = prefix_blocks + beams * own_blocks
+    ids = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    tables = torch.empty(beams, prefix_blocks + own_blocks, dtype=torch.int32)
+    tables[:, :prefix_blocks] = ids[:prefix_blocks]
+    tables[:, prefix_blocks:] = ids[prefix_blocks:].view(beams, own_blocks)
+    shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    lens = torch.full((beams,), prefix + PRIVATE_TOKENS, dtype=torch.int32)
+    groups = (ids[None, :prefix_blocks].clone(), torch.tensor([prefix], dtype=torch.int32),
+              torch.zeros(beams, dtype=torch.int32))
+    return k_cache, v_cache, tables, lens, groups
+
+
+@pytest.mark.parametrize("impl", SWEEP_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prefix", [256, 1024])
+@pytest.mark.parametrize("beams", [16, 64, 256])
+def test_shared_prefix_decode(benchmark, impl, dtype, prefix, beams):
+    k_cache, v_cache, tables, lens, groups = shared_prefix_pool(beams, prefix, DTYPES[dtype])
+    query = torch.randn(beams, HEADS, HEAD_DIM).to(DTYPES[dtype])
+    scale = HEAD_DIM**-0.5
+    benchmark.group = f"shared prefix {dtype} N={beams} P={prefix} +{PRIVATE_TOKENS}"
+    if impl == "plain_torch":
+        benchmark(reference.paged_decode_attention, query, k_cache, v_cache, tables, lens, scale)
+    elif impl == "paged_cpp":
+        benchmark(torch.ops.ttsearch.paged_decode_attention, query, k_cache, v_cache, tables, lens, scale)
+    else:
+        benchmark(torch.ops.ttsearch.cascade_decode_attention, query, k_cache, v_cache, tables, lens, *groups, scale)
+
+    elem = query.element_size()
+    token_bytes = 2 * KV_HEADS * HEAD_DIM * elem  # K and V of one token in one layer
+    unique_tokens = prefix + beams * PRIVATE_TOKENS
+    read_tokens = unique_tokens if impl == "cascade_cpp" else beams * (prefix + PRIVATE_TOKENS)
+    io_bytes = 2 * query.numel() * elem + tables.numel() * 4 + lens.numel() * 4
+    record(benchmark, impl, SWEEP_LABELS[impl], read_tokens * token_bytes + io_bytes)
+    info = benchmark.extra_info
+    info.update(beams=beams, prefix_tokens=prefix, private_tokens=PRIVATE_TOKENS, unique_tokens=unique_tokens,
+                unique_token_bytes=unique_tokens * token_bytes,
+                attention_flops=4 * beams * HEADS * (prefix + PRIVATE_TOKENS) * HEAD_DIM)
+    if benchmark.stats:
+        mean = benchmark.stats.stats.mean
+        info["unique GB/s"] = unique_tokens * token_bytes / mean / 1e9
+        info["GFLOP/s"] = info["attention_flops"] / mean / 1e9
+
+
+# ----------------------------------------------------------------------------- prm_step_score
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tags,hidden", [(256, 576), (256, 4096)])
+def test_prm_step_score(benchmark, impl, dtype, tags, hidden):
+    """One scoring step of 256 beams: the final norm, 2 LM-head rows and the mean aggregate
+    (hidden 576: SmolLM2-135M; 4096: an 8B PRM)."""
+    gen = torch.Generator().manual_seed(0)
+    states = torch.randn(tags, hidden, generator=gen).to(DTYPES[dtype])
+    norm_weight = torch.rand(hidden, generator=gen).to(DTYPES[dtype])
+    head_weight = (torch.randn(2, hidden, generator=gen) * hidden**-0.5).to(DTYPES[dtype])
+    prev_agg, prev_count = torch.rand(tags, generator=gen), torch.arange(tags) % 5
+    op = implementation(impl, "prm_step_score")
+    benchmark.group = f"prm_step_score {dtype} {tags} tags x hidden {hidden}"
+
+    benchmark(op, states, norm_weight, 1e-5, head_weight, None, 1, prev_agg, prev_count, "mean")
+
+    elem = states.element_size()
+    nbytes = (states.numel() + 3 * hidden) * elem + tags * (4 + 8) + 2 * tags * 4
     record(benchmark, impl, LABELS[impl], nbytes)

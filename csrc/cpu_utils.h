@@ -24,6 +24,10 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -149,6 +153,43 @@ inline Vec load_padded(const float* p, int64_t n) {
   return n >= kVec ? Vec::loadu(p) : Vec::set(Vec(kNegInf), Vec::loadu(p, n), n);
 }
 
+// 2^x for finite x (underflowing to 0), by a polynomial of 2^f on f in [-1/2, 1/2] and an
+// exact scaling by 2^round(x). kDegree 4: relative error 2.7e-6, below bf16's rounding;
+// kDegree 5: 2.3e-7, float32's (the coefficients are a relative-error minimax fit).
+template <int kDegree>
+C10_ALWAYS_INLINE Vec exp2_finite(const Vec& x) {
+  static_assert(kDegree == 4 || kDegree == 5);
+#ifdef CPU_CAPABILITY_AVX512
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p;
+  if constexpr (kDegree == 4) {
+    p = _mm512_fmadd_ps(_mm512_set1_ps(0.009570094756782055f), f, _mm512_set1_ps(0.05591786280274391f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240247443318367f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931217908859253f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999992847442627f));
+  } else {
+    p = _mm512_fmadd_ps(_mm512_set1_ps(0.00132764654699713f), f, _mm512_set1_ps(0.009675541892647743f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.05550713464617729f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022120237350464f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931469440460205f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  }
+  return _mm512_scalef_ps(p, n);
+#else
+  return (x * Vec(0.6931471805599453f)).exp_u20();
+#endif
+}
+
+// max(a, b) for values that are never NaN: skips maximum()'s NaN propagation.
+C10_ALWAYS_INLINE Vec max_no_nan(const Vec& a, const Vec& b) {
+#ifdef CPU_CAPABILITY_AVX512
+  return _mm512_max_ps(a, b);
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
 inline float max_of(const float* x, int64_t n) {
   Vec m(kNegInf);
   for (int64_t i = 0; i < n; i += kVec) m = at::vec::maximum(m, load_padded(x + i, n - i));
@@ -174,6 +215,18 @@ inline float exp_shift_sum(float* x, int64_t n, float shift) {
 // kVec. A register tile of kRows x kCols vectors accumulates over k; each B vector is
 // loaded once per kRows rows.
 
+// Keeps a loaded vector in a register: without this GCC folds the load into every FMA that
+// uses it (a memory operand each), and the tile becomes bound by loads instead of FMAs.
+C10_ALWAYS_INLINE Vec pin(Vec v) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+  __m512 raw = v;
+  asm("" : "+v"(raw));
+  return raw;
+#else
+  return v;
+#endif
+}
+
 template <int kRows, int kCols, typename TB>
 C10_ALWAYS_INLINE void gemm_tile(const float* a, int64_t a_rs, int64_t a_cs, const TB* b, int64_t ldb, float* c,
                                  int64_t ldc, int64_t k, bool accumulate) {
@@ -183,7 +236,7 @@ C10_ALWAYS_INLINE void gemm_tile(const float* a, int64_t a_rs, int64_t a_cs, con
   }
   for (int64_t p = 0; p < k; ++p) {
     Vec bv[kCols];
-    for (int j = 0; j < kCols; ++j) bv[j] = load_float(b + p * ldb + j * kVec);
+    for (int j = 0; j < kCols; ++j) bv[j] = pin(load_float(b + p * ldb + j * kVec));
     for (int r = 0; r < kRows; ++r) {
       const Vec av(a[r * a_rs + p * a_cs]);
       for (int j = 0; j < kCols; ++j) acc[r][j] = at::vec::fmadd(av, bv[j], acc[r][j]);
@@ -221,6 +274,87 @@ C10_ALWAYS_INLINE void small_gemm(int64_t m, int64_t n, int64_t k, const float* 
     default: break;
   }
 }
+
+// ---------------------------------------------------------------------------- bf16 dot GEMM
+//
+// Where the host has AVX512_BF16 (vdpbf16ps: 16 lanes, each adding the products of two
+// bf16 pairs to a float32 accumulator), bfloat16 tiles run at twice the rate of widening
+// them to float32. Operands come as bf16 *pairs*: one 32-bit word holds two consecutive
+// values along the reduction dimension k, the lower index in the low half.
+//
+// C[m, n] (+)= A[m, k] * B[k, n], k = 2 * k2, float32 C:
+//   A pair (i, p) at a[i * a_rs + p * a_cs]   (32-bit words, any strides: broadcast)
+//   B pairs (p, j..j+15) at b + p * ldb + j    (rows of n words, n a multiple of kVec)
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#define TTSEARCH_HAS_BF16_DOT 1
+
+template <int kRows, int kCols>
+C10_ALWAYS_INLINE void dot_bf16_tile(const uint32_t* a, int64_t a_rs, int64_t a_cs, const uint32_t* b, int64_t ldb,
+                                     float* c, int64_t ldc, int64_t k2, bool accumulate) {
+  __m512 acc[kRows][kCols];
+  for (int r = 0; r < kRows; ++r) {
+    for (int j = 0; j < kCols; ++j) acc[r][j] = accumulate ? _mm512_loadu_ps(c + r * ldc + j * kVec) : _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < k2; ++p) {
+    __m512bh bv[kCols];
+    for (int j = 0; j < kCols; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b + p * ldb + j * kVec);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[r * a_rs + p * a_cs]));
+      for (int j = 0; j < kCols; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int j = 0; j < kCols; ++j) _mm512_storeu_ps(c + r * ldc + j * kVec, acc[r][j]);
+  }
+}
+
+template <int kRows>
+C10_ALWAYS_INLINE void dot_bf16_rows(int64_t n, int64_t k2, const uint32_t* a, int64_t a_rs, int64_t a_cs,
+                                     const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  int64_t j = 0;
+  for (; j + 4 * kVec <= n; j += 4 * kVec) dot_bf16_tile<kRows, 4>(a, a_rs, a_cs, b + j, ldb, c + j, ldc, k2, accumulate);
+  switch ((n - j) / kVec) {
+    case 3: dot_bf16_tile<kRows, 3>(a, a_rs, a_cs, b + j, ldb, c + j, ldc, k2, accumulate); break;
+    case 2: dot_bf16_tile<kRows, 2>(a, a_rs, a_cs, b + j, ldb, c + j, ldc, k2, accumulate); break;
+    case 1: dot_bf16_tile<kRows, 1>(a, a_rs, a_cs, b + j, ldb, c + j, ldc, k2, accumulate); break;
+    default: break;
+  }
+}
+
+inline void dot_bf16_gemm(int64_t m, int64_t n, int64_t k2, const uint32_t* a, int64_t a_rs, int64_t a_cs,
+                          const uint32_t* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) dot_bf16_rows<4>(n, k2, a + i * a_rs, a_rs, a_cs, b, ldb, c + i * ldc, ldc, accumulate);
+  const uint32_t* a_tail = a + i * a_rs;
+  float* c_tail = c + i * ldc;
+  switch (m - i) {
+    case 3: dot_bf16_rows<3>(n, k2, a_tail, a_rs, a_cs, b, ldb, c_tail, ldc, accumulate); break;
+    case 2: dot_bf16_rows<2>(n, k2, a_tail, a_rs, a_cs, b, ldb, c_tail, ldc, accumulate); break;
+    case 1: dot_bf16_rows<1>(n, k2, a_tail, a_rs, a_cs, b, ldb, c_tail, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// kVec pairs (x0[i], x1[i]) from two rows of bf16 values.
+C10_ALWAYS_INLINE __m512i bf16_pairs(const at::BFloat16* x0, const at::BFloat16* x1) {
+  const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0)));
+  const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x1)));
+  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+}
+
+// kVec pairs (round(p0[i]), round(p1[i])) of float32 values rounded to bf16 (nearest even);
+// `rounded` gets p0 + p1 as the rounded values, so sums match what the products use.
+C10_ALWAYS_INLINE __m512i round_bf16_pairs(__m512 p0, __m512 p1, __m512& rounded) {
+  // [p0 as bf16 x 16 | p1 as bf16 x 16], then interleaved: word i = (p0[i], p1[i])
+  const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
+                                         5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i pairs = _mm512_permutexvar_epi16(order, halves);
+  rounded = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)),
+                          _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)))));
+  return pairs;
+}
+#endif  // AVX512_BF16
 
 // Calls f(std::integral_constant<int64_t, D>{}) with the head dim as a compile-time
 // constant for the common sizes, so the loops over it unroll; with 0 (read the runtime

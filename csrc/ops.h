@@ -2,6 +2,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
 
 namespace ttsearch {
 
@@ -15,6 +19,17 @@ at::Tensor paged_extend_attention(const at::Tensor& query, const at::Tensor& k_c
                                   const at::Tensor& block_tables, const at::Tensor& query_start_loc,
                                   const at::Tensor& context_lens, double scale);
 
+at::Tensor cascade_decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                    const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                    const at::Tensor& prefix_tables, const at::Tensor& prefix_lens,
+                                    const at::Tensor& seq_group, double scale);
+
 void copy_blocks(at::Tensor& kv_cache, const at::Tensor& src, const at::Tensor& dst);
+
+std::tuple<at::Tensor, at::Tensor> prm_step_score(const at::Tensor& hidden, const std::optional<at::Tensor>& norm_weight,
+                                                  double eps, const at::Tensor& head_weight,
+                                                  const std::optional<at::Tensor>& head_bias, int64_t positive_index,
+                                                  const at::Tensor& prev_agg, const at::Tensor& prev_count,
+                                                  c10::string_view aggregation);
 
 }  // namespace ttsearch

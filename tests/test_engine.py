@@ -317,3 +317,29 @@ def test_top_p_keeps_exactly_the_nucleus():
             ordered = probs[row].sort(descending=True).values
             expected = int(((ordered.cumsum(0) - ordered) < p).sum())
             assert int((kept[row] > 0).sum()) == expected
+
+
+def test_beams_sharing_a_prefix_decode_as_fresh_sequences(engine, fresh):
+    """Decoding forked beams together takes the shared-prefix (cascade) path."""
+    base = prompt(40)
+    root = engine.add(base)
+    beams = engine.fork(root, 4)
+    tails = [prompt(n, seed=20 + n) for n in (1, 3, 16, 17)]
+    for beam, tail in zip(beams, tails):
+        engine.append(beam, tail)
+    outsider = engine.add(prompt(25, seed=9))
+    tokens = engine.step(beams + [outsider])
+    for beam, tail, token in zip(beams, tails, tokens):
+        torch.testing.assert_close(engine.logits(beam), fresh(base + tail + [token]), atol=ATOL, rtol=0)
+
+
+def test_shared_prefix_groups_are_found_from_block_tables(engine):
+    root = engine.add(prompt(40))  # blocks 0, 1 full; a partial third
+    beams = engine.fork(root, 3)
+    engine.step(beams)
+    loner = engine.add(prompt(30, seed=3))
+    batch = type("B", (), {"prefix_tables": None})()
+    engine._add_shared_prefixes(batch, beams + [loner])
+    assert batch.seq_group.tolist() == [0, 0, 0, -1]
+    assert batch.prefix_lens.tolist() == [32]
+    assert batch.prefix_tables.tolist() == [root.block_table[:2]]

@@ -1,5 +1,5 @@
-"""The KV-cache ops (store_kv, paged decode / extend attention, copy_blocks) x every
-implementation, over many shapes and both dtypes.
+"""Every op (store_kv, paged decode / extend attention, cascade decode attention,
+copy_blocks, prm_step_score) x every implementation, over many shapes and both dtypes.
 
 The implementation under test is either ``reference`` (the pure-torch bodies in
 ``ttsearch.ops.reference``, checked against a float64 loop written here) or ``cpp`` (the
@@ -22,7 +22,7 @@ NO_CPP = "ttsearch._C is not built (or TTSEARCH_OPS=reference): no C++ kernels t
 IMPLS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason=NO_CPP))]
 cpp_only = pytest.mark.skipif(not HAS_CPP, reason=NO_CPP)
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16]
 BLOCK = 16
 HUGE = {torch.int32: 2**31 - 1, torch.int64: 2**40}
@@ -262,6 +262,261 @@ def test_empty_batches(impl):
     assert out.shape == (0, 2, 32)
 
 
+# ----------------------------------------------------------------------------- cascade decode attention
+
+
+def make_cascade(groups, ungrouped, kv_heads, head_dim, dtype, block=BLOCK, index_dtype=torch.int32, seed=0):
+    """A batch where groups of sequences share a prefix, mixed with sequences in no group.
+
+    ``groups``: one ``(prefix_blocks, [suffix length of each member])`` per group (a suffix
+    of 0 means the context is the prefix alone); ``ungrouped``: context lengths. Sequences
+    are interleaved in a fixed shuffled order and block ids are shuffled. Table entries past
+    a context, and prefix-table entries past a prefix, hold -1 or a huge id. Returns a dict
+    of the op's arguments (minus query and scale), ``clean`` tables for the oracles, and
+    ``ctx_lens``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [(g, pb * block + sfx) for g, (pb, sfxs) in enumerate(groups) for sfx in sfxs]
+    seqs += [(-1, ctx) for ctx in ungrouped]
+    seqs = [seqs[i] for i in torch.randperm(len(seqs), generator=gen).tolist()]
+    prefix_blocks = [pb for pb, _ in groups]
+    needed = [math.ceil(ctx / block) for _, ctx in seqs]
+    own = [n - (prefix_blocks[g] if g >= 0 else 0) for (g, _), n in zip(seqs, needed)]
+    num_blocks = sum(prefix_blocks) + sum(own) + 3
+    ids = torch.randperm(num_blocks, generator=gen).tolist()
+    prefixes = [[ids.pop() for _ in range(pb)] for pb in prefix_blocks]
+
+    width = max(needed) + 2
+    tables = torch.full((len(seqs), width), -1, dtype=torch.int64)
+    clean = torch.zeros_like(tables)
+    for b, ((g, _), n) in enumerate(zip(seqs, needed)):
+        row = (prefixes[g] if g >= 0 else []) + [ids.pop() for _ in range(own[b])]
+        tables[b, :n] = clean[b, :n] = torch.tensor(row, dtype=torch.int64)
+        tables[b, max(needed):] = HUGE[index_dtype]
+    prefix_tables = torch.full((len(groups), max(prefix_blocks, default=0) + 1), HUGE[index_dtype], dtype=torch.int64)
+    for g, blocks in enumerate(prefixes):
+        prefix_tables[g, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        prefix_tables[g, len(blocks)] = -1
+
+    shape = (num_blocks, block, kv_heads, head_dim)
+    args = dict(
+        k_cache=torch.randn(shape, generator=gen).to(dtype),
+        v_cache=torch.randn(shape, generator=gen).to(dtype),
+        block_tables=tables.to(index_dtype),
+        context_lens=torch.tensor([ctx for _, ctx in seqs], dtype=index_dtype),
+        prefix_tables=prefix_tables.to(index_dtype),
+        prefix_lens=torch.tensor(prefix_blocks, dtype=index_dtype) * block,
+        seq_group=torch.tensor([g for g, _ in seqs], dtype=index_dtype),
+    )
+    return args, clean.to(index_dtype), [ctx for _, ctx in seqs]
+
+
+def cascade_args(args, query, scale):
+    return (query, args["k_cache"], args["v_cache"], args["block_tables"], args["context_lens"],
+            args["prefix_tables"], args["prefix_lens"], args["seq_group"], scale)
+
+
+SUFFIXES = [1, 15, 16, 17]
+CASCADES = {
+    # 64 sequences sharing one block; suffixes at a block boundary and +-1
+    "group64-prefix1": ([(1, SUFFIXES * 16)], []),
+    # groups of 1, 2, 5 and 17 (a long prefix: split into chunks), an empty group, 3 ungrouped
+    "mixed": ([(3, [16]), (2, [1, 17]), (1, [15, 16, 17, 1, 0]), (40, (SUFFIXES * 5)[:17]), (2, [])],
+              [1, 33, 300]),
+    # 8 sequences behind a 1024-token prefix, contexts of the prefix alone up to +17
+    "group8-prefix64": ([(64, [0, 1, 15, 16, 17, 2, 31, 33])], [17]),
+}
+
+
+def cascade_params():
+    for dtype in DTYPES:
+        for head_dim in (64, 128):
+            for heads in HEADS:
+                for case in CASCADES:
+                    yield pytest.param(dtype, head_dim, heads, case, id=f"{str(dtype)[6:]}-d{head_dim}-{heads}-{case}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,head_dim,heads,case", list(cascade_params()))
+def test_cascade_decode_attention(impl, dtype, head_dim, heads, case):
+    num_heads, kv_heads = HEADS[heads]
+    groups, ungrouped = CASCADES[case]
+    args, clean, _ = make_cascade(groups, ungrouped, kv_heads, head_dim, dtype,
+                                  index_dtype=torch.int64 if case == "mixed" else torch.int32)
+    query = torch.randn(len(args["context_lens"]), num_heads, head_dim).to(dtype)
+    scale = head_dim**-0.5
+    plain = (query, args["k_cache"], args["v_cache"], clean, args["context_lens"], scale)
+    k_before, v_before = args["k_cache"].clone(), args["v_cache"].clone()
+
+    if impl == "cpp":
+        out = ops.cascade_decode_attention(*cascade_args(args, query, scale))
+        assert_close(out, reference.cascade_decode_attention(*cascade_args(args, query, scale)))
+        assert_close(out, reference.paged_decode_attention(*plain))
+        assert_close(out, ops.paged_decode_attention(*plain))
+    else:
+        out = reference.cascade_decode_attention(*cascade_args(args, query, scale))
+        assert_close(out, naive_decode(*plain))
+    assert torch.equal(args["k_cache"], k_before) and torch.equal(args["v_cache"], v_before)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("members", [1, 2, 3, 4, 7, 16, 33, 64])
+def test_cascade_group_sizes(impl, dtype, members):
+    """One group of 1..64 sequences (either side of every size the C++ path treats apart)
+    with a prefix long enough to be split, and an ungrouped sequence."""
+    args, clean, _ = make_cascade([(20, (SUFFIXES * 16)[:members])], [40], 3, 64, dtype, seed=members)
+    query = torch.randn(members + 1, 9, 64).to(dtype)
+    op, _ = op_and_oracle(impl, "paged_decode_attention")
+    out = (ops if impl == "cpp" else reference).cascade_decode_attention(*cascade_args(args, query, 0.125))
+    assert_close(out, op(query, args["k_cache"], args["v_cache"], clean, args["context_lens"], 0.125))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])
+@pytest.mark.parametrize("block", [5, 8])
+def test_cascade_other_block_sizes(impl, dtype, block):
+    """An odd block size: the bf16 path pairs consecutive keys, across blocks and with a pad.
+    (float16 takes the C++ float32 path.)"""
+    args, clean, _ = make_cascade([(3, [1, 4, 5, 6]), (9, [0, 2, 7])], [11], 2, 64, dtype, block=block)
+    query = torch.randn(8, 8, 64).to(dtype)
+    out = (ops if impl == "cpp" else reference).cascade_decode_attention(*cascade_args(args, query, 0.125))
+    assert_close(out, naive_decode(query, args["k_cache"], args["v_cache"], clean, args["context_lens"], 0.125))
+
+
+@cpp_only
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cascade_cpp_never_reads_past_a_context(dtype):
+    """NaN in every slot outside the contexts must not reach the output."""
+    args, clean, ctx_lens = make_cascade([(5, [1, 17, 16, 0, 3]), (1, [15, 1])], [300, 2], 3, 64, dtype, seed=3)
+    query = torch.randn(len(ctx_lens), 9, 64).to(dtype)
+    poisoned = dict(args, k_cache=poison_unused(args["k_cache"], clean, ctx_lens),
+                    v_cache=poison_unused(args["v_cache"], clean, ctx_lens))
+    out = ops.cascade_decode_attention(*cascade_args(poisoned, query, 0.125))
+    assert not out.isnan().any()
+    assert_close(out, reference.cascade_decode_attention(*cascade_args(args, query, 0.125)))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cascade_without_groups_and_empty(impl):
+    op = ops.cascade_decode_attention if impl == "cpp" else reference.cascade_decode_attention
+    k_cache, v_cache, tables, clean, lens = make_paged([33, 1, 17], 3, 64, torch.float32)
+    query = torch.randn(3, 9, 64)
+    no_groups = (torch.zeros(0, 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32))
+    out = op(query, k_cache, v_cache, tables, lens, *no_groups, torch.full((3,), -1), 0.125)
+    assert_close(out, naive_decode(query, k_cache, v_cache, clean, lens, 0.125))
+    out = op(query[:0], k_cache, v_cache, tables[:0], lens[:0], *no_groups, torch.zeros(0, dtype=torch.int64), 0.125)
+    assert out.shape == (0, 9, 64)
+
+
+# ----------------------------------------------------------------------------- prm_step_score
+
+
+def naive_prm_step_score(hidden, norm_weight, eps, head_weight, head_bias, positive_index, prev_agg, prev_count,
+                         aggregation):
+    """float64 except where the op's semantics round: the normalized states go through the
+    hidden dtype before the weight multiplies them."""
+    x = hidden.double()
+    if norm_weight is not None:
+        x = x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        x = norm_weight.double() * x.to(hidden.dtype).double()
+    logits = x @ head_weight.double().t()
+    if head_bias is not None:
+        logits = logits + head_bias.double()
+    scores = logits[:, 0].sigmoid() if head_weight.shape[0] == 1 else logits.softmax(-1)[:, positive_index]
+    aggregates = []
+    for prev, count, score in zip(prev_agg.double().tolist(), prev_count.tolist(), scores.tolist()):
+        if count == 0 or aggregation == "last":
+            aggregates.append(score)
+        elif aggregation == "min":
+            aggregates.append(min(prev, score))
+        elif aggregation == "prod":
+            aggregates.append(prev * score)
+        else:
+            aggregates.append((prev * count + score) / (count + 1))
+    return scores.float(), torch.tensor(aggregates).float()
+
+
+def prm_inputs(num_rows, width, rows, dtype, count_dtype=torch.int64, seed=0, weight_dtype=None):
+    gen = torch.Generator().manual_seed(seed)
+    weight_dtype = weight_dtype or dtype
+    hidden = (3 * torch.randn(num_rows, width, generator=gen)).to(dtype)
+    norm_weight = (0.5 + torch.rand(width, generator=gen)).to(weight_dtype)
+    # LM-head-like rows: logits of a few units, where the probability is informative
+    head_weight = (torch.randn(rows, width, generator=gen) * width**-0.5).to(weight_dtype)
+    head_bias = torch.randn(rows, generator=gen).to(weight_dtype)
+    prev_agg = torch.rand(num_rows, generator=gen)
+    prev_count = (torch.arange(num_rows) % 4).to(count_dtype)  # 0: the beam's first step
+    return hidden, norm_weight, head_weight, head_bias, prev_agg, prev_count
+
+
+PRM_HEADS = {  # rows, positive_index, norm, bias
+    "two-rows-pos1-norm": (2, 1, True, False),
+    "two-rows-pos0-norm-bias": (2, 0, True, True),
+    "value-head-bias": (1, 0, False, True),
+    "value-head-norm": (1, 0, True, False),
+}
+PRM_SHAPES = [(1, 64), (7, 1000), (64, 576), (256, 4096)]  # 1000: not a multiple of a vector
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("aggregation", reference.AGGREGATIONS)
+@pytest.mark.parametrize("head", PRM_HEADS)
+@pytest.mark.parametrize("num_rows,width", PRM_SHAPES, ids=[f"n{n}-h{w}" for n, w in PRM_SHAPES])
+def test_prm_step_score(impl, dtype, aggregation, head, num_rows, width):
+    rows, positive_index, use_norm, use_bias = PRM_HEADS[head]
+    hidden, norm_weight, head_weight, head_bias, prev_agg, prev_count = prm_inputs(
+        num_rows, width, rows, dtype, torch.int32 if use_bias else torch.int64, seed=num_rows + width
+    )
+    args = (hidden, norm_weight if use_norm else None, 1e-5, head_weight, head_bias if use_bias else None,
+            positive_index, prev_agg, prev_count, aggregation)
+    op = ops.prm_step_score if impl == "cpp" else reference.prm_step_score
+    oracle = reference.prm_step_score if impl == "cpp" else naive_prm_step_score
+
+    scores, aggregates = op(*args)
+
+    expected_scores, expected_aggregates = oracle(*args)
+    assert scores.dtype == aggregates.dtype == torch.float32
+    assert (scores - expected_scores).abs().max() <= TOL[dtype]
+    assert (aggregates - expected_aggregates).abs().max() <= TOL[dtype]
+    assert scores.data_ptr() != aggregates.data_ptr()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "dtype,weight_dtype",
+    [(torch.bfloat16, torch.float32), (torch.float16, torch.float16), (torch.float64, torch.float32),
+     (torch.float32, torch.bfloat16)],
+)
+def test_prm_step_score_other_dtypes(impl, dtype, weight_dtype):
+    """Weights in another dtype than the states (a float32 head on bfloat16 states, ...)."""
+    hidden, norm_weight, head_weight, head_bias, prev_agg, prev_count = prm_inputs(
+        9, 200, 2, dtype, weight_dtype=weight_dtype
+    )
+    args = (hidden, norm_weight, 1e-6, head_weight, head_bias, 1, prev_agg, prev_count, "mean")
+    op = ops.prm_step_score if impl == "cpp" else reference.prm_step_score
+    oracle = reference.prm_step_score if impl == "cpp" else naive_prm_step_score
+    tol = TOL[torch.float32] if dtype in (torch.float32, torch.float64) else TOL[torch.bfloat16]
+    for actual, expected in zip(op(*args), oracle(*args)):
+        assert (actual - expected).abs().max() <= tol
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_prm_step_score_strided_hidden_and_empty(impl):
+    """Tag rows sliced out of wider hidden states, and no tags at all."""
+    op = ops.prm_step_score if impl == "cpp" else reference.prm_step_score
+    hidden, norm_weight, head_weight, _, prev_agg, prev_count = prm_inputs(5, 64, 2, torch.float32)
+    wide = torch.randn(5, 3 * 64)
+    wide[:, 64:128] = hidden
+    args = (norm_weight, 1e-6, head_weight, None, 1, prev_agg, prev_count, "min")
+    for actual, expected in zip(op(wide[:, 64:128], *args), naive_prm_step_score(hidden, *args)):
+        assert (actual - expected).abs().max() <= TOL[torch.float32]
+    scores, aggregates = op(torch.empty(0, 64), None, 1e-6, head_weight, None, 0, torch.empty(0),
+                            torch.empty(0, dtype=torch.int32), "last")
+    assert scores.shape == aggregates.shape == (0,)
+
+
 # ----------------------------------------------------------------------------- data movement
 
 
@@ -342,6 +597,11 @@ def opcheck_cases():
     key, value = torch.randn(3, 2, 32), torch.randn(3, 2, 32)
     yield "store_kv", (key, value, k_cache.clone(), v_cache.clone(), torch.tensor([3, -1, 40]))
     yield "copy_blocks", (torch.randn(2, 2, 6, BLOCK, 2, 32), torch.tensor([0, 1]), torch.tensor([4, 5]))
+    args, _, ctx_lens = make_cascade([(2, [1, 17, 0]), (1, [3])], [20], 2, 32, torch.float32)
+    yield "cascade_decode_attention", cascade_args(args, torch.randn(len(ctx_lens), 4, 32), 0.2)
+    hidden, norm_weight, head_weight, head_bias, prev_agg, prev_count = prm_inputs(3, 48, 2, torch.float32)
+    yield "prm_step_score", (hidden, norm_weight, 1e-6, head_weight, head_bias, 1, prev_agg, prev_count, "mean")
+    yield "prm_step_score", (hidden, None, 1e-6, head_weight[:1], None, 0, prev_agg, prev_count, "prod")
 
 
 @pytest.mark.parametrize("name,args", list(opcheck_cases()), ids=lambda x: x if isinstance(x, str) else "")
@@ -395,3 +655,58 @@ def test_mismatched_dtypes():
     with pytest.raises(ValueError, match="dtype"):
         ops.paged_extend_attention(query, k_cache, v_cache, tables, torch.tensor([0, 1]), lens, 0.2)
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+def _cascade_error(mutate):
+    """``mutate(args)`` breaks the arguments and returns the error it expects."""
+    args, _, ctx_lens = make_cascade([(2, [1, 17]), (3, [5, 0, 16])], [9], 1, 32, torch.float32)
+    match = mutate(args)
+    before = args["k_cache"].clone(), args["v_cache"].clone()
+    with pytest.raises(ValueError, match=match):
+        ops.cascade_decode_attention(*cascade_args(args, torch.randn(len(ctx_lens), 2, 32), 0.2))
+    assert torch.equal(args["k_cache"], before[0]) and torch.equal(args["v_cache"], before[1])
+
+
+def _member(args, group, nth=0):
+    return (args["seq_group"] == group).nonzero()[nth].item()
+
+
+def test_cascade_member_without_the_prefix():
+    def mutate(args):
+        b = _member(args, 1, 1)
+        args["block_tables"][b, 1] = args["block_tables"][_member(args, 0), 0]  # a valid id, not the prefix's
+        return rf"sequence {b}'s block table does not start with the prefix blocks of its group 1: column 1"
+
+    _cascade_error(mutate)
+
+
+def test_cascade_context_shorter_than_its_prefix():
+    def mutate(args):
+        b = _member(args, 0)
+        args["context_lens"][b] = 31
+        return rf"sequence {b} has 31 tokens, fewer than the 32-token prefix of its group 0"
+
+    _cascade_error(mutate)
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("prefix_lens", [24, 48], "whole blocks"),  # not a multiple of the block size
+        ("prefix_lens", [0, 48], "whole blocks"),
+        ("prefix_lens", [32, 80], "needs 5 blocks"),  # past the prefix table's columns
+        ("seq_group", "group 2", "seq_group spans"),
+        ("prefix_tables", "bad id", "out of range"),
+    ],
+)
+def test_cascade_bad_groups(field, value, match):
+    def mutate(args):
+        if value == "group 2":
+            args["seq_group"][0] = 2
+        elif value == "bad id":
+            args["prefix_tables"][1, 2] = args["k_cache"].shape[0]
+        else:
+            args[field] = torch.tensor(value, dtype=args[field].dtype)
+        return match
+
+    _cascade_error(mutate)

@@ -28,6 +28,7 @@ from ttsearch.models.llama import ForwardBatch, LlamaModel
 from ttsearch.models.loader import load_checkpoint
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
+MIN_GROUP = 2  # sequences that must share a prefix before decode reads it once for all
 
 
 @dataclass
@@ -384,6 +385,8 @@ class Engine:
             query_start_loc=None if decode else self._int_tensor(q_starts, torch.int32),
             last_rows=self._int_tensor(last_rows, torch.int64),
         )
+        if decode:
+            self._add_shared_prefixes(batch, seqs)
         hidden = self.model.forward(self._int_tensor(input_ids, torch.int64), batch, self.kv_cache)
         rows = self.model.compute_logits(hidden[batch.last_rows]) if logits else [None] * len(seqs)
         self._tokens_forwarded += len(input_ids)
@@ -391,6 +394,41 @@ class Engine:
             seq.last_logits = row
             self._register_full_blocks(seq)
         return hidden
+
+    def _add_shared_prefixes(self, batch: ForwardBatch, seqs: list[Seq]) -> None:
+        """Find sequences whose block tables start with the same blocks (the beams of one
+        problem share its prompt and their common steps), so decode attention reads each
+        shared prefix once per group. Groups are keyed by the first block; a group's prefix
+        is the longest run of leading blocks all its members share, full blocks only."""
+        by_first: dict[int, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            if len(seq) > self.block_size:
+                by_first.setdefault(seq.block_table[0], []).append(i)
+        prefixes, members = [], []
+        for rows in by_first.values():
+            if len(rows) < MIN_GROUP:
+                continue
+            first = seqs[rows[0]].block_table
+            shared = min((len(seqs[i]) - 1) // self.block_size for i in rows)
+            for i in rows[1:]:
+                table = seqs[i].block_table
+                n = 0
+                while n < shared and table[n] == first[n]:
+                    n += 1
+                shared = n
+            if shared:
+                prefixes.append(first[:shared])
+                members.append(rows)
+        if not prefixes:
+            return
+        width = max(len(p) for p in prefixes)
+        group = [-1] * len(seqs)
+        for g, rows in enumerate(members):
+            for i in rows:
+                group[i] = g
+        batch.prefix_tables = self._int_tensor([p + [0] * (width - len(p)) for p in prefixes], torch.int32)
+        batch.prefix_lens = self._int_tensor([len(p) * self.block_size for p in prefixes], torch.int32)
+        batch.seq_group = self._int_tensor(group, torch.int32)
 
     def _int_tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)

@@ -27,6 +27,10 @@ class ForwardBatch:
     context_lens: torch.Tensor  # [B] int32, sequence length including the new tokens
     query_start_loc: torch.Tensor | None  # [B + 1] int32; None when every sequence has one new token
     last_rows: torch.Tensor  # [B] int64, row of each sequence's last new token
+    # decode only: sequences sharing a prefix of whole blocks, for cascade attention
+    prefix_tables: torch.Tensor | None = None  # [G, W] int32
+    prefix_lens: torch.Tensor | None = None  # [G] int32, tokens (whole blocks)
+    seq_group: torch.Tensor | None = None  # [B] int32, group of each sequence or -1
 
     @property
     def is_decode(self) -> bool:
@@ -122,7 +126,12 @@ class LlamaModel:
             k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
             v = v.view(-1, c.num_kv_heads, c.head_dim)
             ops.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-            if batch.is_decode:
+            if batch.prefix_tables is not None:
+                attn = ops.cascade_decode_attention(
+                    q, k_cache, v_cache, batch.block_tables, batch.context_lens,
+                    batch.prefix_tables, batch.prefix_lens, batch.seq_group, self.scale,
+                )
+            elif batch.is_decode:
                 attn = ops.paged_decode_attention(
                     q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale
                 )

@@ -34,14 +34,26 @@ _SCHEMAS = {
     "prm_step_score": "prm_step_score(Tensor hidden, Tensor? norm_weight, float eps, Tensor head_weight, Tensor? head_bias, int positive_index, Tensor prev_agg, Tensor prev_count, str aggregation) -> (Tensor, Tensor)",
 }
 
+#: Ops with no Triton kernel yet: their reference body serves CUDA tensors. A schema moves
+#: into _SCHEMAS when ttsearch.kernels registers a kernel for it (register_cuda covers
+#: exactly _SCHEMAS).
+_SCHEMAS_WITHOUT_TRITON = {
+    "cascade_decode_attention": "cascade_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, Tensor prefix_tables, Tensor prefix_lens, Tensor seq_group, float scale) -> Tensor",
+}
+
 _LIB = torch.library.Library("ttsearch", "DEF")
-for _name, _schema in _SCHEMAS.items():
+for _name, _schema in {**_SCHEMAS, **_SCHEMAS_WITHOUT_TRITON}.items():
     _LIB.define(_schema)
     _LIB.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("ttsearch::paged_decode_attention")
 def _(query, k_cache, v_cache, block_tables, context_lens, scale):
+    return torch.empty_like(query)
+
+
+@torch.library.register_fake("ttsearch::cascade_decode_attention")
+def _(query, k_cache, v_cache, block_tables, context_lens, prefix_tables, prefix_lens, seq_group, scale):
     return torch.empty_like(query)
 
 
@@ -123,7 +135,32 @@ def _check_int(name: str, t: torch.Tensor, dim: int, device: torch.device) -> No
     _check(t.device == device, f"{name} is on {t.device}, the data on {device}")
 
 
+# A model calls each attention op once per layer with the same metadata tensors, so their
+# index checks run once: the last checked tensors are remembered with their in-place
+# version counters (any write to them invalidates the memo) and the pool's shape.
+_LAST_CHECKED: dict[str, tuple] = {}
+
+
+def _checked_before(what: str, tensors: tuple, cache: torch.Tensor) -> bool:
+    key = tuple((t, t._version) for t in tensors) + (tuple(cache.shape),)
+    last = _LAST_CHECKED.get(what)
+    if (last is not None and len(last) == len(key) and last[-1] == key[-1]
+            and all(a is b and va == vb for (a, va), (b, vb) in zip(last[:-1], key[:-1]))):
+        return True
+    _LAST_CHECKED[what] = key
+    return False
+
+
 def _check_block_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, k_cache: torch.Tensor) -> None:
+    try:
+        if not _checked_before("block_tables", (block_tables, context_lens), k_cache):
+            _check_block_tables_now(block_tables, context_lens, k_cache)
+    except ValueError:
+        _LAST_CHECKED.pop("block_tables", None)
+        raise
+
+
+def _check_block_tables_now(block_tables: torch.Tensor, context_lens: torch.Tensor, k_cache: torch.Tensor) -> None:
     num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
     _check(block_tables.shape[0] == context_lens.shape[0],
            f"block_tables has {block_tables.shape[0]} rows but context_lens has {context_lens.shape[0]}")
@@ -181,6 +218,84 @@ def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, 
     _check(query.shape[0] == context_lens.shape[0], f"{query.shape[0]} queries but {context_lens.shape[0]} context lengths")
     _check_block_tables(block_tables, context_lens, k_cache)
     return torch.ops.ttsearch.paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def cascade_decode_attention(
+    query, k_cache, v_cache, block_tables, context_lens, prefix_tables, prefix_lens, seq_group, scale: float
+):
+    """Decode attention that reads each shared prefix once per group of sequences.
+
+    The result is ``paged_decode_attention(query, k_cache, v_cache, block_tables,
+    context_lens, scale)``; the extra arguments say which sequences share a prefix:
+
+    - ``prefix_tables [G, W]``, ``prefix_lens [G]``: group ``g``'s prefix is its first
+      ``prefix_lens[g]`` tokens, whole blocks (a multiple of block_size, at least one
+      block), held in ``prefix_tables[g, :prefix_lens[g] // block_size]``;
+    - ``seq_group [B]``: sequence ``b``'s group, or -1 for none.
+
+    Each member's block table must start with exactly its group's prefix blocks, and its
+    context must cover the prefix: ``context_lens[b] >= prefix_lens[g]`` (equal is allowed:
+    the sequence then has no tokens of its own past the prefix). A group may have one
+    member or none. Anything else raises ValueError naming the sequence and group.
+    """
+    _check_attention(query, k_cache, v_cache, scale)
+    device = query.device
+    for name, t, dim in (("block_tables", block_tables, 2), ("context_lens", context_lens, 1),
+                         ("prefix_tables", prefix_tables, 2), ("prefix_lens", prefix_lens, 1),
+                         ("seq_group", seq_group, 1)):
+        _check_int(name, t, dim, device)
+    batch, num_groups = query.shape[0], prefix_lens.shape[0]
+    _check(context_lens.shape[0] == batch, f"{batch} queries but {context_lens.shape[0]} context lengths")
+    _check(seq_group.shape[0] == batch, f"seq_group has {seq_group.shape[0]} entries for {batch} sequences")
+    _check(prefix_tables.shape[0] == num_groups,
+           f"prefix_tables has {prefix_tables.shape[0]} rows but prefix_lens has {num_groups} groups")
+    _check_block_tables(block_tables, context_lens, k_cache)
+    if batch == 0:
+        return torch.ops.ttsearch.cascade_decode_attention(
+            query, k_cache, v_cache, block_tables, context_lens, prefix_tables, prefix_lens, seq_group, scale)
+
+    num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+    if num_groups:
+        bad = (prefix_lens < block_size) | (prefix_lens % block_size != 0)
+        if bool(bad.any()):
+            g = int(bad.nonzero()[0, 0])
+            raise ValueError(f"prefix_lens[{g}] = {int(prefix_lens[g])}: a shared prefix must be whole blocks "
+                             f"(a positive multiple of block_size {block_size})")
+        prefix_blocks = prefix_lens // block_size
+        _check(int(prefix_blocks.max()) <= prefix_tables.shape[1],
+               f"a prefix of {int(prefix_lens.max())} tokens needs {int(prefix_blocks.max())} blocks; "
+               f"prefix_tables has {prefix_tables.shape[1]} columns")
+        used = torch.arange(prefix_tables.shape[1], device=device)[None, :] < prefix_blocks[:, None]
+        ids = prefix_tables[used]
+        bad = (ids < 0) | (ids >= num_blocks)
+        if bool(bad.any()):
+            raise ValueError(f"block id {int(ids[bad][0])} out of range [0, {num_blocks}) in prefix_tables")
+
+    lo, hi = int(seq_group.min()), int(seq_group.max())
+    _check(lo >= -1 and hi < num_groups, f"seq_group spans [{lo}, {hi}]: expected -1 or a group in [0, {num_groups})")
+    members = (seq_group >= 0).nonzero().squeeze(1)
+    if members.numel():
+        groups = seq_group[members].long()
+        lens = prefix_lens.long()[groups]
+        short = context_lens[members].long() < lens
+        if bool(short.any()):
+            i = int(short.nonzero()[0, 0])
+            b, g = int(members[i]), int(groups[i])
+            raise ValueError(f"sequence {b} has {int(context_lens[b])} tokens, fewer than the "
+                             f"{int(prefix_lens[g])}-token prefix of its group {g}")
+        width = min(block_tables.shape[1], prefix_tables.shape[1])  # both cover every member's prefix
+        cols = torch.arange(width, device=device)
+        in_prefix = cols[None, :] < (lens // block_size)[:, None]
+        differ = (block_tables[members, :width].long() != prefix_tables[groups, :width].long()) & in_prefix
+        if bool(differ.any()):
+            i, col = (int(x) for x in differ.nonzero()[0])
+            b, g = int(members[i]), int(groups[i])
+            raise ValueError(f"sequence {b}'s block table does not start with the prefix blocks of its group {g}: "
+                             f"column {col} holds block {int(block_tables[b, col])}, the prefix block "
+                             f"{int(prefix_tables[g, col])}")
+    return torch.ops.ttsearch.cascade_decode_attention(
+        query, k_cache, v_cache, block_tables, context_lens, prefix_tables, prefix_lens, seq_group, scale
+    )
 
 
 def paged_extend_attention(query, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale: float):
@@ -248,6 +363,7 @@ __all__ = [
     "store_kv",
     "paged_decode_attention",
     "paged_extend_attention",
+    "cascade_decode_attention",
     "copy_blocks",
     "prm_step_score",
     "reference",

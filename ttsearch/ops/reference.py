@@ -72,6 +72,99 @@ def paged_decode_attention(
     return out.squeeze(2)
 
 
+def _attend_with_lse(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention in float32 that also returns the log-sum-exp of the scores.
+
+    ``q [..., rows, D]`` (already scaled), ``keys``/``values [..., keys, D]``, ``visible``
+    broadcastable to ``[..., rows, keys]`` (None: all). Returns ``(out [..., rows, D],
+    lse [..., rows])``; a row that sees no key gets ``out = 0`` and ``lse = -inf``, so it
+    carries no weight when merged."""
+    scores = q @ keys.transpose(-1, -2)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    lse = scores.logsumexp(-1)
+    probs = (scores - lse.unsqueeze(-1)).exp()
+    if visible is not None:
+        probs = torch.where(visible, probs, 0.0)  # (-inf) - (-inf) is NaN in an empty row
+    return probs @ values, lse
+
+
+def cascade_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    prefix_tables: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    seq_group: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention with shared prefixes (cascade attention): the same result as
+    ``paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)``.
+
+    Group ``g`` shares the first ``prefix_lens[g]`` tokens (whole blocks), held in
+    ``prefix_tables[g]``; sequence ``b`` belongs to group ``seq_group[b]`` (-1: none), and
+    its block table starts with those same blocks. Attention splits at the prefix:
+
+    1. the shared prefix, per group and kv head, as one batched product of all the
+       members' query heads ``[members x heads_per_kv, D]`` against the prefix keys ``[P, D]``
+       — each prefix block is read once per group, not once per member;
+    2. each sequence's own suffix ``[prefix_len, context_len)`` (the whole context when it
+       is in no group), which may be empty;
+
+    merged per (sequence, head) by log-sum-exp. Computed in float32; ``query [B, H, D]`` ->
+    ``[B, H, D]`` in the query's dtype."""
+    batch, num_heads, dim = query.shape
+    if batch == 0:
+        return torch.empty_like(query)
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group_heads = num_heads // kv_heads
+    q = query.float().mul(scale).view(batch, kv_heads, group_heads, dim)
+    seq_group = seq_group.long()
+    ctx = context_lens.long()
+    own_prefix = torch.zeros_like(ctx)  # tokens of b's context served by its group's prefix
+    if prefix_lens.numel():
+        own_prefix = torch.where(seq_group >= 0, prefix_lens.long()[seq_group.clamp(min=0)], 0)
+
+    # 2. each sequence's own suffix: gather the table columns from its prefix's end on
+    suffix_lens = ctx - own_prefix
+    max_suffix = int(suffix_lens.max())
+    out = torch.zeros(batch, kv_heads, group_heads, dim, dtype=torch.float32, device=query.device)
+    lse = torch.full((batch, kv_heads, group_heads), float("-inf"), device=query.device)
+    if max_suffix > 0:
+        num_cols = -(-max_suffix // block_size)
+        cols = own_prefix[:, None] // block_size + torch.arange(num_cols, device=query.device)
+        ids = block_tables.long().gather(1, cols.clamp(max=block_tables.shape[1] - 1))
+        ids = ids.clamp(0, k_cache.shape[0] - 1)  # entries past a context: masked below
+        keys = k_cache[ids].flatten(1, 2)[:, :max_suffix].float().permute(0, 2, 1, 3)  # [B, Hkv, S, D]
+        values = v_cache[ids].flatten(1, 2)[:, :max_suffix].float().permute(0, 2, 1, 3)
+        visible = (torch.arange(max_suffix, device=query.device) < suffix_lens[:, None])[:, None, None, :]
+        out, lse = _attend_with_lse(q, keys, values, visible)
+
+    # 1. each group's shared prefix: one product per kv head for all its members' heads
+    for g in range(prefix_lens.shape[0]):
+        members = (seq_group == g).nonzero().squeeze(1)
+        if members.numel() == 0:
+            continue
+        ids = prefix_tables[g, : int(prefix_lens[g]) // block_size].long()
+        keys = k_cache[ids].flatten(0, 1).float().transpose(0, 1)  # [Hkv, P, D]
+        values = v_cache[ids].flatten(0, 1).float().transpose(0, 1)
+        rows = q[members].transpose(0, 1).reshape(kv_heads, -1, dim)  # [Hkv, members x group_heads, D]
+        prefix_out, prefix_lse = _attend_with_lse(rows, keys, values, None)
+        prefix_out = prefix_out.view(kv_heads, -1, group_heads, dim).transpose(0, 1)
+        prefix_lse = prefix_lse.view(kv_heads, -1, group_heads).transpose(0, 1)
+
+        # merge with the members' suffixes by log-sum-exp
+        total = torch.logaddexp(prefix_lse, lse[members])
+        out[members] = (prefix_out * (prefix_lse - total).exp().unsqueeze(-1)
+                        + out[members] * (lse[members] - total).exp().unsqueeze(-1))
+        lse[members] = total
+    return out.view(batch, num_heads, dim).to(query.dtype)
+
+
 def paged_extend_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,

@@ -1,0 +1,460 @@
+// Cascade (shared-prefix) decode attention: paged decode attention where groups of
+// sequences share the first blocks of their contexts (beams of one problem share the prompt
+// and their common steps).
+//
+// Phase 1, per (group, row tile, kv head, prefix chunk): the query heads of all the group's
+// members that read this kv head, rows = members x heads-per-kv-head, against the chunk's
+// prefix keys and values, block by block, with an online softmax. A prefix block is read
+// once per item instead of once per sequence, and the work becomes two small GEMMs per
+// block whose rows are the members' query heads:
+//   S^T [keys, rows] = K [keys, D] . Q^T [D, rows]     (rows in the vector lanes, so the
+//                                                       online softmax is lane-wise)
+//   O   [rows, D]   += P [rows, keys] . V [keys, D]
+// On bfloat16 caches with AVX512_BF16 both run as bf16 dot products (vdpbf16ps) with
+// float32 accumulation; otherwise in float32 (narrower data widened as it is loaded).
+// Phase 2, per (sequence, suffix partition): the sequence's own tokens past its group's
+// prefix — its whole context when it is in no group — as in paged decode attention.
+// Both phases leave un-normalized partial outputs with their softmax max and sum; a last
+// pass merges them per (sequence, head) by log-sum-exp.
+#include "cpu_utils.h"  // first: selects ATen's vector ISA
+
+#include <ATen/ATen.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "decode_partition.h"
+#include "ops.h"
+
+namespace ttsearch {
+namespace {
+
+using cpu::CacheLayout;
+using cpu::kNegInf;
+using cpu::kVec;
+using cpu::Vec;
+
+// Query rows (members x heads per kv head) per phase-1 item: bounds its scratch.
+constexpr int64_t kRowTile = 128;
+constexpr int64_t kTileAlign = 4 * kVec;
+// Prefix blocks per online-softmax step of a phase-1 item.
+constexpr int64_t kStepBlocks = 4;
+// The smallest prefix chunk worth an item (and a merge) of its own.
+constexpr int64_t kMinChunkBlocks = 8;
+constexpr float kLog2e = 1.4426950408889634f;
+// Smaller groups take the plain path: below 2 members nothing is shared, and below 3 rows
+// (members x heads per kv head; 2 members without GQA) the lanes the rows leave empty cost
+// more than reading the prefix twice (measured on SmolLM2 and 8-kv-head shapes).
+constexpr int64_t kMinMembers = 2;
+constexpr int64_t kMinRows = 3;
+
+template <typename scalar_t>
+constexpr bool use_bf16_dot() {
+#ifdef TTSEARCH_HAS_BF16_DOT
+  return std::is_same_v<scalar_t, at::BFloat16>;
+#else
+  return false;
+#endif
+}
+
+// A group that takes the shared-prefix path.
+struct Group {
+  int64_t first_member;   // into the member list (sequence ids, ascending within a group)
+  int64_t members;
+  int64_t rows;           // members x heads per kv head; row r = member r / hpk, head r % hpk
+  const int32_t* prefix;  // its prefix block ids
+  int64_t prefix_blocks;
+  int64_t tile_rows, tiles;
+  int64_t chunk_blocks, chunks;
+  int64_t partials;  // offset of its phase-1 partials: [kv head][chunk] x (acc [rows, D] | max [rows] | sum [rows])
+};
+
+struct Item {
+  int64_t cost;
+  int32_t kind;  // 0: prefix (group, row tile, kv head, chunk); 1: suffix (sequence, partition)
+  int32_t a, b, c, d;
+};
+
+struct PrefixScratch {
+  std::vector<float> q_t;          // Q^T [D, ld], pre-scaled (float path)
+  std::vector<uint32_t> q_pairs;   // Q^T as bf16 pairs [D / 2, ld] (bf16 dot)
+  std::vector<float> scores;       // S^T [step keys, ld]
+  std::vector<uint32_t> p_pairs;   // P^T as bf16 pairs [step keys / 2, ld]
+  std::vector<uint32_t> v_pairs;   // V as bf16 pairs [step keys / 2, D]
+  std::vector<float> k_buf;        // one block of keys widened to float32
+  std::vector<float> row_max, row_sum, alpha;
+
+  PrefixScratch(int64_t ld, int64_t dim, int64_t block_size) {
+    const int64_t keys = kStepBlocks * block_size + 1;  // + 1: the pad of an odd count
+    q_t.resize(dim * ld);
+    q_pairs.resize(dim / 2 * ld);
+    scores.resize(keys * ld);
+    p_pairs.resize((keys / 2 + 1) * ld);
+    v_pairs.resize((keys / 2 + 1) * dim);
+    k_buf.resize(block_size * dim);
+    row_max.resize(ld);
+    row_sum.resize(ld);
+    alpha.resize(ld);
+  }
+};
+
+// Phase 1: rows [row0, row0 + rows) of a group against prefix blocks [block0, block1) for
+// one kv head. `member_seqs` lists the group's sequences. Leaves the un-normalized output
+// in `acc` [rows, D] and the softmax max and sum in `out_max`, `out_sum` [rows].
+template <typename scalar_t>
+void attend_prefix(const scalar_t* query, int64_t num_heads, const int32_t* member_seqs, int64_t hpk, int64_t row0,
+                   int64_t rows, int64_t kv_head, const scalar_t* k_cache, const scalar_t* v_cache,
+                   const CacheLayout& cache, const int32_t* prefix, int64_t block0, int64_t block1, float scale,
+                   float* acc, float* out_max, float* out_sum, PrefixScratch& s) {
+  constexpr bool kBf16Dot = use_bf16_dot<scalar_t>();
+  const int64_t dim = cache.head_dim, block_size = cache.block_size, stride = cache.token_stride();
+  const int64_t ld = cpu::round_up(rows, kVec);
+  auto query_row = [&](int64_t i) {
+    const int64_t r = row0 + i;
+    return query + (member_seqs[r / hpk] * num_heads + kv_head * hpk + r % hpk) * dim;
+  };
+
+  // Q^T, zero in the padding columns (their scores are 0: finite, and never written out).
+  // The bf16 path keeps the query exact and scales the scores instead.
+  const float score_scale = kBf16Dot ? scale : 1.f;
+  if constexpr (kBf16Dot) {
+    std::fill(s.q_pairs.begin(), s.q_pairs.begin() + dim / 2 * ld, 0u);
+    for (int64_t i = 0; i < rows; ++i) {
+      const uint32_t* words = reinterpret_cast<const uint32_t*>(query_row(i));
+      for (int64_t p = 0; p < dim / 2; ++p) s.q_pairs[p * ld + i] = words[p];
+    }
+  } else {
+    std::fill(s.q_t.begin(), s.q_t.begin() + dim * ld, 0.f);
+    for (int64_t i = 0; i < rows; ++i) {
+      const scalar_t* q = query_row(i);
+      for (int64_t d = 0; d < dim; ++d) s.q_t[d * ld + i] = static_cast<float>(q[d]) * scale;
+    }
+  }
+  std::fill(s.row_max.begin(), s.row_max.begin() + ld, kNegInf);
+  std::fill(s.row_sum.begin(), s.row_sum.begin() + ld, 0.f);
+  std::fill(acc, acc + rows * dim, 0.f);
+
+  for (int64_t step = block0; step < block1; step += kStepBlocks) {
+    const int64_t num_blocks = std::min(kStepBlocks, block1 - step);
+    const int64_t n = num_blocks * block_size;
+    float* scores = s.scores.data();
+
+    // S^T [n, ld], one block of keys at a time (straight from the cache)
+    for (int64_t j = 0; j < num_blocks; ++j) {
+      const scalar_t* k = cache.row(k_cache, prefix[step + j], 0, kv_head);
+      float* sc = scores + j * block_size * ld;
+      if constexpr (kBf16Dot) {
+#ifdef TTSEARCH_HAS_BF16_DOT
+        cpu::dot_bf16_gemm(block_size, ld, dim / 2, reinterpret_cast<const uint32_t*>(k), stride / 2, 1,
+                           s.q_pairs.data(), ld, sc, ld, /*accumulate=*/false);
+#endif
+      } else {
+        int64_t k_ld;
+        const float* kf = cpu::as_float_rows(k, stride, block_size, dim, s.k_buf.data(), k_ld);
+        cpu::small_gemm(block_size, ld, dim, kf, k_ld, 1, s.q_t.data(), ld, sc, ld, /*accumulate=*/false);
+      }
+    }
+
+    // Online softmax, lane-wise across rows; p = 2^(s * scale * log2(e) - max * log2(e)).
+    const Vec log2_scale(score_scale * kLog2e);
+    for (int64_t j = 0; j < ld; j += kVec) {
+      const Vec old_max = Vec::loadu(s.row_max.data() + j);
+      Vec top(kNegInf);
+      for (int64_t t = 0; t < n; ++t) top = cpu::max_no_nan(top, Vec::loadu(scores + t * ld + j));
+      const Vec new_max = at::vec::maximum(old_max, top * Vec(score_scale));
+      const Vec shift = new_max * Vec(kLog2e);
+      Vec sum(0.f);
+      if constexpr (kBf16Dot) {
+#ifdef TTSEARCH_HAS_BF16_DOT
+        // P as bf16 pairs of consecutive keys; the sum adds the rounded values the product uses
+        for (int64_t t = 0; t < n; t += 2) {
+          const Vec p0 = cpu::exp2_finite<4>(at::vec::fmsub(Vec::loadu(scores + t * ld + j), log2_scale, shift));
+          const Vec p1 = t + 1 < n
+                             ? cpu::exp2_finite<4>(at::vec::fmsub(Vec::loadu(scores + (t + 1) * ld + j), log2_scale, shift))
+                             : Vec(0.f);
+          __m512 rounded;
+          _mm512_storeu_si512(s.p_pairs.data() + t / 2 * ld + j, cpu::round_bf16_pairs(p0, p1, rounded));
+          sum = sum + Vec(rounded);
+        }
+#endif
+      } else {
+        for (int64_t t = 0; t < n; ++t) {
+          const Vec p = cpu::exp2_finite<5>(at::vec::fmsub(Vec::loadu(scores + t * ld + j), log2_scale, shift));
+          p.store(scores + t * ld + j);
+          sum = sum + p;
+        }
+      }
+      const Vec alpha = (old_max - new_max).exp_u20();
+      (Vec::loadu(s.row_sum.data() + j) * alpha + sum).store(s.row_sum.data() + j);
+      new_max.store(s.row_max.data() + j);
+      alpha.store(s.alpha.data() + j);
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      if (s.alpha[i] != 1.f) cpu::scale_inplace(acc + i * dim, s.alpha[i], dim);
+    }
+
+    // acc [rows, D] += P [rows, n] . V [n, D]
+    if constexpr (kBf16Dot) {
+#ifdef TTSEARCH_HAS_BF16_DOT
+      auto v_row = [&](int64_t t) { return cache.row(v_cache, prefix[step + t / block_size], t % block_size, kv_head); };
+      const int64_t pairs = (n + 1) / 2;
+      for (int64_t u = 0; u < pairs; ++u) {
+        const scalar_t* v0 = v_row(2 * u);
+        const scalar_t* v1 = 2 * u + 1 < n ? v_row(2 * u + 1) : nullptr;
+        for (int64_t d = 0; d < dim; d += kVec) {
+          const __m512i w = v1 ? cpu::bf16_pairs(v0 + d, v1 + d)
+                               : _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + d)));
+          _mm512_storeu_si512(s.v_pairs.data() + u * dim + d, w);
+        }
+      }
+      cpu::dot_bf16_gemm(rows, dim, pairs, s.p_pairs.data(), 1, ld, s.v_pairs.data(), dim, acc, dim,
+                         /*accumulate=*/true);
+#endif
+    } else {
+      for (int64_t j = 0; j < num_blocks; ++j) {
+        cpu::small_gemm(rows, dim, block_size, scores + j * block_size * ld, 1, ld,
+                        cache.row(v_cache, prefix[step + j], 0, kv_head), stride, acc, dim, /*accumulate=*/true);
+      }
+    }
+  }
+  std::copy(s.row_max.begin(), s.row_max.begin() + rows, out_max);
+  std::copy(s.row_sum.begin(), s.row_sum.begin() + rows, out_sum);
+}
+
+template <typename scalar_t>
+void cascade_kernel(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& prefix_tables,
+                    const at::Tensor& prefix_lens, const at::Tensor& seq_group, float scale, at::Tensor& out) {
+  const int64_t batch = query.size(0), num_heads = query.size(1);
+  const CacheLayout cache{k_cache.size(1), k_cache.size(2), k_cache.size(3)};
+  const int64_t dim = cache.head_dim, block_size = cache.block_size, kv_heads = cache.kv_heads;
+  const int64_t hpk = num_heads / kv_heads;
+  const int64_t num_groups = prefix_lens.size(0);
+
+  const scalar_t* q = query.data_ptr<scalar_t>();
+  const scalar_t* k = k_cache.data_ptr<scalar_t>();
+  const scalar_t* v = v_cache.data_ptr<scalar_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t table_stride = block_tables.size(1);
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  const int32_t* prefix_ids = prefix_tables.data_ptr<int32_t>();
+  const int64_t prefix_stride = prefix_tables.size(1);
+  const int32_t* prefix_len = prefix_lens.data_ptr<int32_t>();
+  const int32_t* seq_groups = seq_group.data_ptr<int32_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const int64_t threads = omp_get_max_threads();
+
+  // Members of each group, then the groups that take the shared-prefix path.
+  std::vector<int64_t> count(num_groups, 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    if (seq_groups[b] >= 0) ++count[seq_groups[b]];
+  }
+  std::vector<int64_t> cascade_of(num_groups, -1);  // group -> index in `groups`
+  std::vector<Group> groups;
+  int64_t members_total = 0;
+  for (int64_t g = 0; g < num_groups; ++g) {
+    if (count[g] < kMinMembers || count[g] * hpk < kMinRows) continue;
+    cascade_of[g] = static_cast<int64_t>(groups.size());
+    Group grp{};
+    grp.first_member = members_total;
+    grp.members = count[g];
+    grp.rows = count[g] * hpk;
+    grp.prefix = prefix_ids + g * prefix_stride;
+    grp.prefix_blocks = prefix_len[g] / block_size;
+    groups.push_back(grp);
+    members_total += count[g];
+  }
+  std::vector<int32_t> member_seqs(members_total);
+  std::vector<int64_t> member_index(batch, -1), own_prefix(batch, 0);
+  {
+    std::vector<int64_t> filled(groups.size(), 0);
+    for (int64_t b = 0; b < batch; ++b) {
+      if (seq_groups[b] < 0 || cascade_of[seq_groups[b]] < 0) continue;
+      Group& grp = groups[cascade_of[seq_groups[b]]];
+      member_index[b] = filled[cascade_of[seq_groups[b]]]++;
+      member_seqs[grp.first_member + member_index[b]] = static_cast<int32_t>(b);
+      own_prefix[b] = grp.prefix_blocks * block_size;
+    }
+  }
+
+  // Phase 2's partitions, as paged decode splits contexts.
+  int64_t max_suffix = 0, suffix_work = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    max_suffix = std::max<int64_t>(max_suffix, lens[b] - own_prefix[b]);
+    suffix_work += (lens[b] - own_prefix[b]) * num_heads;
+  }
+  const int64_t parts_wanted = cpu::ceil_div(4 * threads, batch);
+  const int64_t part_blocks = std::max(cpu::ceil_div(cpu::ceil_div(std::max<int64_t>(max_suffix, 1), parts_wanted), block_size),
+                                       cpu::ceil_div(cpu::kMinPartitionTokens, block_size));
+  const int64_t part_len = part_blocks * block_size;
+  const int64_t num_parts = std::max<int64_t>(1, cpu::ceil_div(max_suffix, part_len));
+
+  // Phase 1's items: row tiles of at most kRowTile rows, and the prefix split into chunks
+  // until the whole batch gives every thread several items.
+  int64_t prefix_work = 0;
+  for (const Group& grp : groups) prefix_work += grp.rows * grp.prefix_blocks * block_size;
+  const double total_work = static_cast<double>(prefix_work + 4 * suffix_work);  // a GEMV row costs more
+  int64_t partial_floats = 0;
+  std::vector<Item> items;
+  for (size_t gi = 0; gi < groups.size(); ++gi) {
+    Group& grp = groups[gi];
+    grp.tiles = cpu::ceil_div(grp.rows, kRowTile);
+    grp.tile_rows = cpu::round_up(cpu::ceil_div(grp.rows, grp.tiles), kTileAlign);
+    grp.tiles = cpu::ceil_div(grp.rows, grp.tile_rows);
+    const double share = grp.rows * grp.prefix_blocks * block_size / total_work;
+    const int64_t wanted = static_cast<int64_t>(std::ceil(4 * threads * share));
+    const int64_t max_chunks = std::max<int64_t>(1, grp.prefix_blocks / kMinChunkBlocks);
+    const int64_t chunks = std::clamp<int64_t>(cpu::ceil_div(wanted, grp.tiles * kv_heads), 1, max_chunks);
+    grp.chunk_blocks = cpu::ceil_div(grp.prefix_blocks, chunks);
+    grp.chunks = cpu::ceil_div(grp.prefix_blocks, grp.chunk_blocks);
+    grp.partials = partial_floats;
+    partial_floats += kv_heads * grp.chunks * grp.rows * (dim + 2);
+    for (int64_t t = 0; t < grp.tiles; ++t) {
+      const int64_t rows = std::min(grp.tile_rows, grp.rows - t * grp.tile_rows);
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        for (int64_t c = 0; c < grp.chunks; ++c) {
+          const int64_t blocks = std::min(grp.chunk_blocks, grp.prefix_blocks - c * grp.chunk_blocks);
+          items.push_back({rows * blocks * block_size, 0, static_cast<int32_t>(gi), static_cast<int32_t>(t),
+                           static_cast<int32_t>(h), static_cast<int32_t>(c)});
+        }
+      }
+    }
+  }
+  const int64_t suffix_stride = num_heads * (dim + 2);  // per (sequence, partition): acc [H, D] | max [H] | sum [H]
+  // Uninitialized: every entry the merge reads is written first.
+  const std::unique_ptr<float[]> prefix_partials(new float[partial_floats]);
+  const std::unique_ptr<float[]> suffix_partials(new float[batch * num_parts * suffix_stride]);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t p = 0; p * part_len < lens[b] - own_prefix[b]; ++p) {
+      const int64_t tokens = std::min(part_len, lens[b] - own_prefix[b] - p * part_len);
+      items.push_back({4 * tokens * num_heads, 1, static_cast<int32_t>(b), static_cast<int32_t>(p), 0, 0});
+    }
+  }
+  // Longest first, so the short ones even out the dynamic schedule at the end.
+  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  int64_t max_tile = kVec;
+  for (const Group& grp : groups) max_tile = std::max(max_tile, grp.tile_rows);
+
+#pragma omp parallel
+  {
+    PrefixScratch prefix_scratch(groups.empty() ? 0 : max_tile, dim, block_size);
+    std::vector<float> q_buf(num_heads * dim), scores(num_heads * block_size);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_items; ++i) {
+      const Item& item = items[i];
+      if (item.kind == 0) {
+        const Group& grp = groups[item.a];
+        const int64_t row0 = item.b * grp.tile_rows, rows = std::min(grp.tile_rows, grp.rows - row0);
+        const int64_t h = item.c, c = item.d;
+        float* base = prefix_partials.get() + grp.partials + (h * grp.chunks + c) * grp.rows * (dim + 2);
+        const int64_t block0 = c * grp.chunk_blocks, block1 = std::min(grp.prefix_blocks, block0 + grp.chunk_blocks);
+        attend_prefix(q, num_heads, member_seqs.data() + grp.first_member, hpk, row0, rows, h, k, v, cache, grp.prefix,
+                      block0, block1, scale, base + row0 * dim, base + grp.rows * dim + row0,
+                      base + grp.rows * (dim + 1) + row0, prefix_scratch);
+      } else {
+        const int64_t b = item.a, p = item.b;
+        const int64_t first = own_prefix[b] + p * part_len, end = std::min<int64_t>(lens[b], first + part_len);
+        float* acc = suffix_partials.get() + (b * num_parts + p) * suffix_stride;
+        cpu::load_scaled(q + b * num_heads * dim, scale, q_buf.data(), num_heads * dim);
+        cpu::dispatch_head_dim(dim, [&](auto head_dim) {
+          cpu::attend_partition<head_dim>(q_buf.data(), k, v, cache, tables + b * table_stride, hpk, first, end, acc,
+                                          acc + num_heads * dim, acc + num_heads * (dim + 1), scores.data());
+        });
+      }
+    }
+
+    // Merge each (sequence, head)'s partials: the prefix chunks of its group, then its
+    // suffix partitions, weighted by exp(max_p - max) / sum.
+    std::vector<const float*> part_acc;
+    std::vector<float> part_max, part_sum;
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < batch * num_heads; ++bh) {
+      const int64_t b = bh / num_heads, hq = bh % num_heads;
+      part_acc.clear();
+      part_max.clear();
+      part_sum.clear();
+      auto add = [&](const float* acc, float m, float sum) {
+        part_acc.push_back(acc);
+        part_max.push_back(m);
+        part_sum.push_back(sum);
+      };
+      if (member_index[b] >= 0) {
+        const Group& grp = groups[cascade_of[seq_groups[b]]];
+        const int64_t row = member_index[b] * hpk + hq % hpk, h = hq / hpk;
+        for (int64_t c = 0; c < grp.chunks; ++c) {
+          const float* base = prefix_partials.get() + grp.partials + (h * grp.chunks + c) * grp.rows * (dim + 2);
+          add(base + row * dim, base[grp.rows * dim + row], base[grp.rows * (dim + 1) + row]);
+        }
+      }
+      for (int64_t p = 0; p * part_len < lens[b] - own_prefix[b]; ++p) {
+        const float* base = suffix_partials.get() + (b * num_parts + p) * suffix_stride;
+        add(base + hq * dim, base[num_heads * dim + hq], base[num_heads * (dim + 1) + hq]);
+      }
+      const int64_t parts = static_cast<int64_t>(part_acc.size());
+      const float global_max = *std::max_element(part_max.begin(), part_max.end());
+      float total = 0.f;
+      for (int64_t i = 0; i < parts; ++i) {
+        part_max[i] = std::exp(part_max[i] - global_max);  // now the partial's weight
+        total += part_max[i] * part_sum[i];
+      }
+      scalar_t* o_row = o + bh * dim;
+      for (int64_t d = 0; d < dim; d += kVec) {
+        Vec merged(0.f);
+        for (int64_t i = 0; i < parts; ++i) merged = at::vec::fmadd(Vec(part_max[i]), Vec::loadu(part_acc[i] + d), merged);
+        cpu::store_float(o_row + d, merged * Vec(1.f / total));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor cascade_decode_attention(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                    const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                    const at::Tensor& prefix_tables, const at::Tensor& prefix_lens,
+                                    const at::Tensor& seq_group, double scale) {
+  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4, "cascade_decode_attention: query [B, H, D], caches [NB, BS, Hkv, D]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "cascade_decode_attention: caches must be contiguous");
+  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "cascade_decode_attention: query and caches must share a dtype");
+  TORCH_CHECK(query.size(2) % kVec == 0, "cascade_decode_attention: head_dim must be a multiple of ", kVec);
+  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "cascade_decode_attention: heads not a multiple of kv heads");
+  TORCH_CHECK(prefix_tables.dim() == 2 && prefix_tables.size(0) == prefix_lens.size(0) &&
+                  seq_group.size(0) == query.size(0) && context_lens.size(0) == query.size(0),
+              "cascade_decode_attention: mismatched group or batch sizes");
+
+  const at::Tensor q = query.contiguous();
+  at::Tensor out = at::empty_like(q);
+  if (q.size(0) == 0) return out;
+  const at::Tensor tables = block_tables.to(at::kInt).contiguous();
+  const at::Tensor lens = context_lens.to(at::kInt).contiguous();
+  const at::Tensor p_tables = prefix_tables.to(at::kInt).contiguous();
+  const at::Tensor p_lens = prefix_lens.to(at::kInt).contiguous();
+  const at::Tensor groups = seq_group.to(at::kInt).contiguous();
+  // The invariants the kernel indexes with (the Python wrapper checks them all, with
+  // clearer messages, and the block ids besides).
+  const int64_t block_size = k_cache.size(1), num_groups = p_lens.size(0);
+  const int32_t* pl = p_lens.data_ptr<int32_t>();
+  const int32_t* sg = groups.data_ptr<int32_t>();
+  const int32_t* cl = lens.data_ptr<int32_t>();
+  for (int64_t g = 0; g < num_groups; ++g) {
+    TORCH_CHECK(pl[g] >= block_size && pl[g] % block_size == 0 && pl[g] / block_size <= p_tables.size(1),
+                "cascade_decode_attention: prefix_lens[", g, "] = ", pl[g], " is not whole blocks within prefix_tables");
+  }
+  for (int64_t b = 0; b < q.size(0); ++b) {
+    TORCH_CHECK(sg[b] >= -1 && sg[b] < num_groups, "cascade_decode_attention: seq_group[", b, "] = ", sg[b]);
+    TORCH_CHECK(cl[b] >= 1 && (sg[b] < 0 || cl[b] >= pl[sg[b]]),
+                "cascade_decode_attention: context_lens[", b, "] = ", cl[b], " is shorter than its group's prefix");
+  }
+  TTSEARCH_DISPATCH_FLOAT_TYPES(q.scalar_type(), "cascade_decode_attention", [&] {
+    cascade_kernel<scalar_t>(q, k_cache, v_cache, tables, lens, p_tables, p_lens, groups, static_cast<float>(scale), out);
+  });
+  return out;
+}
+
+}  // namespace ttsearch
