@@ -3,8 +3,10 @@
 One run measures both, side by side:
 - ``test_matmul_ceiling[dtype]``: the best FLOP/s of large square matmuls (1024..4096);
 - ``test_decode[dtype-batch]``: one batched ``Engine.step`` of ``batch`` sequences with
-  256-token contexts; tokens/s, and the fraction of the ceiling that the model's weight
-  matmuls reach (matmul FLOPs per token x tokens/s / ceiling).
+  256-token contexts that share their first 255 tokens, as the beams of one problem share
+  its prompt (so decode attention takes the shared-prefix path); tokens/s, and the
+  fraction of the ceiling that the model's weight matmuls reach (matmul FLOPs per token x
+  tokens/s / ceiling).
 
     python -m pytest benchmarks/bench_decode.py --benchmark-only \
         --benchmark-json benchmarks/results/decode_cpu.json

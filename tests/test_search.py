@@ -114,6 +114,12 @@ def run_one(strategy, scores, eos=(), **settings):
     config = SearchConfig(strategy=strategy, **settings)
     policy, verifier = ScriptedPolicy(eos=set(eos)), ScriptedVerifier(scores)
     search = SEARCHES[strategy](policy, verifier, config, [1] * 5, "q")
+    drive(search, policy, verifier, config)
+    return search
+
+
+def drive(search, policy, verifier, config):
+    """Run one search to its end through the scheduler; check nothing leaked. Returns its job."""
     search.start()
     job = type("J", (), {})()
     job.search, job.sampling, job.extra, job.tokens_generated, job.tokens_verified, job.peak_blocks = (
@@ -121,7 +127,7 @@ def run_one(strategy, scores, eos=(), **settings):
     while not search.done:
         step_all([job], policy, verifier, config)
     assert not policy.live and verifier.live == 0, "a search leaked sequences or verifier states"
-    return search
+    return job
 
 
 def test_beam_search_keeps_the_best_n_over_m_and_forks_them():
@@ -239,3 +245,51 @@ def test_record_selects_at_every_budget():
     assert record["selections"]["naive"]["3"] == {"answer": "5", "correct": False}
     assert record["selections"]["majority"]["3"] == {"answer": "7", "correct": True}
     assert record["selections"]["weighted"]["2"]["answer"] == "5"  # 0.9 against 0.2
+
+
+# ----------------------------------------------------------------------------- compute-optimal
+
+
+def fake_record(pid, strategy, n, first_scores, correct_at):
+    """A run record: ``correct_at`` maps budget -> correct (naive selection)."""
+    return {"id": pid, "strategy": strategy, "n": n, "beam_width": 2 if strategy != "best_of_n" else 4,
+            "first_step_scores": first_scores,
+            "selections": {"naive": {str(b): {"answer": "1", "correct": c} for b, c in correct_at.items()}}}
+
+
+def test_fit_picks_the_best_strategy_per_difficulty_bin(tmp_path):
+    from ttsearch.search.compute_optimal import choose, fit_table
+
+    records = []
+    for i in range(4):  # easy problems (high pilot scores): best-of-N wins
+        records.append(fake_record(f"e{i}", "best_of_n", 4, [0.9] * 4, {1: True, 2: True, 4: True}))
+        records.append(fake_record(f"e{i}", "beam_search", 4, [0.9] * 4, {4: False}))
+    for i in range(4):  # hard problems: beam search wins
+        records.append(fake_record(f"h{i}", "best_of_n", 4, [0.1] * 4, {1: False, 2: False, 4: False}))
+        records.append(fake_record(f"h{i}", "beam_search", 4, [0.1] * 4, {4: True}))
+    table = fit_table(records, pilot_samples=4, bins=2)
+    assert choose(table, 4, 0.95)["strategy"] == "best_of_n"
+    assert choose(table, 4, 0.05)["strategy"] == "beam_search"
+    assert choose(table, 100, 0.05)["n"] == 4  # the largest fitted budget not above 100
+    assert choose(table, 2, 0.95) == {**choose(table, 2, 0.95), "strategy": "best_of_n", "n": 2}
+
+
+def test_compute_optimal_runs_the_strategy_its_pilot_chooses(tmp_path):
+    import json
+
+    from ttsearch.search.compute_optimal import ComputeOptimal
+
+    table = {"version": 1, "pilot_samples": 2, "edges": [0.5], "budgets": {"4": [
+        {"strategy": "beam_search", "n": 4, "beam_width": 2, "selection": "naive", "accuracy": 1, "problems": 1},
+        {"strategy": "best_of_n", "n": 4, "beam_width": 4, "selection": "naive", "accuracy": 1, "problems": 1},
+    ]}}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    config = SearchConfig(strategy="compute_optimal", n=4, beam_width=2, pilot_samples=2, optimal_table=str(path),
+                          max_iterations=3)
+    for pilot_score, expected in ((0.2, "beam_search"), (0.8, "best_of_n")):
+        policy, verifier = ScriptedPolicy(eos=set()), ScriptedVerifier({"0": pilot_score, "1": pilot_score})
+        search = ComputeOptimal(policy, verifier, config, [1] * 5, "q", table)
+        job = drive(search, policy, verifier, config)
+        assert search.choice["strategy"] == expected and search.pilot_level == pytest.approx(pilot_score)
+        assert job.extra["first_step_scores"] == [pilot_score, pilot_score]
