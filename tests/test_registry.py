@@ -1,0 +1,46 @@
+"""The op registry's choice of implementation when the C++ extension is missing."""
+
+import os
+import subprocess
+import sys
+
+# Make `from ttsearch import _C` fail as it does in an install without a compiler.
+BLOCK_C = """
+import importlib.abc, sys, warnings
+class NoExtension(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "ttsearch._C":
+            raise ImportError("no C++ extension in this install")
+sys.meta_path.insert(0, NoExtension())
+"""
+
+
+def run_python(code: str, mode: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TTSEARCH_OPS": mode}
+    return subprocess.run([sys.executable, "-W", "always", "-c", BLOCK_C + code], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_without_the_extension_ops_run_on_the_reference_with_one_warning():
+    out = run_python(
+        "import torch, ttsearch.ops as ops\n"
+        "print(ops.IMPLEMENTATIONS['cpu'])\n"
+        "kv = torch.randn(2, 1, 4, 16, 1, 16)\n"
+        "ops.copy_blocks(kv, torch.tensor([0]), torch.tensor([3]))\n"
+        "print(torch.equal(kv[:, :, 3], kv[:, :, 0]))\n",
+        "auto",
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["reference", "True"]
+    assert out.stderr.count("ttsearch._C is not built") == 1
+
+
+def test_requiring_fast_ops_without_the_extension_raises():
+    out = run_python("import ttsearch.ops", "fast")
+    assert out.returncode != 0
+    assert "TTSEARCH_OPS=fast but the C++ extension ttsearch._C did not load" in out.stderr
+
+
+def test_unknown_mode_is_an_error():
+    out = run_python("import ttsearch.ops", "turbo")
+    assert "TTSEARCH_OPS='turbo'" in out.stderr
