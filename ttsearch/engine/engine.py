@@ -110,8 +110,8 @@ class Engine:
         next-token logits (a verifier's sequence never samples)."""
         tokens = self._check_tokens(token_ids, "add")
         self._check_room(len(tokens), "add")
-        # A prompt that is all cached still needs the logits after its last token, so the
-        # match stops one token short and that token's block is recomputed when it is full.
+        # A prompt that is all cached still needs the logits after its last token: matching
+        # stops one token short, so the block holding the last token is always recomputed.
         blocks, hashes = self.blocks.match_prefix(tokens[:-1])
         cached = len(blocks) * self.block_size
         revived = sum(1 for b in blocks if self.blocks.ref_count[b] == 0)  # leave the LRU
