@@ -141,23 +141,20 @@ def _check_int(name: str, t: torch.Tensor, dim: int, device: torch.device) -> No
 _LAST_CHECKED: dict[str, tuple] = {}
 
 
-def _checked_before(what: str, tensors: tuple, cache: torch.Tensor) -> bool:
+def _check_once(what: str, tensors: tuple, cache: torch.Tensor, check) -> None:
+    """Run ``check(*tensors, cache)`` unless these very tensors, unmodified, passed it last time."""
     key = tuple((t, t._version) for t in tensors) + (tuple(cache.shape),)
     last = _LAST_CHECKED.get(what)
     if (last is not None and len(last) == len(key) and last[-1] == key[-1]
             and all(a is b and va == vb for (a, va), (b, vb) in zip(last[:-1], key[:-1]))):
-        return True
+        return
+    _LAST_CHECKED.pop(what, None)
+    check(*tensors, cache)
     _LAST_CHECKED[what] = key
-    return False
 
 
 def _check_block_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, k_cache: torch.Tensor) -> None:
-    try:
-        if not _checked_before("block_tables", (block_tables, context_lens), k_cache):
-            _check_block_tables_now(block_tables, context_lens, k_cache)
-    except ValueError:
-        _LAST_CHECKED.pop("block_tables", None)
-        raise
+    _check_once("block_tables", (block_tables, context_lens), k_cache, _check_block_tables_now)
 
 
 def _check_block_tables_now(block_tables: torch.Tensor, context_lens: torch.Tensor, k_cache: torch.Tensor) -> None:
@@ -220,40 +217,10 @@ def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, 
     return torch.ops.ttsearch.paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)
 
 
-def cascade_decode_attention(
-    query, k_cache, v_cache, block_tables, context_lens, prefix_tables, prefix_lens, seq_group, scale: float
-):
-    """Decode attention that reads each shared prefix once per group of sequences.
-
-    The result is ``paged_decode_attention(query, k_cache, v_cache, block_tables,
-    context_lens, scale)``; the extra arguments say which sequences share a prefix:
-
-    - ``prefix_tables [G, W]``, ``prefix_lens [G]``: group ``g``'s prefix is its first
-      ``prefix_lens[g]`` tokens, whole blocks (a multiple of block_size, at least one
-      block), held in ``prefix_tables[g, :prefix_lens[g] // block_size]``;
-    - ``seq_group [B]``: sequence ``b``'s group, or -1 for none.
-
-    Each member's block table must start with exactly its group's prefix blocks, and its
-    context must cover the prefix: ``context_lens[b] >= prefix_lens[g]`` (equal is allowed:
-    the sequence then has no tokens of its own past the prefix). A group may have one
-    member or none. Anything else raises ValueError naming the sequence and group.
-    """
-    _check_attention(query, k_cache, v_cache, scale)
-    device = query.device
-    for name, t, dim in (("block_tables", block_tables, 2), ("context_lens", context_lens, 1),
-                         ("prefix_tables", prefix_tables, 2), ("prefix_lens", prefix_lens, 1),
-                         ("seq_group", seq_group, 1)):
-        _check_int(name, t, dim, device)
-    batch, num_groups = query.shape[0], prefix_lens.shape[0]
-    _check(context_lens.shape[0] == batch, f"{batch} queries but {context_lens.shape[0]} context lengths")
-    _check(seq_group.shape[0] == batch, f"seq_group has {seq_group.shape[0]} entries for {batch} sequences")
-    _check(prefix_tables.shape[0] == num_groups,
-           f"prefix_tables has {prefix_tables.shape[0]} rows but prefix_lens has {num_groups} groups")
-    _check_block_tables(block_tables, context_lens, k_cache)
-    if batch == 0:
-        return torch.ops.ttsearch.cascade_decode_attention(
-            query, k_cache, v_cache, block_tables, context_lens, prefix_tables, prefix_lens, seq_group, scale)
-
+def _check_prefix_groups(block_tables, context_lens, prefix_tables, prefix_lens, seq_group, k_cache) -> None:
+    """Each member's table starts with its group's prefix blocks, which are whole, in-range blocks."""
+    device = block_tables.device
+    num_groups = prefix_lens.shape[0]
     num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
     if num_groups:
         bad = (prefix_lens < block_size) | (prefix_lens % block_size != 0)
@@ -293,6 +260,44 @@ def cascade_decode_attention(
             raise ValueError(f"sequence {b}'s block table does not start with the prefix blocks of its group {g}: "
                              f"column {col} holds block {int(block_tables[b, col])}, the prefix block "
                              f"{int(prefix_tables[g, col])}")
+
+
+def cascade_decode_attention(
+    query, k_cache, v_cache, block_tables, context_lens, prefix_tables, prefix_lens, seq_group, scale: float
+):
+    """Decode attention that reads each shared prefix once per group of sequences.
+
+    The result is ``paged_decode_attention(query, k_cache, v_cache, block_tables,
+    context_lens, scale)``; the extra arguments say which sequences share a prefix:
+
+    - ``prefix_tables [G, W]``, ``prefix_lens [G]``: group ``g``'s prefix is its first
+      ``prefix_lens[g]`` tokens, whole blocks (a multiple of block_size, at least one
+      block), held in ``prefix_tables[g, :prefix_lens[g] // block_size]``;
+    - ``seq_group [B]``: sequence ``b``'s group, or -1 for none.
+
+    Each member's block table must start with exactly its group's prefix blocks, and its
+    context must cover the prefix: ``context_lens[b] >= prefix_lens[g]`` (equal is allowed:
+    the sequence then has no tokens of its own past the prefix). A group may have one
+    member or none. Anything else raises ValueError naming the sequence and group.
+    """
+    _check_attention(query, k_cache, v_cache, scale)
+    device = query.device
+    for name, t, dim in (("block_tables", block_tables, 2), ("context_lens", context_lens, 1),
+                         ("prefix_tables", prefix_tables, 2), ("prefix_lens", prefix_lens, 1),
+                         ("seq_group", seq_group, 1)):
+        _check_int(name, t, dim, device)
+    batch, num_groups = query.shape[0], prefix_lens.shape[0]
+    _check(context_lens.shape[0] == batch, f"{batch} queries but {context_lens.shape[0]} context lengths")
+    _check(seq_group.shape[0] == batch, f"seq_group has {seq_group.shape[0]} entries for {batch} sequences")
+    _check(prefix_tables.shape[0] == num_groups,
+           f"prefix_tables has {prefix_tables.shape[0]} rows but prefix_lens has {num_groups} groups")
+    _check_block_tables(block_tables, context_lens, k_cache)
+    if batch == 0:
+        return torch.ops.ttsearch.cascade_decode_attention(
+            query, k_cache, v_cache, block_tables, context_lens, prefix_tables, prefix_lens, seq_group, scale)
+
+    _check_once("prefix_groups", (block_tables, context_lens, prefix_tables, prefix_lens, seq_group), k_cache,
+                _check_prefix_groups)
     return torch.ops.ttsearch.cascade_decode_attention(
         query, k_cache, v_cache, block_tables, context_lens, prefix_tables, prefix_lens, seq_group, scale
     )
