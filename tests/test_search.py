@@ -11,7 +11,7 @@ import pytest
 from ttsearch.engine.engine import StepResult
 from ttsearch.eval.datasets import Problem
 from ttsearch.search.config import ConfigError, SearchConfig
-from ttsearch.search.runner import make_record, run_jobs, step_all
+from ttsearch.search.runner import Job, make_record, step_all
 from ttsearch.search.selection import budgets, select
 from ttsearch.search.strategies import SEARCHES
 
@@ -121,9 +121,7 @@ def run_one(strategy, scores, eos=(), **settings):
 def drive(search, policy, verifier, config):
     """Run one search to its end through the scheduler; check nothing leaked. Returns its job."""
     search.start()
-    job = type("J", (), {})()
-    job.search, job.sampling, job.extra, job.tokens_generated, job.tokens_verified, job.peak_blocks = (
-        search, None, {}, 0, 0.0, 0)
+    job = Job(Problem(id="p", question="q", answer="7"), search, sampling=None, started=0.0)
     while not search.done:
         step_all([job], policy, verifier, config)
     assert not policy.live and verifier.live == 0, "a search leaked sequences or verifier states"
@@ -237,9 +235,7 @@ def test_record_selects_at_every_budget():
     search = run_one("best_of_n", {"0": 0.2, "1": 0.9, "2": 0.5}, eos={"0", "1", "2"}, n=3)
     for beam, answer in zip(search.completions, ["7", "5", "7"]):
         beam.steps.append(f"The answer is \\boxed{{{answer}}}.")
-    job = type("J", (), {})()
-    job.problem, job.search, job.extra, job.tokens_generated, job.tokens_verified, job.peak_blocks, job.started = (
-        Problem(id="p", question="q", answer="7"), search, {}, 9, 0.0, 3, 0.0)
+    job = Job(Problem(id="p", question="q", answer="7"), search, sampling=None, started=0.0)
     record = make_record(job, SearchConfig(strategy="best_of_n", n=3))
     assert record["selections"]["naive"]["1"] == {"answer": "7", "correct": True}
     assert record["selections"]["naive"]["3"] == {"answer": "5", "correct": False}

@@ -80,7 +80,6 @@ def run_jobs(
     verifier,
     config: SearchConfig,
     on_record: Callable[[dict], None],
-    make_search: Callable = make_search,
     progress: bool = True,
 ) -> None:
     """Search every problem, at most ``config.problems_in_flight`` at once."""

@@ -15,6 +15,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+from ttsearch.engine.sampler import GREEDY
 from ttsearch.search.config import SearchConfig
 
 
@@ -90,13 +91,19 @@ class TreeSearch:
         self.policy.free(beam.seq)
         self.verifier.free(beam.vstate)
 
-    def _expand(self, survivors: list[Beam]) -> list[Beam]:
-        """Each survivor forks ``beam_width`` ways; the survivor itself is released."""
-        children = []
-        for beam in survivors:
-            children += self._fork(beam, self.config.beam_width)
+    def _survive(self, finished: list[Beam], keep: list[Beam], pruned: list[Beam]) -> None:
+        """Free the pruned beams; each kept beam forks ``beam_width`` ways and is released;
+        the children are the new live beams. Recorded in the trace."""
+        for beam in pruned:
             self._release(beam)
-        return children
+        forked, children = {}, []
+        for beam in keep:
+            kids = self._fork(beam, self.config.beam_width)
+            self._release(beam)
+            forked[beam.beam_id] = [c.beam_id for c in kids]
+            children += kids
+        self._record(finished=_ids_of(finished), kept=_ids_of(keep), forked=forked, pruned=_ids_of(pruned))
+        self.live = children
 
     def _settle_finished(self) -> tuple[list[Beam], list[Beam]]:
         """Move finished and dead paths out of ``live``; returns (finished, still open)."""
@@ -113,15 +120,20 @@ class TreeSearch:
                 open_.append(beam)
         return finished, open_
 
-    def _stop(self, open_beams: list[Beam]) -> None:
+    def _stop(self, finished: list[Beam], open_beams: list[Beam]) -> None:
+        """The search ends: open paths stop without an answer."""
+        self._record(finished=_ids_of(finished), kept=[], forked={}, pruned=_ids_of(open_beams))
         for beam in open_beams:
             self.unfinished.append(beam)
             self._release(beam)
         self.live = []
 
-    def _rank(self, beams: list[Beam]) -> list[Beam]:
-        # Highest aggregate first; ties keep the older beam (stable, deterministic).
-        return sorted(beams, key=lambda b: -(b.aggregate if b.aggregate is not None else float("-inf")))
+    @staticmethod
+    def _rank(beams: list[Beam], scores: list[float | None] | None = None) -> list[Beam]:
+        """Highest score (default: each beam's aggregate) first; ties keep the older beam."""
+        scores = [b.aggregate for b in beams] if scores is None else scores
+        order = sorted(range(len(beams)), key=lambda i: -(scores[i] if scores[i] is not None else float("-inf")))
+        return [beams[i] for i in order]
 
     def _record(self, **entry) -> None:
         self.trace.append({"iteration": self.iteration, **entry})
@@ -143,10 +155,10 @@ class BestOfN(TreeSearch):
     def advance(self) -> None:
         self.iteration += 1
         finished, open_ = self._settle_finished()
-        self._record(finished=[b.beam_id for b in finished], kept=[b.beam_id for b in open_], forked={})
         if self.iteration >= self.config.max_iterations:
-            self._stop(open_)
+            self._stop(finished, open_)
         else:
+            self._record(finished=_ids_of(finished), kept=_ids_of(open_), forked={})
             self.live = open_
 
 
@@ -161,28 +173,15 @@ class BeamSearch(TreeSearch):
         self.iteration += 1
         finished, open_ = self._settle_finished()
         if len(self.completions) >= self.config.n or self.iteration >= self.config.max_iterations or not open_:
-            self._record(finished=[b.beam_id for b in finished], kept=[], forked={}, pruned=[b.beam_id for b in open_])
-            self._stop(open_)
+            self._stop(finished, open_)
             return
-        ranked = self._rank_by_lookahead(open_) if self.config.lookahead else self._rank(open_)
+        ranked = self._rank(open_, self._lookahead_scores(open_) if self.config.lookahead else None)
         keep = ranked[: self.config.n // self.config.beam_width]
-        pruned = ranked[len(keep) :]
-        for beam in pruned:
-            self._release(beam)
-        children = self._expand(keep)
-        self._record(
-            finished=[b.beam_id for b in finished],
-            kept=[b.beam_id for b in keep],
-            forked={b.beam_id: [c.beam_id for c in children[i * self.config.beam_width : (i + 1) * self.config.beam_width]] for i, b in enumerate(keep)},
-            pruned=[b.beam_id for b in pruned],
-        )
-        self.live = children
+        self._survive(finished, keep, ranked[len(keep) :])
 
-    def _rank_by_lookahead(self, beams: list[Beam]) -> list[Beam]:
-        """Rank by the score a greedy rollout of ``lookahead`` more steps reaches. The
+    def _lookahead_scores(self, beams: list[Beam]) -> list[float | None]:
+        """The score a greedy rollout of ``lookahead`` more steps from each beam reaches. The
         rollouts are forks, freed afterwards; the beams themselves are untouched."""
-        from ttsearch.engine.sampler import GREEDY
-
         rollouts = [self._fork(b, 1)[0] for b in beams]
         active = list(rollouts)
         for _ in range(self.config.lookahead):
@@ -197,10 +196,9 @@ class BeamSearch(TreeSearch):
                 if res.finish_reason == "eos":
                     r.finish = "eos"
             active = [r for r in active if r.finish is None]
-        ranked_by = {id(b): r.aggregate for b, r in zip(beams, rollouts)}
         for r in rollouts:
             self._release(r)
-        return sorted(beams, key=lambda b: -(ranked_by[id(b)] if ranked_by[id(b)] is not None else float("-inf")))
+        return [r.aggregate for r in rollouts]
 
 
 class DVTS(TreeSearch):
@@ -215,25 +213,18 @@ class DVTS(TreeSearch):
         self.iteration += 1
         finished, open_ = self._settle_finished()
         if self.iteration >= self.config.max_iterations:
-            self._record(finished=[b.beam_id for b in finished], kept=[], forked={}, pruned=[b.beam_id for b in open_])
-            self._stop(open_)
+            self._stop(finished, open_)
             return
         keep, pruned = [], []
         for subtree in sorted({b.subtree for b in open_}):
             ranked = self._rank([b for b in open_ if b.subtree == subtree])
             keep.append(ranked[0])
             pruned += ranked[1:]
-        for beam in pruned:
-            self._release(beam)
-        children = self._expand(keep)
-        width = self.config.beam_width
-        self._record(
-            finished=[b.beam_id for b in finished],
-            kept=[b.beam_id for b in keep],
-            forked={b.beam_id: [c.beam_id for c in children[i * width : (i + 1) * width]] for i, b in enumerate(keep)},
-            pruned=[b.beam_id for b in pruned],
-        )
-        self.live = children
+        self._survive(finished, keep, pruned)
+
+
+def _ids_of(beams: list[Beam]) -> list[int]:
+    return [b.beam_id for b in beams]
 
 
 SEARCHES = {"best_of_n": BestOfN, "beam_search": BeamSearch, "dvts": DVTS}
