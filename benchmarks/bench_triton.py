@@ -5,10 +5,12 @@ One run measures, side by side:
   the practical memory ceiling of this GPU;
 - ``test_op[op-impl]``: every op, Triton and reference, on SmolLM2-135M shapes
   (9 query heads, 3 KV heads, head_dim 64, block size 16, bfloat16);
-- ``test_decode_shared_prefix[beams-prefix]``: decode attention for N beams that share a
-  P-token prefix and own 64 tokens each, the shape of a beam search. Reported as bytes/s
-  twice: the bytes the kernel reads (every beam its whole context) and the unique bytes of
-  the tree (the prefix once), each also as a fraction of the copy bandwidth.
+- ``test_decode_shared_prefix[impl-beams-prefix]``: decode attention for N beams that share
+  a P-token prefix and own 64 tokens each, the shape of a beam search, by the paged decode
+  kernel and by the cascade kernel (all N beams one group behind the P-token prefix, as
+  the engine groups them). Reported as bytes/s twice, the same for both kernels: the bytes
+  of every beam's whole context (what paged decode reads) and the unique bytes of the tree
+  (the prefix once), each also as a fraction of the copy bandwidth.
 
 Skipped without CUDA. Times are per call: each round runs the op ``INNER`` times, then
 synchronizes once.
@@ -29,6 +31,7 @@ if not torch.cuda.is_available():
     pytest.skip("the Triton benchmarks need a CUDA GPU", allow_module_level=True)
 pytest.importorskip("triton", reason="triton is not importable")
 
+from ttsearch.kernels.cascade_decode_attention import cascade_decode_attention  # noqa: E402
 from ttsearch.kernels.copy_blocks import copy_blocks  # noqa: E402
 from ttsearch.kernels.decode_attention import paged_decode_attention  # noqa: E402
 from ttsearch.kernels.extend_attention import paged_extend_attention  # noqa: E402
@@ -170,17 +173,26 @@ def test_copy_bandwidth(benchmark):
 
 @pytest.mark.parametrize("prefix", [256, 1024])
 @pytest.mark.parametrize("beams", [16, 64, 256])
-def test_decode_shared_prefix(benchmark, beams, prefix):
+@pytest.mark.parametrize("impl", ["paged", "cascade"])
+def test_decode_shared_prefix(benchmark, impl, beams, prefix):
     k_cache, v_cache, tables, lens = shared_prefix_tables(beams, prefix)
     query = torch.randn(beams, HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
-    seconds = per_call_seconds(benchmark, paged_decode_attention, query, k_cache, v_cache, tables, lens,
-                               HEAD_DIM**-0.5)
+    if impl == "paged":
+        seconds = per_call_seconds(benchmark, paged_decode_attention, query, k_cache, v_cache, tables, lens,
+                                   HEAD_DIM**-0.5)
+    else:
+        # One group of all the beams, its prefix the blocks their tables start with.
+        prefix_tables = tables[:1, : prefix // BLOCK].contiguous()
+        prefix_lens = torch.tensor([prefix], dtype=torch.int32, device=DEVICE)
+        seq_group = torch.zeros(beams, dtype=torch.int32, device=DEVICE)
+        seconds = per_call_seconds(benchmark, cascade_decode_attention, query, k_cache, v_cache, tables, lens,
+                                   prefix_tables, prefix_lens, seq_group, HEAD_DIM**-0.5)
     io = 2 * query.numel() * query.element_size() + tables.numel() * tables.element_size()
-    read = beams * (prefix + PRIVATE) * TOKEN_KV + io  # every beam reads its whole context
+    read = beams * (prefix + PRIVATE) * TOKEN_KV + io  # every beam its whole context (what paged decode reads)
     unique = (prefix + beams * PRIVATE) * TOKEN_KV + io  # the tree's tokens, each once
     ceiling = copy_bandwidth()
     benchmark.extra_info.update(
-        {"gpu": GPU, "beams": beams, "prefix": prefix, "private": PRIVATE, "dtype": str(DTYPE),
+        {"gpu": GPU, "impl": impl, "beams": beams, "prefix": prefix, "private": PRIVATE, "dtype": str(DTYPE),
          "seconds_per_call": seconds,
          "bytes_read": read, "bytes_read_per_s": read / seconds,
          "unique_bytes": unique, "unique_bytes_per_s": unique / seconds,

@@ -7,11 +7,13 @@ import torch
 
 def register_cuda(lib: torch.library.Library) -> None:
     """Register the Triton launchers as the CUDA implementations of the ``ttsearch`` ops."""
+    from ttsearch.kernels.cascade_decode_attention import cascade_decode_attention
     from ttsearch.kernels.copy_blocks import copy_blocks
     from ttsearch.kernels.decode_attention import paged_decode_attention
     from ttsearch.kernels.extend_attention import paged_extend_attention
     from ttsearch.kernels.prm_step_score import prm_step_score
     from ttsearch.kernels.store_kv import store_kv
 
-    for fn in (store_kv, paged_decode_attention, paged_extend_attention, copy_blocks, prm_step_score):
+    for fn in (store_kv, paged_decode_attention, cascade_decode_attention, paged_extend_attention, copy_blocks,
+               prm_step_score):
         lib.impl(fn.__name__, fn, "CUDA")

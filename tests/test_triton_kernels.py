@@ -33,14 +33,17 @@ with contextlib.suppress(ImportError):  # Triton imports it at the first launch:
     import triton.experimental.gluon  # noqa: F401
 
 import ttsearch.ops as ops  # noqa: E402
+from test_ops import cascade_args, make_cascade  # noqa: E402  (tests/ is on sys.path under pytest)
+from ttsearch.kernels import cascade_decode_attention as cascade_module  # noqa: E402
 from ttsearch.kernels import copy_blocks as copy_blocks_module  # noqa: E402
 from ttsearch.kernels import decode_attention, extend_attention, prm_step_score, register_cuda, store_kv  # noqa: E402
 from ttsearch.ops import reference  # noqa: E402
 
-KERNEL_MODULES = [store_kv, decode_attention, extend_attention, copy_blocks_module, prm_step_score]
+KERNEL_MODULES = [store_kv, decode_attention, cascade_module, extend_attention, copy_blocks_module, prm_step_score]
 LAUNCHERS = {
     "store_kv": store_kv.store_kv,
     "paged_decode_attention": decode_attention.paged_decode_attention,
+    "cascade_decode_attention": cascade_module.cascade_decode_attention,
     "paged_extend_attention": extend_attention.paged_extend_attention,
     "copy_blocks": copy_blocks_module.copy_blocks,
     "prm_step_score": prm_step_score.prm_step_score,
@@ -215,6 +218,112 @@ def test_attention_empty_batches(device):
     out = extend_attention.paged_extend_attention(torch.randn(0, 2, 64, device=device), k_cache, v_cache,
                                                   tables, starts, lens, 0.2)
     assert out.shape == (0, 2, 64)
+
+
+# ----------------------------------------------------------------------------- cascade decode attention
+
+# Groups as (prefix blocks, [suffix length of each member]), then ungrouped context lengths:
+# groups of 1, 3 and 6 members behind prefixes of 1, 2 and 5 blocks, members whose context
+# is the prefix alone (suffix 0), suffixes at a block boundary and +-1, an empty group, and
+# sequences in no group (100 tokens: two key tiles).
+CASCADE = ([(1, [16, 0]), (2, [1, 17, 15]), (5, [0, 1, 15, 16, 17, 33]), (2, [])], [1, 16, 17, 100])
+
+
+def cascade_inputs(groups, ungrouped, num_heads, kv_heads, head_dim, dtype, index_dtype=torch.int32, seed=0):
+    args, clean, ctx_lens = make_cascade(groups, ungrouped, kv_heads, head_dim, dtype, index_dtype=index_dtype,
+                                         seed=seed)
+    query = torch.randn(len(ctx_lens), num_heads, head_dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return args, clean, ctx_lens, query
+
+
+@pytest.mark.parametrize("dtype,head_dim,heads", ATTENTION_CASES)
+def test_cascade_decode_attention(device, dtype, head_dim, heads):
+    num_heads, kv_heads = HEADS[heads]
+    index_dtype = torch.int64 if head_dim == 128 else torch.int32
+    args, clean, _, query = cascade_inputs(*CASCADE, num_heads, kv_heads, head_dim, dtype, index_dtype)
+    scale = head_dim**-0.5
+    on_device = dict(zip(args, on(device, *args.values())))
+
+    out = cascade_module.cascade_decode_attention(*cascade_args(on_device, query.to(device), scale))
+
+    assert_close(out, reference.cascade_decode_attention(*cascade_args(args, query, scale)), TOL[dtype])
+    # A sequence in no group takes exactly the decode kernel's path.
+    decode = decode_attention.paged_decode_attention(query.to(device), on_device["k_cache"], on_device["v_cache"],
+                                                     clean.to(device), on_device["context_lens"], scale)
+    ungrouped = args["seq_group"] < 0
+    assert torch.equal(out.cpu()[ungrouped], decode.cpu()[ungrouped])
+    assert torch.equal(on_device["k_cache"].cpu(), args["k_cache"])
+    assert torch.equal(on_device["v_cache"].cpu(), args["v_cache"])
+
+
+@pytest.mark.parametrize("members,heads,dtype", [
+    pytest.param(1, "gqa3", torch.float32, id="1-gqa3-float32"),
+    pytest.param(21, "gqa3", torch.float32, id="21-gqa3-float32"),  # one full tile (21 x 3 heads in 64 rows)
+    pytest.param(22, "gqa3", torch.bfloat16, id="22-gqa3-bfloat16"),  # a full tile and one member more
+    pytest.param(40, "gqa8", torch.float32, id="40-gqa8-float32"),  # five tiles of 8
+    pytest.param(65, "gqa1", torch.bfloat16, id="65-gqa1-bfloat16"),  # tiles of 64 and 1
+])
+def test_cascade_group_sizes(device, members, heads, dtype):
+    """One group of ``members`` behind a 3-block prefix, either side of a full tile of
+    members, with an ungrouped sequence."""
+    num_heads, kv_heads = HEADS[heads]
+    suffixes = ([0, 1, 15, 16, 17] * 8)[:members]
+    args, _, _, query = cascade_inputs([(3, suffixes)], [20], num_heads, kv_heads, 64, dtype, seed=members)
+    on_device = dict(zip(args, on(device, *args.values())))
+
+    out = cascade_module.cascade_decode_attention(*cascade_args(on_device, query.to(device), 0.125))
+
+    assert_close(out, reference.cascade_decode_attention(*cascade_args(args, query, 0.125)), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+def test_cascade_never_reads_past_a_context(device, dtype, index_dtype):
+    """NaN in every slot outside the contexts must not reach the output; table entries past
+    a context, and prefix-table entries past a prefix, hold -1 or a huge block id."""
+    args, clean, ctx_lens, query = cascade_inputs([(5, [1, 17, 16, 0, 3]), (1, [15, 1])], [70, 2], 9, 3, 64, dtype,
+                                                  index_dtype, seed=3)
+    poisoned = dict(args, k_cache=poison_unused(args["k_cache"], clean, ctx_lens),
+                    v_cache=poison_unused(args["v_cache"], clean, ctx_lens))
+    poisoned = dict(zip(poisoned, on(device, *poisoned.values())))
+
+    out = cascade_module.cascade_decode_attention(*cascade_args(poisoned, query.to(device), 0.125))
+
+    assert_close(out, reference.cascade_decode_attention(*cascade_args(args, query, 0.125)), TOL[dtype])
+
+
+def test_cascade_on_strided_caches(device):
+    """K and V pools as views of one [2, layers, ...] cache, a query sliced out of a wider tensor."""
+    args, _, ctx_lens, _ = cascade_inputs([(2, [0, 5, 17])], [20], 4, 2, 64, torch.float32, seed=4)
+    k_cache, v_cache = args["k_cache"], args["v_cache"]
+    kv_cache = torch.stack([torch.zeros_like(k_cache), k_cache, torch.zeros_like(k_cache), v_cache]).view(
+        2, 2, *k_cache.shape
+    )
+    qkv = torch.randn(len(ctx_lens), 8, 64)
+    kv_dev, qkv_dev = on(device, kv_cache, qkv)
+    strided = dict(zip(args, on(device, *args.values())), k_cache=kv_dev[0, 1], v_cache=kv_dev[1, 1])
+
+    out = cascade_module.cascade_decode_attention(*cascade_args(strided, qkv_dev[:, 4:], 0.125))
+
+    assert_close(out, reference.cascade_decode_attention(*cascade_args(args, qkv[:, 4:], 0.125)), TOL[torch.float32])
+
+
+def test_cascade_without_groups_and_empty(device):
+    k_cache, v_cache, tables, lens = make_paged([33, 1, 17], 3, 64, torch.float32)
+    query = torch.randn(3, 9, 64)
+    no_groups = [torch.zeros(0, 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.full((3,), -1)]
+    args = on(device, query, k_cache, v_cache, tables, lens, *no_groups)
+
+    out = cascade_module.cascade_decode_attention(*args, 0.125)
+
+    expected = reference.paged_decode_attention(query, k_cache, v_cache, tables.clamp(min=0), lens, 0.125)
+    assert_close(out, expected, TOL[torch.float32])
+    # An empty batch, with and without groups.
+    one_group = on(device, torch.zeros(1, 2, dtype=torch.int32), torch.full((1,), BLOCK, dtype=torch.int32))
+    for prefix_tables, prefix_lens in (args[5:7], one_group):
+        out = cascade_module.cascade_decode_attention(args[0][:0], *args[1:3], args[3][:0], args[4][:0],
+                                                      prefix_tables, prefix_lens, args[7][:0], 0.125)
+        assert out.shape == (0, 9, 64)
 
 
 # ----------------------------------------------------------------------------- data movement

@@ -29,20 +29,14 @@ from ttsearch.ops import reference
 _SCHEMAS = {
     "store_kv": "store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
     "paged_decode_attention": "paged_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, float scale) -> Tensor",
+    "cascade_decode_attention": "cascade_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, Tensor prefix_tables, Tensor prefix_lens, Tensor seq_group, float scale) -> Tensor",
     "paged_extend_attention": "paged_extend_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor query_start_loc, Tensor context_lens, float scale) -> Tensor",
     "copy_blocks": "copy_blocks(Tensor(a!) kv_cache, Tensor src, Tensor dst) -> ()",
     "prm_step_score": "prm_step_score(Tensor hidden, Tensor? norm_weight, float eps, Tensor head_weight, Tensor? head_bias, int positive_index, Tensor prev_agg, Tensor prev_count, str aggregation) -> (Tensor, Tensor)",
 }
 
-#: Ops with no Triton kernel yet: their reference body serves CUDA tensors. A schema moves
-#: into _SCHEMAS when ttsearch.kernels registers a kernel for it (register_cuda covers
-#: exactly _SCHEMAS).
-_SCHEMAS_WITHOUT_TRITON = {
-    "cascade_decode_attention": "cascade_decode_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, Tensor prefix_tables, Tensor prefix_lens, Tensor seq_group, float scale) -> Tensor",
-}
-
 _LIB = torch.library.Library("ttsearch", "DEF")
-for _name, _schema in {**_SCHEMAS, **_SCHEMAS_WITHOUT_TRITON}.items():
+for _name, _schema in _SCHEMAS.items():
     _LIB.define(_schema)
     _LIB.impl(_name, getattr(reference, _name), "CompositeExplicitAutograd")
 

@@ -1,0 +1,253 @@
+"""cascade_decode_attention: decode attention that reads each shared prefix once per group.
+
+Sequences of a group share their first ``prefix_lens[g]`` tokens (whole blocks, listed in
+``prefix_tables[g]``). Attention over a context splits at the end of that prefix, and the
+two halves are merged by log-sum-exp:
+
+1. ``_prefix_kernel``, one program per (group, tile of members, kv head): the query heads
+   of up to ``BLOCK_M`` members that share the kv head are gathered into one
+   ``[BLOCK_M x heads_per_kv, D]`` tile, which walks the group's prefix once with an online
+   softmax. Each prefix key/value is so read once per tile instead of once per member, and
+   the products are matrix-matrix rather than the decode's thin ``[heads_per_kv, D]``. It
+   writes each row's normalised output and log-sum-exp (log2 domain, scaled scores) to
+   float32 scratch ``[B, H, D]`` and ``[B, H]``.
+2. ``_suffix_kernel``, one program per (sequence, kv head), as ``paged_decode_attention``:
+   the sequence's own tokens ``[own_prefix, context)`` (the whole context for a sequence in
+   no group, possibly nothing for a member whose context is the prefix alone) through its
+   block table. It then folds in the member's prefix partial as one more "tile" of the
+   online softmax and stores the final output in the query dtype, so no third launch
+   merges them. A sequence in no group never reads the scratch and takes exactly the
+   decode kernel's arithmetic.
+
+The members of each group are found on the device (a stable sort of ``seq_group`` and a
+search for each group's first member), without synchronising with the host: the prefix
+grid covers ``ceil(batch / BLOCK_M)`` tiles per group, and tiles past a group's members
+exit at once. Batches with no group at all go straight to the decode kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ttsearch.kernels.decode_attention import paged_decode_attention
+from ttsearch.kernels.utils import dot_dtype
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefix_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
+    prefix_tables_ptr, prefix_lens_ptr, members_ptr, member_starts_ptr,
+    scale_log2, tiles_per_group,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_pg, stride_pn,
+    num_heads,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    group = tl.program_id(0) // tiles_per_group
+    tile = tl.program_id(0) % tiles_per_group
+    kv_head = tl.program_id(1)
+    first = tl.load(member_starts_ptr + group)
+    count = tl.load(member_starts_ptr + group + 1) - first
+    if tile * BLOCK_M >= count:
+        return
+    prefix_len = tl.load(prefix_lens_ptr + group)
+
+    # Row r of the tile: query head r % GROUP (of this kv head) of the tile's member r // GROUP.
+    r = tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    member = tile * BLOCK_M + r // GROUP
+    rows_valid = (r < BLOCK_M * GROUP) & (member < count)
+    seq = tl.load(members_ptr + first + member, mask=rows_valid, other=0).to(tl.int64)
+    heads = kv_head * GROUP + r % GROUP
+    q_mask = rows_valid[:, None] & (d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + seq[:, None] * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    q = q.to(DOT_DTYPE)
+
+    # Running max (log2 domain), denominator and unnormalised output per row.
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for start in range(0, prefix_len, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        valid = pos < prefix_len
+        # Prefix-table entries past the prefix may hold anything: never dereference them.
+        block = tl.load(prefix_tables_ptr + group * stride_pg + (pos // BLOCK_SIZE) * stride_pn, mask=valid, other=0)
+        block = block.to(tl.int64)
+        offset = pos % BLOCK_SIZE
+        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
+        k_rows = block * stride_kb + offset * stride_ks + kv_head * stride_kh
+        k = tl.load(k_cache_ptr + k_rows[:, None] + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * scale_log2
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds a valid token
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+
+        v_rows = block * stride_vb + offset * stride_vs + kv_head * stride_vh
+        v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        # p is rounded to the cache dtype, as a bf16 attention multiplies it with V.
+        pv = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+
+    # Padding rows saw only zeros (l > 0 there too) and are not stored.
+    out = acc / l[:, None]
+    row_offsets = seq * num_heads + heads  # into the contiguous [B, H] scratch
+    tl.store(out_ptr + row_offsets[:, None] * HEAD_DIM + d[None, :], out, mask=q_mask)
+    tl.store(lse_ptr + row_offsets, m + tl.log2(l), mask=rows_valid)
+
+
+@triton.jit
+def _suffix_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_ptr,
+    seq_group_ptr, prefix_lens_ptr, prefix_out_ptr, prefix_lse_ptr,
+    scale_log2,
+    stride_qb, stride_qh, stride_qd,
+    stride_ob, stride_oh, stride_od,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_tb, stride_tn,
+    num_heads,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    context = tl.load(lens_ptr + seq)
+    group = tl.load(seq_group_ptr + seq)
+    grouped = group >= 0
+    own_prefix = tl.load(prefix_lens_ptr + group, mask=grouped, other=0)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g
+    q_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    q = q.to(DOT_DTYPE)
+
+    # The sequence's own tokens, exactly as the decode kernel walks a context.
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(own_prefix, context, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        valid = pos < context
+        # Table entries past the context may hold anything: never dereference them.
+        block = tl.load(tables_ptr + seq * stride_tb + (pos // BLOCK_SIZE) * stride_tn, mask=valid, other=0)
+        block = block.to(tl.int64)
+        offset = pos % BLOCK_SIZE
+        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
+        k_rows = block * stride_kb + offset * stride_ks + kv_head * stride_kh
+        k = tl.load(k_cache_ptr + k_rows[:, None] + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+
+        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * scale_log2
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds a valid token
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+
+        v_rows = block * stride_vb + offset * stride_vs + kv_head * stride_vh
+        v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        # p is rounded to the cache dtype, as a bf16 attention multiplies it with V.
+        pv = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+
+    # Fold in the prefix partial (normalised output o, log-sum-exp lse) as weight 2^lse on
+    # o. A sequence in no group reads nothing: lse = -inf gives it weight 0 and leaves
+    # m, l, acc as they are. An empty suffix has m = -inf, l = 0, acc = 0: only the
+    # prefix remains. Contexts are never empty, so the two are never both -inf.
+    rows = seq * num_heads + heads  # into the contiguous [B, H] scratch
+    # (A comparison rather than `(g < GROUP) & grouped`: Triton's interpreter turns the
+    # `&` of a block and a scalar mask into int32, which tl.load refuses as a mask.)
+    from_prefix = g < tl.where(grouped, GROUP, 0)
+    lse = tl.load(prefix_lse_ptr + rows, mask=from_prefix, other=float("-inf"))
+    # Padding heads (never stored) take o = 0 at weight 1, so even with an empty suffix
+    # they stay finite rather than computing (-inf) - (-inf).
+    lse = tl.where(g < GROUP, lse, 0.0)
+    o_mask = from_prefix[:, None] & (d < HEAD_DIM)[None, :]
+    o = tl.load(prefix_out_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=o_mask, other=0.0)
+    m_new = tl.maximum(m, lse)
+    alpha = tl.exp2(m - m_new)
+    beta = tl.exp2(lse - m_new)
+    l = l * alpha + beta
+    acc = acc * alpha[:, None] + o * beta[:, None]
+
+    out = acc / l[:, None]
+    tl.store(
+        out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od,
+        out.to(out_ptr.dtype.element_ty),
+        mask=q_mask,
+    )
+
+
+def cascade_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    prefix_tables: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    seq_group: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    batch, num_heads, head_dim = query.shape
+    num_groups = prefix_lens.shape[0]
+    if batch == 0 or num_groups == 0:
+        return paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // kv_heads
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    dtype = dot_dtype(query)
+
+    # Members of each group, on the device: sequences sorted by group (stable, so in batch
+    # order), and where each group's run starts; -1 (no group) sorts first and is skipped.
+    sorted_groups, members = torch.sort(seq_group.long(), stable=True)
+    member_starts = torch.searchsorted(sorted_groups, torch.arange(num_groups + 1, device=query.device))
+
+    # The prefix tile: BLOCK_M members x GROUP heads in BLOCK_R rows (tl.dot needs >= 16).
+    block_r = max(64, triton.next_power_of_2(group))
+    block_m = block_r // group
+    tiles_per_group = triton.cdiv(batch, block_m)
+    prefix_out = torch.empty(batch, num_heads, head_dim, dtype=torch.float32, device=query.device)
+    prefix_lse = torch.empty(batch, num_heads, dtype=torch.float32, device=query.device)
+    _prefix_kernel[(num_groups * tiles_per_group, kv_heads)](
+        query, k_cache, v_cache, prefix_out, prefix_lse,
+        prefix_tables, prefix_lens, members, member_starts,
+        scale * _LOG2E, tiles_per_group,
+        *query.stride(), *k_cache.stride(), *v_cache.stride(), *prefix_tables.stride(),
+        num_heads,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_N=64,
+        DOT_DTYPE=dtype,
+        num_warps=4,
+    )
+
+    out = torch.empty_like(query)
+    _suffix_kernel[(batch, kv_heads)](
+        query, k_cache, v_cache, out, block_tables, context_lens,
+        seq_group, prefix_lens, prefix_out, prefix_lse,
+        scale * _LOG2E,
+        *query.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
+        *block_tables.stride(),
+        num_heads,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=64,
+        DOT_DTYPE=dtype,
+        num_warps=4,
+    )
+    return out
