@@ -11,7 +11,7 @@ import pytest
 from ttsearch.engine.engine import StepResult
 from ttsearch.eval.datasets import Problem
 from ttsearch.search.config import ConfigError, SearchConfig
-from ttsearch.search.runner import Job, make_record, step_all
+from ttsearch.search.runner import Job, Scheduler, make_record
 from ttsearch.search.selection import budgets, select
 from ttsearch.search.strategies import SEARCHES
 
@@ -39,6 +39,7 @@ class ScriptedPolicy:
     the answer. Tracks live sequences so leaks show."""
 
     eos: set = field(default_factory=set)
+    step_tokens: dict = field(default_factory=dict)  # root ("r0", "r1"...) -> tokens per step (default 1)
     live: set = field(default_factory=set)
     max_model_len: int = 10_000
     tokenizer: ScriptedTokenizer = field(default_factory=ScriptedTokenizer)
@@ -60,17 +61,53 @@ class ScriptedPolicy:
         seq.freed = True
         self.live.discard(id(seq))
 
+    def step_writer(self, stop="\n\n", max_tokens=256):
+        return ScriptedWriter(self)
+
     def generate_step(self, seqs, sampling, stop="\n\n", max_tokens=256):
-        out = []
-        for s in seqs:
-            assert not s.freed
-            s.length += 3
-            name = "/".join(map(str, s.path[1:]))
-            out.append(StepResult([7, 7, 7], f"<{name}> ", "eos" if name in self.eos else "stop"))
-        return out
+        writer = self.step_writer(stop, max_tokens)
+        writer.add(seqs, sampling)
+        ended = {}
+        while len(ended) < len(seqs):
+            ended.update((id(seq), result) for seq, result in writer.advance())
+        return [ended[id(seq)] for seq in seqs]
+
+    def step_text(self, seq):
+        return "/".join(map(str, seq.path[1:]))
 
     def stats(self):
         return {"blocks_used": len(self.live)}
+
+
+class ScriptedWriter:
+    """A step ends after its root's ``policy.step_tokens``; ``tokens`` counts decode steps run."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        self.writing = {}  # id(seq) -> [seq, tokens left]
+        self.tokens = 0
+
+    def __len__(self):
+        return len(self.writing)
+
+    def add(self, seqs, sampling=None):
+        for s in seqs:
+            assert not s.freed and id(s) not in self.writing
+            self.writing[id(s)] = [s, self.policy.step_tokens.get(s.path[0], 1)]
+
+    def advance(self):
+        self.tokens += 1
+        ended = []
+        for key, entry in list(self.writing.items()):
+            s = entry[0]
+            assert not s.freed
+            s.length += 1
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.writing[key]
+                name = self.policy.step_text(s)
+                ended.append((s, StepResult([7], f"<{name}> ", "eos" if name in self.policy.eos else "stop")))
+        return ended
 
 
 @dataclass
@@ -120,10 +157,11 @@ def run_one(strategy, scores, eos=(), **settings):
 
 def drive(search, policy, verifier, config):
     """Run one search to its end through the scheduler; check nothing leaked. Returns its job."""
-    search.start()
+    scheduler = Scheduler(policy, verifier, config)
     job = Job(Problem(id="p", question="q", answer="7"), search, sampling=None, started=0.0)
-    while not search.done:
-        step_all([job], policy, verifier, config)
+    scheduler.add(job)
+    while scheduler.jobs:
+        scheduler.step()
     assert not policy.live and verifier.live == 0, "a search leaked sequences or verifier states"
     return job
 
@@ -184,6 +222,26 @@ def test_beam_search_lookahead_ranks_by_the_rollout():
     scores = {"0": 0.9, "1": 0.2, "0/0": 0.1, "1/0": 0.95}
     search = run_one("beam_search", scores, n=2, beam_width=2, max_iterations=2, lookahead=1)
     assert search.trace[0]["kept"] == [1]
+
+
+def test_a_problem_with_short_steps_does_not_wait_for_another_with_long_ones():
+    # two beam searches share one scheduler: problem a's steps take 1 token, problem b's 5
+    config = SearchConfig(strategy="beam_search", n=2, beam_width=2, max_iterations=3)
+    policy, verifier = ScriptedPolicy(step_tokens={"r0": 1, "r1": 5}), ScriptedVerifier({})
+    scheduler = Scheduler(policy, verifier, config)
+    jobs = [Job(Problem(id=pid, question="q", answer="7"), SEARCHES["beam_search"](policy, verifier, config, [1] * 5, "q"),
+                sampling=None, started=0.0) for pid in "ab"]
+    for job in jobs:
+        scheduler.add(job)
+    done_at = {}
+    while scheduler.jobs:
+        for job in scheduler.step():
+            done_at[job.problem.id] = scheduler.writer.tokens
+    # a ran its three iterations while b was still writing its first step
+    assert done_at == {"a": 3, "b": 15}
+    assert [job.search.iteration for job in jobs] == [3, 3]
+    assert [job.tokens_generated for job in jobs] == [6, 6]  # 2 beams x 3 steps, one token id each
+    assert not policy.live and verifier.live == 0
 
 
 @pytest.mark.parametrize(

@@ -228,34 +228,17 @@ class Engine:
         """Each sequence writes one reasoning step, all decoding in one batch: it stops after
         the ``stop`` delimiter (kept in the text), at EOS, or after ``max_tokens`` tokens
         (or at the context length), and its result says which."""
+        writer = self.step_writer(stop, max_tokens)
         seqs = list(seqs)
-        params = self._per_seq(sampling, len(seqs))
-        if not (isinstance(max_tokens, int) and max_tokens >= 1):
-            raise ValueError(f"generate_step: max_tokens must be a positive int, got {max_tokens!r}")
-        self._check_live(seqs)
-        written: list[list[int]] = [[] for _ in seqs]
-        reasons: list[str | None] = [None] * len(seqs)
-        active = [i for i, s in enumerate(seqs) if len(s) < self.max_model_len]
-        for i in set(range(len(seqs))) - set(active):
-            reasons[i] = "length"
-        window = len(stop) + 2 if stop else 0  # tokens enough to spell the delimiter
-        while active:
-            tokens = self.step([seqs[i] for i in active], [params[i] for i in active])
-            still = []
-            for i, token in zip(active, tokens):
-                written[i].append(token)
-                if token in self.eos_token_ids:
-                    reasons[i] = "eos"
-                elif stop and stop in self.tokenizer.decode(written[i][-window:]):
-                    reasons[i] = "stop"
-                elif len(written[i]) >= max_tokens or len(seqs[i]) >= self.max_model_len:
-                    reasons[i] = "length"
-                else:
-                    still.append(i)
-            active = still
-        return [
-            StepResult(w, self.tokenizer.decode(w, skip_special_tokens=True), r) for w, r in zip(written, reasons)
-        ]
+        writer.add(seqs, sampling)
+        ended: dict[int, StepResult] = {}
+        while len(ended) < len(seqs):
+            ended.update((seq.seq_id, result) for seq, result in writer.advance())
+        return [ended[seq.seq_id] for seq in seqs]
+
+    def step_writer(self, stop: str | None = "\n\n", max_tokens: int = 256) -> StepWriter:
+        """A batch of step-writing sequences that others may join between tokens: see StepWriter."""
+        return StepWriter(self, stop, max_tokens)
 
     def stats(self) -> dict:
         used = self.blocks.num_used
@@ -439,3 +422,66 @@ class Engine:
         if seq.generator is None:
             seq.generator = torch.Generator().manual_seed(derive_seed(params.seed, seq.lineage))
         return seq.generator
+
+
+class StepWriter:
+    """Sequences writing one reasoning step each, decoded together a token at a time.
+
+    ``add`` starts a step for more sequences at any point; ``advance`` decodes one token for
+    every sequence still writing and returns those whose step just ended, with its result:
+    after the ``stop`` delimiter (kept in the text), at EOS, after ``max_tokens`` tokens, or at
+    the context length. A scheduler that starts each next step as soon as the last one is
+    scored keeps the batch full while slower steps are still being written.
+    """
+
+    def __init__(self, engine: Engine, stop: str | None, max_tokens: int):
+        if not (isinstance(max_tokens, int) and max_tokens >= 1):
+            raise ValueError(f"generate_step: max_tokens must be a positive int, got {max_tokens!r}")
+        self.engine = engine
+        self.stop = stop
+        self.max_tokens = max_tokens
+        self._window = len(stop) + 2 if stop else 0  # tokens enough to spell the delimiter
+        self._writing: dict[int, tuple[Seq, SamplingParams, list[int]]] = {}
+        self._ended: list[tuple[Seq, StepResult]] = []
+
+    def __len__(self) -> int:
+        """Sequences still writing their step."""
+        return len(self._writing)
+
+    def add(self, seqs: Sequence[Seq], sampling: SamplingParams | Sequence[SamplingParams] = GREEDY) -> None:
+        seqs = list(seqs)
+        params = self.engine._per_seq(sampling, len(seqs))
+        self.engine._check_live(seqs)
+        self.engine._check_has_logits(seqs)
+        for seq in seqs:
+            if seq.seq_id in self._writing:
+                raise ValueError(f"{seq!r} is already writing a step")
+        for seq, p in zip(seqs, params):
+            if len(seq) >= self.engine.max_model_len:
+                self._ended.append((seq, StepResult([], "", "length")))
+            else:
+                self._writing[seq.seq_id] = (seq, p, [])
+
+    def advance(self) -> list[tuple[Seq, StepResult]]:
+        ended, self._ended = self._ended, []
+        if not self._writing:
+            return ended
+        entries = list(self._writing.values())
+        tokens = self.engine.step([seq for seq, _, _ in entries], [p for _, p, _ in entries])
+        for (seq, _, written), token in zip(entries, tokens):
+            written.append(token)
+            reason = self._reason(seq, written)
+            if reason is not None:
+                del self._writing[seq.seq_id]
+                text = self.engine.tokenizer.decode(written, skip_special_tokens=True)
+                ended.append((seq, StepResult(written, text, reason)))
+        return ended
+
+    def _reason(self, seq: Seq, written: list[int]) -> str | None:
+        if written[-1] in self.engine.eos_token_ids:
+            return "eos"
+        if self.stop and self.stop in self.engine.tokenizer.decode(written[-self._window :]):
+            return "stop"
+        if len(written) >= self.max_tokens or len(seq) >= self.engine.max_model_len:
+            return "length"
+        return None

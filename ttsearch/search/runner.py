@@ -1,9 +1,10 @@
 """The scheduler: many problems searched together, every live beam in one batch.
 
-Each iteration, every live beam of every problem in flight writes one step in a single
-``generate_step`` call and all new steps are scored in a single verifier call; then each
-problem's strategy decides what survives. When a problem finishes, its record is handed
-to ``on_record`` and the next problem starts.
+Every live beam of every problem in flight decodes in one batch, a token at a time. When all
+beams of a problem have ended their step, the steps are scored (one verifier call for every
+problem ready at that token), its strategy decides what survives, and its next step joins
+the batch. When a problem finishes, its record is handed to ``on_record`` and the next
+problem starts.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from ttsearch.engine.engine import StepResult
 from ttsearch.engine.sampler import SamplingParams
 from ttsearch.eval.datasets import Problem
 from ttsearch.eval.grading import answer_key, extract_answer, is_equivalent
 from ttsearch.search.compute_optimal import ComputeOptimal, read_table
 from ttsearch.search.config import SearchConfig
 from ttsearch.search.selection import SELECTIONS, budgets, select
-from ttsearch.search.strategies import SEARCHES, TreeSearch
+from ttsearch.search.strategies import SEARCHES, Beam, TreeSearch
 
 
 def build_prompt(tokenizer, question: str, config: SearchConfig) -> list[int]:
@@ -85,69 +87,106 @@ def run_jobs(
     """Search every problem, at most ``config.problems_in_flight`` at once."""
     pending = list(problems)
     bar = tqdm(total=len(pending), desc=config.strategy, unit="problem", disable=not progress)
-    running: list[Job] = []
-    correct = generated = done = 0
+    scheduler = Scheduler(policy, verifier, config)
+    correct = done = 0
     started = time.perf_counter()
-    while pending or running:
-        while pending and len(running) < config.problems_in_flight:
+    while pending or scheduler.jobs:
+        while pending and len(scheduler.jobs) < config.problems_in_flight:
             problem = pending.pop(0)
             sampling = SamplingParams(
                 temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                 seed=problem_seed(config.seed, problem.id),
             )
-            job = Job(problem, make_search(problem, policy, verifier, config), sampling, time.perf_counter())
-            job.search.start()
-            running.append(job)
-        generated += step_all(running, policy, verifier, config)
-        for job in [j for j in running if j.search.done]:
-            running.remove(job)
+            scheduler.add(Job(problem, make_search(problem, policy, verifier, config), sampling, time.perf_counter()))
+        for job in scheduler.step():
             record = make_record(job, config)
             correct += record["selections"]["naive"][str(config.n)]["correct"]
             on_record(record)
             done += 1
             bar.update(1)
-            bar.set_postfix(tok_s=f"{generated / (time.perf_counter() - started):.0f}", acc=f"{correct / done:.2f}")
+            tok_s = scheduler.generated / (time.perf_counter() - started)
+            bar.set_postfix(tok_s=f"{tok_s:.0f}", acc=f"{correct / done:.2f}")
     bar.close()
 
 
-def step_all(jobs: list[Job], policy, verifier, config: SearchConfig) -> int:
-    """One iteration for every job: all live beams write a step, all are scored, each
-    strategy advances. Returns the tokens generated."""
-    beams = [(job, beam) for job in jobs for beam in job.search.live]
-    if not beams:
+class Scheduler:
+    """Every live beam of every job writes its step in one decode batch, a token at a time.
+
+    A job's iteration ends when all its beams have ended their step: its steps are scored
+    (with those of every other job ending in the same token, in one verifier call), its
+    strategy advances, and its next step starts at once. So a problem with short steps does
+    not wait for another's long ones, and the batch stays full.
+    """
+
+    def __init__(self, policy, verifier, config: SearchConfig):
+        self.policy = policy
+        self.verifier = verifier
+        self.writer = policy.step_writer(config.stop, config.max_step_tokens)
+        self.jobs: list[Job] = []
+        self.generated = 0
+        self._writing: dict[int, tuple[Job, Beam]] = {}  # id(policy seq) -> its job and beam
+        self._steps: dict[int, dict[int, StepResult]] = {}  # id(job) -> beam_id -> its ended step
+
+    def add(self, job: Job) -> None:
+        """Start ``job``'s search and its first step."""
+        job.search.start()
+        self.jobs.append(job)
+        self._begin_step(job)
+
+    def step(self) -> list[Job]:
+        """Decode one token for every beam writing; score and advance each job whose beams
+        have all ended their step. Returns the jobs whose search is done (no longer held)."""
+        for seq, result in self.writer.advance():
+            job, beam = self._writing.pop(id(seq))
+            self._steps[id(job)][beam.beam_id] = result
+        ready = [job for job in self.jobs if len(self._steps[id(job)]) == len(job.search.live)]
+        if not ready:
+            return []
+        self._score_and_advance(ready)
+        done = [job for job in ready if job.search.done]
+        for job in ready:
+            if job.search.done:
+                self.jobs.remove(job)
+                del self._steps[id(job)]
+            else:
+                self._begin_step(job)
+        return done
+
+    def _begin_step(self, job: Job) -> None:
+        self._steps[id(job)] = {}
+        for beam in job.search.live:
+            self._writing[id(beam.seq)] = (job, beam)
+        self.writer.add([beam.seq for beam in job.search.live], job.sampling)
+
+    def _score_and_advance(self, jobs: list[Job]) -> None:
+        """Score the ended steps of ``jobs`` in one verifier call; each strategy advances."""
+        beams = [(job, beam, self._steps[id(job)][beam.beam_id]) for job in jobs for beam in job.search.live]
+        before = verifier_tokens(self.verifier)
+        scores = self.verifier.score(
+            [b.vstate for _, b, _ in beams], [r.text for _, _, r in beams], policy_seqs=[b.seq for _, b, _ in beams]
+        ) if beams else []
+        verified = verifier_tokens(self.verifier) - before
+        step_tokens = sum(len(r.token_ids) for _, _, r in beams) or 1
+        for (job, beam, result), score in zip(beams, scores):
+            beam.steps.append(result.text)
+            beam.step_scores.append(score)
+            beam.aggregate = beam.vstate.aggregate
+            beam.tokens += len(result.token_ids)
+            beam.last_step_cut = result.finish_reason == "length"
+            job.tokens_generated += len(result.token_ids)
+            # one verifier call serves every job in it: its tokens are shared in proportion
+            job.tokens_verified += verified * len(result.token_ids) / step_tokens
+            if result.finish_reason == "eos":
+                beam.finish = "eos"
+            elif len(beam.seq) >= self.policy.max_model_len:
+                beam.finish = "context"
+        self.generated += sum(len(r.token_ids) for _, _, r in beams)
+        blocks = self.policy.stats()["blocks_used"]
         for job in jobs:
-            job.search.live = []
-        return 0
-    results = policy.generate_step(
-        [b.seq for _, b in beams],
-        [job.sampling for job, _ in beams],
-        stop=config.stop,
-        max_tokens=config.max_step_tokens,
-    )
-    before = verifier_tokens(verifier)
-    scores = verifier.score([b.vstate for _, b in beams], [r.text for r in results], policy_seqs=[b.seq for _, b in beams])
-    verified = verifier_tokens(verifier) - before
-    step_tokens = sum(len(r.token_ids) for r in results) or 1
-    for (job, beam), result, score in zip(beams, results, scores):
-        beam.steps.append(result.text)
-        beam.step_scores.append(score)
-        beam.aggregate = beam.vstate.aggregate
-        beam.tokens += len(result.token_ids)
-        beam.last_step_cut = result.finish_reason == "length"
-        job.tokens_generated += len(result.token_ids)
-        # one verifier call serves every problem: its tokens are shared in proportion
-        job.tokens_verified += verified * len(result.token_ids) / step_tokens
-        if result.finish_reason == "eos":
-            beam.finish = "eos"
-        elif len(beam.seq) >= policy.max_model_len:
-            beam.finish = "context"
-    blocks = policy.stats()["blocks_used"]
-    for job in jobs:
-        job.peak_blocks = max(job.peak_blocks, blocks)
-        if "first_step_scores" not in job.extra:  # the difficulty estimate compute_optimal fits on
-            job.extra["first_step_scores"] = [b.step_scores[0] for b in job.search.live]
-        job.search.advance()
-    return sum(len(r.token_ids) for r in results)
+            job.peak_blocks = max(job.peak_blocks, blocks)
+            if "first_step_scores" not in job.extra:  # the difficulty estimate compute_optimal fits on
+                job.extra["first_step_scores"] = [b.step_scores[0] for b in job.search.live]
+            job.search.advance()
 
 
 def make_record(job: Job, config: SearchConfig) -> dict:
