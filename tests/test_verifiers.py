@@ -414,6 +414,55 @@ def test_verifier_states_fork_and_free_with_a_beam_search(math_shepherd, rlhflow
         assert (engine.stats()["blocks_used"], engine.stats()["sequences"]) == (0, 0)
 
 
+MIA = "Mia has 4 cards, gets 10 more, and then gives away 9. How many cards does Mia have now?"
+PATHS = [
+    # worked through: every equation true and grounded, the answer is the last result
+    (["4 + 10 = 14\n\n", "14 - 9 = 5\n\n", "The answer is \\boxed{5}."], [1.0, 1.0, 1.0]),
+    (["4 + 10 - 9 = 5, so the answer is 5."], [1.0]),
+    # an answer not derived from every number of the question: not verified
+    (["4 + 10 = 14\n\n", "The answer is \\boxed{14}."], [1.0, 0.5]),
+    # an answer the path did not compute
+    (["4 + 10 = 14\n\n", "14 - 9 = 5\n\n", "The answer is \\boxed{6}."], [1.0, 1.0, 0.0]),
+    (["The answer is 5."], [0.0]),
+    # a number from nowhere: neutral, and its result may then be used
+    (["9 * 12 = 108\n\n", "108 - 4 = 104\n\n"], [0.5, 1.0]),
+    # each occurrence of a number in the question is to be used
+    (["7 * 9 = 63\n\n", "63 + 3 = 66\n\n", "The answer is \\boxed{66}."], [1.0, 1.0, 0.5], "What is 7 * 9 + 3 * 7?"),
+    (["7 * 9 = 63\n\n", "3 * 7 = 21\n\n", "63 + 21 = 84\n\n", "The answer is \\boxed{84}."], [1.0] * 4,
+     "What is 7 * 9 + 3 * 7?"),
+    # a result dropped: 55 never feeds the answer
+    (["5 * 11 = 55\n\n", "5 + 8 = 13\n\n", "The answer is \\boxed{13}."], [1.0, 1.0, 0.5], "What is 5 * 11 + 8?"),
+    (["5 * 11 = 55\n\n", "55 + 8 = 63\n\n", "The answer is \\boxed{63}."], [1.0, 1.0, 1.0], "What is 5 * 11 + 8?"),
+    # a false equation, and an answer after one
+    (["4 + 10 = 15\n\n", "15 - 9 = 6\n\n"], [0.0, 1.0]),
+    (["4 + 10 - 9 = 6. The answer is \\boxed{6}."], [0.0]),
+    # nothing to judge; an answer that is not a number
+    (["Let us count the cards.\n\n", "The answer is \\boxed{\\frac{a}{b}}."], [0.5, 0.5]),
+]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda v: repr(v[0])[:40])
+def test_arithmetic_checker_follows_the_path(path):
+    steps, expected, question = (*path, MIA)[:3]
+    checker = ArithmeticChecker()
+    state = checker.new(question)
+    for step in steps:
+        checker.score([state], [step])
+    assert state.step_scores == expected
+
+
+def test_arithmetic_checker_forks_keep_their_own_progress():
+    checker = ArithmeticChecker(aggregation="min")
+    root = checker.new(MIA)
+    checker.score([root], ["4 + 10 = 14\n\n"])
+    a, b = checker.fork(root, 2)
+    checker.score([a, b], ["14 - 9 = 5\n\n", "The answer is \\boxed{14}."])
+    checker.score([a], ["The answer is \\boxed{5}."])
+    assert (a.step_scores, a.aggregate) == ([1.0, 1.0, 1.0], 1.0)
+    assert (b.step_scores, b.aggregate) == ([1.0, 0.5], 0.5)
+    assert root.context.last == 14 and a.context.last == 5
+
+
 @pytest.mark.parametrize(
     "aggregation, expected",
     [("last", lambda s: s[-1]), ("min", min), ("prod", lambda s: s[0] * s[1] * s[2]), ("mean", lambda s: sum(s) / 3)],
@@ -423,7 +472,7 @@ def test_aggregations(qwen_prm, aggregation, expected):
     assert state.aggregate == pytest.approx(expected(state.step_scores), abs=1e-6)
     checker = ArithmeticChecker(aggregation)
     state = checker.new(QUESTION)
-    checker.score([state], ["1 + 1 = 2"]), checker.score([state], ["no equation"]), checker.score([state], ["2 = 3"])
+    checker.score([state], ["16 - 3 = 13"]), checker.score([state], ["no equation"]), checker.score([state], ["2 = 3"])
     assert state.step_scores == [1.0, 0.5, 0.0]
     assert state.aggregate == pytest.approx(expected([1.0, 0.5, 0.0]))
 
@@ -538,4 +587,4 @@ def test_arithmetic_equations_found():
     ]
     checker = load_verifier("arithmetic", neutral=0.25)
     states = checker.fork(checker.new(QUESTION), 3)
-    assert checker.score(states, ["1 + 1 = 2", "1 + 1 = 3", "no numbers"]) == [1.0, 0.0, 0.25]
+    assert checker.score(states, ["16 - 3 = 13", "16 - 3 = 12", "no numbers"]) == [1.0, 0.0, 0.25]

@@ -8,8 +8,23 @@ is evaluated in exact rationals by a small recursive-descent parser (never ``eva
 written as a decimal literal holds within half a unit of its last digit (``10 / 3 = 3.33``);
 a division by zero makes the equation false.
 
-Score of a step: 1.0 when every equation in it holds, 0.0 when any does not, ``neutral``
-(0.5) when it has none.
+``check(text)`` judges a text alone: 1.0 when every equation in it holds, 0.0 when any does
+not, ``neutral`` (0.5) when it has none. The checker judges each step of a path in light of
+what the path has established (``Progress``: the question's numbers, the results of its own
+equations, its last result):
+
+- 0.0: an equation is false, or the step states a final answer other than the path's last
+  result;
+- 1.0: every equation holds and calculates only with numbers of the question or earlier
+  results; a final answer is verified when it equals the last result and that result was
+  derived, through the path's equations, from every number of the question, each used
+  as often as the question writes it;
+- ``neutral`` otherwise: nothing to judge, a number from elsewhere (a unit conversion, a
+  constant), or an answer that is not derived from all the question's numbers.
+
+So a path that skips a calculation, drops an intermediate result or answers something it
+did not compute ranks below one that works the problem through, which an equation check
+alone cannot see.
 
 Arithmetic that is part of something the parser does not read is skipped rather than
 judged: a side touching a letter or symbol (``3x``, ``x^2 = 4``, ``5%``, ``\\frac{1}{2}``), a
@@ -23,14 +38,15 @@ raises.
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 
 from ttsearch.ops.reference import update_aggregate
-from ttsearch.verifiers.base import Verifier
+from ttsearch.eval.grading import extract_answer
+from ttsearch.verifiers.base import Verifier, VerifierState
 
 MAX_CHARS = 20_000
 MAX_EQUATIONS = 64
@@ -68,6 +84,8 @@ class Equation:
     left: str
     right: str
     holds: bool
+    operands: tuple[Fraction, ...] = ()  # the numbers written on the left side
+    result: Fraction | None = None  # the right side's value (None: undefined)
 
 
 class _Skip(Exception):
@@ -227,12 +245,14 @@ def _unwrap(side: list[_Tok], front: bool) -> list[_Tok]:
     return side
 
 
-def _judge(left: list[_Tok], right: list[_Tok]) -> bool:
+def _judge(left: list[_Tok], right: list[_Tok]) -> Equation:
+    operands = tuple(_number(t.text) for t in left if t.kind == "num")
     try:
         lhs, rhs = _Parser(left).parse(), _Parser(right).parse()
     except _Undefined:
-        return False
-    return abs(lhs - rhs) <= max(_tolerance(left), _tolerance(right))
+        return Equation(_text(left), _text(right), False, operands)
+    holds = abs(lhs - rhs) <= max(_tolerance(left), _tolerance(right))
+    return Equation(_text(left), _text(right), holds, operands, rhs)
 
 
 def _text(toks: list[_Tok]) -> str:
@@ -266,7 +286,7 @@ def equations(text: str) -> list[Equation]:
             if (i == 0 and first_bound) or (i + 1 == len(sides) - 1 and last_bound):
                 continue
             try:
-                found.append(Equation(_text(left), _text(right), _judge(left, right)))
+                found.append(_judge(left, right))
             except _Skip:
                 continue
             if len(found) == MAX_EQUATIONS:
@@ -282,8 +302,76 @@ def check(text: str, neutral: float = 0.5) -> float:
     return 1.0 if all(e.holds for e in found) else 0.0
 
 
+def numbers(text: str) -> list[Fraction]:
+    """The numbers written in ``text``, in order, repeats included."""
+    found = []
+    for tok in _tokens(text):
+        if tok.kind == "num":
+            with suppress(_Skip):
+                found.append(_number(tok.text))
+    return found
+
+
+def _answer_value(text: str) -> Fraction | None:
+    """The number a final answer states (``5``, ``-5``, ``$1,200``, ``5 cards``), or None."""
+    answer = extract_answer(text)
+    if answer is None:
+        return None
+    toks = [t for t in _tokens(answer) if t.kind in ("num", "op")]
+    try:
+        return _Parser(toks).parse() if toks and len(numbers(answer)) == 1 else None
+    except (_Skip, _Undefined):
+        return None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a path has established: the question's numbers, and each value its equations
+    derived with the question numbers it was derived from (its support, repeats included:
+    ``7 * 9 + 3 * 7`` needs the 7 twice). ``last`` is the last value derived."""
+
+    given: tuple[Fraction, ...]
+    derived: tuple[tuple[Fraction, tuple[Fraction, ...]], ...] = ()
+    last: Fraction | None = None
+
+    @classmethod
+    def of(cls, question: str) -> Progress:
+        return cls(tuple(sorted(numbers(question))))
+
+
+def judge(progress: Progress, step: str, neutral: float = 0.5) -> tuple[float, Progress]:
+    """The score of ``step`` written after ``progress`` (see the module notes), and the
+    progress after it."""
+    given, derived, last = set(progress.given), dict(progress.derived), progress.last
+    found = equations(step)
+    false = any(not e.holds for e in found)
+    grounded = bool(found)
+    for e in found:  # in order: a value may feed the next equation of the same step
+        support: list[Fraction] = []
+        for x in e.operands:
+            if x in derived:
+                support += derived[x]
+            elif x in given:
+                support.append(x)
+            else:
+                grounded = False
+        if e.result is not None:
+            derived[e.result] = tuple(sorted(support))
+            last = e.result
+    score = 0.0 if false else 1.0 if grounded else neutral
+    answer = _answer_value(step)
+    if answer is not None and not false:
+        if answer != last:
+            score = 0.0
+        elif derived[last] == progress.given and (grounded or not found):
+            score = 1.0  # derived from every number of the question, each used once
+        else:
+            score = neutral
+    return score, Progress(progress.given, tuple(derived.items()), last)
+
+
 class ArithmeticChecker(Verifier):
-    """Scores each step with ``check``; no model, no sequences."""
+    """Scores each step with ``judge``, following each path's ``Progress``; no model."""
 
     def __init__(self, aggregation: str = "last", neutral: float = 0.5):
         super().__init__(aggregation)
@@ -291,6 +379,14 @@ class ArithmeticChecker(Verifier):
             raise ValueError(f"neutral={neutral!r}: expected a score in [0, 1]")
         self.neutral = neutral
 
+    def new(self, question: str, policy_seq=None) -> VerifierState:
+        state = super().new(question, policy_seq)
+        state.context = Progress.of(question)
+        return state
+
     def _score(self, states, steps, policy_seqs, prev_agg, prev_count):
-        scores = torch.tensor([check(step, self.neutral) for step in steps], dtype=torch.float32)
+        judged = [judge(state.context, step, self.neutral) for state, step in zip(states, steps)]
+        for state, (_, progress) in zip(states, judged):
+            state.context = progress
+        scores = torch.tensor([score for score, _ in judged], dtype=torch.float32)
         return scores, update_aggregate(prev_agg, prev_count, scores, self.aggregation)
