@@ -31,7 +31,7 @@ from ttsearch.verifiers import load_verifier
 
 PROBLEMS = 20
 SETTINGS = dict(
-    n=8, beam_width=4, max_iterations=5, max_step_tokens=40, temperature=0.8, top_p=1.0, problems_in_flight=4,
+    n=8, beam_width=4, max_iterations=5, max_step_tokens=40, temperature=0.8, top_p=1.0, problems_in_flight=20,
     system_prompt="Solve the math problem step by step. Write one calculation per step, separate the steps "
     "with a blank line, and end with: The answer is \\boxed{ANSWER}.",
     example_question="What is 12 * 7 + 5?",
@@ -60,7 +60,7 @@ def unique_tokens(seqs) -> int:
 
 
 class Meter:
-    """Wraps the policy's generate_step to follow the KV pool and the trees as they grow."""
+    """Wraps the policy's step writer to follow the KV pool and the trees as they grow."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -72,14 +72,21 @@ class Meter:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def generate_step(self, seqs, *args, **kwargs):
-        results = self.engine.generate_step(seqs, *args, **kwargs)
-        self.generated += sum(len(r.token_ids) for r in results)
-        used = self.engine.stats()["blocks_used"]
-        if used > self.peak_blocks:
-            live = list(self.engine._live.values())
-            self.peak_blocks, self.unique_at_peak, self.beams_at_peak = used, unique_tokens(live), len(live)
-        return results
+    def step_writer(self, *args, **kwargs):
+        writer = self.engine.step_writer(*args, **kwargs)
+        advance = writer.advance
+
+        def metered_advance():
+            ended = advance()
+            self.generated += sum(len(result.token_ids) for _, result in ended)
+            used = self.engine.blocks.num_used
+            if used > self.peak_blocks:
+                live = list(self.engine._live.values())
+                self.peak_blocks, self.unique_at_peak, self.beams_at_peak = used, unique_tokens(live), len(live)
+            return ended
+
+        writer.advance = metered_advance
+        return writer
 
 
 def run_ours(config: SearchConfig, verifier) -> tuple[list[dict], Meter]:
@@ -151,12 +158,16 @@ def plain_beam_search(question: str, config: SearchConfig, seed: int) -> tuple[s
         steps, ended = [], []
         for row in new:
             ids = row.tolist()
-            eos = tok.eos_token_id in ids
-            ids = ids[: ids.index(tok.eos_token_id) + 1] if eos else [t for t in ids if t != tok.pad_token_id]
-            generated += len(ids)
-            text = tok.decode(ids, skip_special_tokens=True)
+            # finished rows are padded with pad_token_id, which for SmolLM2 is EOS itself: a
+            # row ended by the stop string must not count as an answer that ended at EOS
+            end = ids.index(tok.eos_token_id) if tok.eos_token_id in ids else len(ids)
+            text = tok.decode(ids[:end], skip_special_tokens=True)
             if config.stop in text:
                 text = text[: text.index(config.stop) + len(config.stop)]
+                eos = False
+            else:
+                eos = end < len(ids)
+            generated += end + eos
             steps.append(text)
             ended.append(eos)
         beams = [b + [s] for b, s in zip(beams, steps)]
@@ -188,7 +199,7 @@ def plain_beam_search(question: str, config: SearchConfig, seed: int) -> tuple[s
 
 
 def test_beam_search_with_prm(benchmark):
-    config = SearchConfig(strategy="beam_search", **{**SETTINGS, "problems_in_flight": 4})
+    config = SearchConfig(strategy="beam_search", **SETTINGS)
     engine = policy()
     prm = load_verifier("smollm2-135m", policy_engine=engine, family="math-shepherd", tag=PRM_TAG)
     start = time.perf_counter()
