@@ -99,3 +99,17 @@ def test_prompt_does_not_depend_on_todays_date(tiny_checkpoints):
     )
     text = tok.decode(build_prompt(tok, "What is 2 + 2?", SearchConfig()))
     assert "Today Date: 26 Jul 2024" in text and time.strftime("%d %b %Y") not in text
+
+
+def test_demo_prints_its_table_and_writes_the_plot(tmp_path, capsys):
+    """The README's main command on two problems at N=4: SmolLM2 and the arithmetic checker."""
+    assert main(["demo", "--output-dir", str(tmp_path), "--limit", "2", "--n", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "one sample (N=1)" in out and "mean over all" in out
+    for label in ("best-of-N", "beam search", "DVTS"):
+        (row,) = [line for line in out.splitlines() if line.strip().startswith(label)]
+        assert len(row.split()[-3:]) == 3 and all(0 <= float(x) <= 1 for x in row.split()[-3:])
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+    for name in ("best_of_n", "beam_search", "dvts"):
+        records = read_results(tmp_path / f"{name}.jsonl")
+        assert [r["n"] for r in records] == [4, 4] and all(r["strategy"] == name for r in records)
