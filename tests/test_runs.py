@@ -113,3 +113,19 @@ def test_demo_prints_its_table_and_writes_the_plot(tmp_path, capsys):
     for name in ("best_of_n", "beam_search", "dvts"):
         records = read_results(tmp_path / f"{name}.jsonl")
         assert [r["n"] for r in records] == [4, 4] and all(r["strategy"] == name for r in records)
+
+
+def test_a_small_kv_pool_admits_fewer_problems_at_once_instead_of_failing(tiny_checkpoints, tmp_path):
+    from ttsearch.engine.engine import Engine
+    from ttsearch.search import run
+
+    model = str(tiny_checkpoints["llama3"])
+    block_bytes = Engine(model, dtype="float32", kv_cache_bytes=1 << 20, progress=False).block_bytes
+    config = SearchConfig(strategy="beam_search", n=4, beam_width=2, max_iterations=3, max_step_tokens=8,
+                          temperature=1.0, problems_in_flight=8)
+    # 40 blocks: room for two or three of these problems at once, not eight
+    out = run(config, tmp_path / "run.jsonl", model=model, dtype="float32", limit=8,
+              kv_cache_bytes=40 * block_bytes, progress=False)
+    records = read_results(out)
+    assert sorted(r["id"] for r in records) == [f"arith-{i:04d}" for i in range(8)]
+    assert max(r["peak_kv_blocks"] for r in records) <= 40

@@ -76,7 +76,7 @@ class ScriptedPolicy:
         return "/".join(map(str, seq.path[1:]))
 
     def stats(self):
-        return {"blocks_used": len(self.live)}
+        return {"blocks_used": len(self.live), "blocks_free": 10**6, "blocks_cached": 0, "block_size": 16}
 
 
 class ScriptedWriter:

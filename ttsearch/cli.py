@@ -62,9 +62,20 @@ def _run(args: argparse.Namespace) -> int:
     fields = _json_flag("--fields", args.fields)
     options = _json_flag("--verifier-options", args.verifier_options)
     output = run(config, args.output, model=args.model, verifier=args.verifier, verifier_options=options,
-                 dataset=args.dataset, limit=args.limit, fields=fields, dtype=args.dtype)
+                 dataset=args.dataset, limit=args.limit, fields=fields, dtype=args.dtype,
+                 kv_cache_bytes=_kv_cache_bytes(args.kv_cache_gib))
     print(f"results: {output}")
     return 0
+
+
+def _kv_cache_bytes(gib: float | None) -> int | None:
+    from ttsearch.search.config import ConfigError
+
+    if gib is None:
+        return None
+    if not gib > 0:
+        raise ConfigError(f"--kv-cache-gib={gib}: expected a positive size")
+    return int(gib * (1 << 30))
 
 
 # ----------------------------------------------------------------------------- eval / plot / fit
@@ -149,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=int, help="first N problems")
     run.add_argument("--output", required=True, help="results JSONL (appended; finished problems are skipped)")
     run.add_argument("--dtype", choices=["float32", "bfloat16"])
+    run.add_argument("--kv-cache-gib", type=float, help="the policy's KV pool in GiB (default 1)")
     _add_search_flags(run)
     run.set_defaults(func=_run)
 

@@ -92,12 +92,15 @@ def run_jobs(
     started = time.perf_counter()
     while pending or scheduler.jobs:
         while pending and len(scheduler.jobs) < config.problems_in_flight:
+            search = make_search(pending[0], policy, verifier, config)
+            if scheduler.jobs and not scheduler.has_room_for(search):
+                break  # the KV pool fills up: admit it when a running problem has finished
             problem = pending.pop(0)
             sampling = SamplingParams(
                 temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                 seed=problem_seed(config.seed, problem.id),
             )
-            scheduler.add(Job(problem, make_search(problem, policy, verifier, config), sampling, time.perf_counter()))
+            scheduler.add(Job(problem, search, sampling, time.perf_counter()))
         for job in scheduler.step():
             record = make_record(job, config)
             correct += record["selections"]["naive"][str(config.n)]["correct"]
@@ -121,11 +124,22 @@ class Scheduler:
     def __init__(self, policy, verifier, config: SearchConfig):
         self.policy = policy
         self.verifier = verifier
+        self.config = config
         self.writer = policy.step_writer(config.stop, config.max_step_tokens)
         self.jobs: list[Job] = []
         self.generated = 0
         self._writing: dict[int, tuple[Job, Beam]] = {}  # id(policy seq) -> its job and beam
         self._steps: dict[int, dict[int, StepResult]] = {}  # id(job) -> beam_id -> its ended step
+
+    def has_room_for(self, search: TreeSearch) -> bool:
+        """Whether the policy's KV pool can take ``search`` too: its prompt, and a whole step
+        (plus a copied tail block) for every live beam, its own first ones included."""
+        stats = self.policy.stats()
+        block = stats["block_size"]
+        beams = sum(len(job.search.live) for job in self.jobs) + search.config.n  # n: live beams at most
+        step_blocks = -(-self.config.max_step_tokens // block) + 1
+        needed = -(-len(search.prompt_ids) // block) + beams * step_blocks
+        return stats["blocks_free"] + stats["blocks_cached"] >= needed
 
     def add(self, job: Job) -> None:
         """Start ``job``'s search and its first step."""
