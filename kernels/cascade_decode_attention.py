@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ttsearch.kernels.attention_tile import attend_paged_tiles
 from ttsearch.kernels.decode_attention import paged_decode_attention
 from ttsearch.kernels.utils import dot_dtype
 
@@ -76,30 +77,11 @@ def _prefix_kernel(
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    for start in range(0, prefix_len, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        valid = pos < prefix_len
-        # Prefix-table entries past the prefix may hold anything: never dereference them.
-        block = tl.load(prefix_tables_ptr + group * stride_pg + (pos // BLOCK_SIZE) * stride_pn, mask=valid, other=0)
-        block = block.to(tl.int64)
-        offset = pos % BLOCK_SIZE
-        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
-        k_rows = block * stride_kb + offset * stride_ks + kv_head * stride_kh
-        k = tl.load(k_cache_ptr + k_rows[:, None] + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-
-        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * scale_log2
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds a valid token
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-
-        v_rows = block * stride_vb + offset * stride_vs + kv_head * stride_vh
-        v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        # p is rounded to the cache dtype, as a bf16 attention multiplies it with V.
-        pv = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
-        acc = acc * alpha[:, None] + pv
-        m = m_new
+    m, l, acc = attend_paged_tiles(
+        q, m, l, acc, 0, prefix_len, k_cache_ptr, v_cache_ptr, prefix_tables_ptr + group * stride_pg, kv_head,
+        scale_log2, stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, stride_pn,
+        HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N, DOT_DTYPE,
+    )
 
     # Padding rows saw only zeros (l > 0 there too) and are not stored.
     out = acc / l[:, None]
@@ -141,30 +123,11 @@ def _suffix_kernel(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for start in range(own_prefix, context, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        valid = pos < context
-        # Table entries past the context may hold anything: never dereference them.
-        block = tl.load(tables_ptr + seq * stride_tb + (pos // BLOCK_SIZE) * stride_tn, mask=valid, other=0)
-        block = block.to(tl.int64)
-        offset = pos % BLOCK_SIZE
-        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
-        k_rows = block * stride_kb + offset * stride_ks + kv_head * stride_kh
-        k = tl.load(k_cache_ptr + k_rows[:, None] + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-
-        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * scale_log2
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds a valid token
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-
-        v_rows = block * stride_vb + offset * stride_vs + kv_head * stride_vh
-        v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        # p is rounded to the cache dtype, as a bf16 attention multiplies it with V.
-        pv = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
-        acc = acc * alpha[:, None] + pv
-        m = m_new
+    m, l, acc = attend_paged_tiles(
+        q, m, l, acc, own_prefix, context, k_cache_ptr, v_cache_ptr, tables_ptr + seq * stride_tb, kv_head,
+        scale_log2, stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, stride_tn,
+        HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N, DOT_DTYPE,
+    )
 
     # Fold in the prefix partial (normalised output o, log-sum-exp lse) as weight 2^lse on
     # o. A sequence in no group reads nothing: lse = -inf gives it weight 0 and leaves

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ttsearch.kernels.attention_tile import attend_paged_tiles
 from ttsearch.kernels.utils import dot_dtype
 
 _LOG2E = 1.4426950408889634
@@ -46,30 +47,11 @@ def _paged_decode_kernel(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for start in range(0, context, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        valid = pos < context
-        # Table entries past the context may hold anything: never dereference them.
-        block = tl.load(tables_ptr + seq * stride_tb + (pos // BLOCK_SIZE) * stride_tn, mask=valid, other=0)
-        block = block.to(tl.int64)
-        offset = pos % BLOCK_SIZE
-        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
-        k_rows = block * stride_kb + offset * stride_ks + kv_head * stride_kh
-        k = tl.load(k_cache_ptr + k_rows[:, None] + d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-
-        s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * scale_log2
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile holds a valid token
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-
-        v_rows = block * stride_vb + offset * stride_vs + kv_head * stride_vh
-        v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        # p is rounded to the cache dtype, as a bf16 attention multiplies it with V.
-        pv = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
-        acc = acc * alpha[:, None] + pv
-        m = m_new
+    m, l, acc = attend_paged_tiles(
+        q, m, l, acc, 0, context, k_cache_ptr, v_cache_ptr, tables_ptr + seq * stride_tb, kv_head, scale_log2,
+        stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, stride_tn,
+        HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N, DOT_DTYPE,
+    )
 
     out = acc / l[:, None]
     tl.store(
