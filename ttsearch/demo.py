@@ -59,10 +59,12 @@ def run_demo(output_dir: str | Path = "runs/demo", limit: int | None = None, n: 
         records += read_results(path)
 
     rows = {(r["run"].split()[0], r["selection"], r["N"]): r["accuracy"] for r in accuracy_rows(records)}
-    samples = [c["correct"] for r in records if r["strategy"] == "best_of_n" for c in r["completions"]]
+    sampled = [r for r in records if r["strategy"] == "best_of_n"]
+    samples = sum(r["n"] for r in sampled)  # a sample that never finished counts as wrong
+    correct = sum(c["correct"] for r in sampled for c in r["completions"])
     print(f"\naccuracy on {limit} problems ({time.perf_counter() - start:.0f} s)")
     print(f"  one sample (N=1): {rows[('best_of_n', 'naive', 1)]:.3f}; "
-          f"mean over all {len(samples)} best-of-N samples: {sum(samples) / max(len(samples), 1):.3f}")
+          f"mean over all {samples} best-of-N samples: {correct / max(samples, 1):.3f}")
     print(f"  N={n:<14} {'best score':>10} {'majority':>9} {'weighted':>9}")
     for label, strategy in [("best-of-N", "best_of_n"), ("beam search", "beam_search"), ("DVTS", "dvts")]:
         cells = "".join(f" {rows[(strategy, selection, n)]:>9.3f}" for selection in ("naive", "majority", "weighted"))
