@@ -90,17 +90,20 @@ def run_jobs(
     scheduler = Scheduler(policy, verifier, config)
     correct = done = 0
     started = time.perf_counter()
+    upcoming: TreeSearch | None = None  # the next problem's search, built once
     while pending or scheduler.jobs:
         while pending and len(scheduler.jobs) < config.problems_in_flight:
-            search = make_search(pending[0], policy, verifier, config)
-            if scheduler.jobs and not scheduler.has_room_for(search):
+            if upcoming is None:
+                upcoming = make_search(pending[0], policy, verifier, config)
+            if scheduler.jobs and not scheduler.has_room_for(upcoming):
                 break  # the KV pool fills up: admit it when a running problem has finished
             problem = pending.pop(0)
             sampling = SamplingParams(
                 temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                 seed=problem_seed(config.seed, problem.id),
             )
-            scheduler.add(Job(problem, search, sampling, time.perf_counter()))
+            scheduler.add(Job(problem, upcoming, sampling, time.perf_counter()))
+            upcoming = None
         for job in scheduler.step():
             record = make_record(job, config)
             correct += record["selections"]["naive"][str(config.n)]["correct"]
