@@ -217,6 +217,37 @@ def test_generate_step_stops_at_the_context_length(tiny_path):
     assert result.finish_reason == "length" and len(seq) == 20
 
 
+def test_step_writer_lets_sequences_join_between_tokens(engine):
+    root = engine.add(prompt(12))
+    (alone,) = engine.generate_step(engine.fork(root, 1), stop=None, max_tokens=5)
+    early, late = engine.fork(root, 2)
+    writer = engine.step_writer(stop=None, max_tokens=5)
+    writer.add([early])
+    assert writer.advance() == [] and writer.advance() == []
+    writer.add([late])  # joins after two tokens
+    assert len(writer) == 2
+    ended_at = {}
+    for token in range(3, 8):
+        for seq, result in writer.advance():
+            ended_at[seq.seq_id] = (token, result.token_ids, result.finish_reason)
+    # each ends after its own fifth token, having written what it writes alone
+    assert ended_at == {early.seq_id: (5, alone.token_ids, "length"), late.seq_id: (7, alone.token_ids, "length")}
+    assert len(writer) == 0 and writer.advance() == []
+
+
+def test_step_writer_rejects_bad_input_and_keeps_its_batch(engine):
+    seq = engine.add(prompt(8))
+    with pytest.raises(ValueError, match="max_tokens must be a positive int, got 0"):
+        engine.step_writer(max_tokens=0)
+    writer = engine.step_writer(stop=None, max_tokens=3)
+    writer.add([seq])
+    with pytest.raises(ValueError, match="already writing a step"):
+        writer.add([engine.fork(seq, 1)[0], seq])
+    assert len(writer) == 1
+    (ended,) = writer.advance() + writer.advance() + writer.advance()
+    assert ended[0] is seq and len(ended[1].token_ids) == 3
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

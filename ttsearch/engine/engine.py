@@ -436,7 +436,7 @@ class StepWriter:
 
     def __init__(self, engine: Engine, stop: str | None, max_tokens: int):
         if not (isinstance(max_tokens, int) and max_tokens >= 1):
-            raise ValueError(f"generate_step: max_tokens must be a positive int, got {max_tokens!r}")
+            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
         self.engine = engine
         self.stop = stop
         self.max_tokens = max_tokens
