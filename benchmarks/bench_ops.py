@@ -9,7 +9,7 @@ decode attention that is the plain-torch way: gather the blocks into a dense ten
 extension serves on the CPU (skipped when it is not built). Neither goes through the
 public wrappers' argument validation.
 
-The shared-prefix sweep (``test_shared_prefix_decode``, issue 3): N beams share a P-token
+The shared-prefix sweep (``test_shared_prefix_decode``): N beams share a P-token
 prefix and hold 64 tokens of their own, decoded three ways — ``plain_torch`` (the reference
 decode: gather + SDPA), ``paged_cpp`` (plain paged decode attention in C++, every beam
 reads the prefix) and ``cascade_cpp`` (cascade decode attention in C++, the prefix read once
