@@ -1,7 +1,6 @@
-"""Plot the shared-prefix decode sweep of a benchmark json (``bench_ops.py`` on the CPU,
-``bench_triton.py`` on a GPU): time and bytes read against N beams, one line per way and
-prefix length, with the unique-token bytes (the prefix once, every beam's own tokens) as
-the floor any way could reach.
+"""Plot the shared-prefix decode sweep of ``bench_ops.py``'s json: time and bytes read
+against N beams, one line per way and prefix length, with the unique-token bytes (the
+prefix once, every beam's own tokens) as the floor any way could reach.
 
     python benchmarks/plot_sweep.py benchmarks/results/ops_cpu.json --dtype bf16
 """
