@@ -560,18 +560,18 @@ def test_store_kv_strided_and_converted_inputs(impl):
     assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
 
 
+COPY_BLOCKS_CASES = [
+    (1, [0], [5]),
+    (3, [1, 2, 3, 7], [8, 9, 10, 11]),
+    (2, [4, 4, 0], [1, 2, 3]),  # one source, several destinations
+    (2, [1, 2, 5], [2, 3, 1]),  # destinations that are also sources
+    (1, [], []),
+]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "layers,src,dst",
-    [
-        (1, [0], [5]),
-        (3, [1, 2, 3, 7], [8, 9, 10, 11]),
-        (2, [4, 4, 0], [1, 2, 3]),  # one source, several destinations
-        (2, [1, 2, 5], [2, 3, 1]),  # destinations that are also sources
-        (1, [], []),
-    ],
-)
+@pytest.mark.parametrize("layers,src,dst", COPY_BLOCKS_CASES)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_copy_blocks(impl, dtype, layers, src, dst, index_dtype):
     kv_cache = torch.randn(2, layers, 12, BLOCK, 3, 64).to(dtype)

@@ -33,7 +33,15 @@ with contextlib.suppress(ImportError):  # Triton imports it at the first launch:
     import triton.experimental.gluon  # noqa: F401
 
 import ttsearch.ops as ops  # noqa: E402
-from test_ops import cascade_args, make_cascade  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_ops import (  # noqa: E402  (tests/ is on sys.path under pytest)
+    COPY_BLOCKS_CASES,
+    HEADS,
+    cascade_args,
+    make_cascade,
+    make_paged,
+    poison_unused,
+    query_lens_for,
+)
 from ttsearch.kernels import cascade_decode_attention as cascade_module  # noqa: E402
 from ttsearch.kernels import copy_blocks as copy_blocks_module  # noqa: E402
 from ttsearch.kernels import decode_attention, extend_attention, prm_step_score, register_cuda, store_kv  # noqa: E402
@@ -82,39 +90,6 @@ def assert_close(actual, expected, tol):
 # ----------------------------------------------------------------------------- paged inputs
 
 
-def make_paged(ctx_lens, kv_heads, head_dim, dtype, index_dtype=torch.int32, seed=0):
-    """Caches and shuffled block tables for sequences of ``ctx_lens`` tokens, on the CPU.
-
-    Table entries past a sequence's blocks hold -1 or an id past the pool: kernels must
-    never follow them. Returns k_cache, v_cache, block_tables, context_lens.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    needed = [math.ceil(c / BLOCK) for c in ctx_lens]
-    num_blocks = sum(needed) + 3
-    ids = torch.randperm(num_blocks, generator=gen)
-    tables = torch.full((len(ctx_lens), max(needed) + 1), -1, dtype=torch.int64)
-    tables[:, -1] = 10 * num_blocks
-    used = 0
-    for b, n in enumerate(needed):
-        tables[b, :n] = ids[used : used + n]
-        used += n
-    shape = (num_blocks, BLOCK, kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=gen).to(dtype)
-    v_cache = torch.randn(shape, generator=gen).to(dtype)
-    return k_cache, v_cache, tables.to(index_dtype), torch.tensor(ctx_lens, dtype=index_dtype)
-
-
-def poison_unused(cache, tables, ctx_lens):
-    """A copy of ``cache`` with NaN in every slot that no sequence's context covers."""
-    covered = torch.zeros(cache.shape[0] * cache.shape[1], dtype=torch.bool)
-    for b, ctx in enumerate(ctx_lens):
-        for pos in range(ctx):
-            covered[int(tables[b, pos // BLOCK]) * BLOCK + pos % BLOCK] = True
-    out = cache.clone()
-    out.view(-1, *cache.shape[2:])[~covered] = float("nan")
-    return out
-
-
 def on(device, *tensors):
     """Copies on ``device`` (never the CPU originals: those stay the reference's inputs)."""
     return [t.to(device, copy=True) for t in tensors]
@@ -122,8 +97,6 @@ def on(device, *tensors):
 
 # ----------------------------------------------------------------------------- attention
 
-# (query heads, kv heads): GQA ratios 1, 3, 4, 8
-HEADS = {"gqa1": (2, 2), "gqa3": (9, 3), "gqa4": (8, 2), "gqa8": (8, 1)}
 # A single-token context, block boundaries and +-1, ragged lengths; 100 spans two key tiles.
 CONTEXT_LENS = [1, 15, 16, 17, 33, 100]
 ATTENTION_CASES = [
@@ -136,8 +109,7 @@ ATTENTION_CASES = [
 
 def extend_batch(ctx_lens, num_heads, head_dim, dtype, index_dtype, seed=1):
     """New tokens per sequence mixing full prefills, single tokens, chunks and none."""
-    pattern = [lambda c: c, lambda c: 1, lambda c: (c + 1) // 2, lambda c: 0 if c > 1 else 1]
-    q_lens = [pattern[i % len(pattern)](c) for i, c in enumerate(ctx_lens)]
+    q_lens = query_lens_for(ctx_lens)
     starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=index_dtype)
     gen = torch.Generator().manual_seed(seed)
     query = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype)
@@ -147,14 +119,14 @@ def extend_batch(ctx_lens, num_heads, head_dim, dtype, index_dtype, seed=1):
 @pytest.mark.parametrize("dtype,head_dim,heads", ATTENTION_CASES)
 def test_paged_decode_attention(device, dtype, head_dim, heads):
     num_heads, kv_heads = HEADS[heads]
-    k_cache, v_cache, tables, lens = make_paged(CONTEXT_LENS, kv_heads, head_dim, dtype)
+    k_cache, v_cache, tables, clean, lens = make_paged(CONTEXT_LENS, kv_heads, head_dim, dtype)
     query = torch.randn(len(CONTEXT_LENS), num_heads, head_dim).to(dtype)
     scale = head_dim**-0.5
     args = on(device, query, k_cache, v_cache, tables, lens)
 
     out = decode_attention.paged_decode_attention(*args, scale)
 
-    expected = reference.paged_decode_attention(query, k_cache, v_cache, tables.clamp(min=0), lens, scale)
+    expected = reference.paged_decode_attention(query, k_cache, v_cache, clean, lens, scale)
     assert_close(out, expected, TOL[dtype])
     assert torch.equal(args[1].cpu(), k_cache) and torch.equal(args[2].cpu(), v_cache)
 
@@ -162,13 +134,13 @@ def test_paged_decode_attention(device, dtype, head_dim, heads):
 @pytest.mark.parametrize("dtype,head_dim,heads", ATTENTION_CASES)
 def test_paged_extend_attention(device, dtype, head_dim, heads):
     num_heads, kv_heads = HEADS[heads]
-    k_cache, v_cache, tables, lens = make_paged(CONTEXT_LENS, kv_heads, head_dim, dtype, torch.int64)
+    k_cache, v_cache, tables, clean, lens = make_paged(CONTEXT_LENS, kv_heads, head_dim, dtype, torch.int64)
     query, starts = extend_batch(CONTEXT_LENS, num_heads, head_dim, dtype, torch.int64)
     scale = head_dim**-0.5
 
     out = extend_attention.paged_extend_attention(*on(device, query, k_cache, v_cache, tables, starts, lens), scale)
 
-    expected = reference.paged_extend_attention(query, k_cache, v_cache, tables, starts, lens, scale)
+    expected = reference.paged_extend_attention(query, k_cache, v_cache, clean, starts, lens, scale)
     assert_close(out, expected, TOL[dtype])
 
 
@@ -177,8 +149,8 @@ def test_paged_extend_attention(device, dtype, head_dim, heads):
 def test_attention_never_reads_past_a_context(device, dtype, op_name):
     """NaN in every slot outside the contexts must not reach the output."""
     ctx_lens = [15, 17, 1, 70, 33]
-    k_cache, v_cache, tables, lens = make_paged(ctx_lens, 3, 64, dtype, seed=2)
-    k_poisoned, v_poisoned = poison_unused(k_cache, tables, ctx_lens), poison_unused(v_cache, tables, ctx_lens)
+    k_cache, v_cache, tables, clean, lens = make_paged(ctx_lens, 3, 64, dtype, seed=2)
+    k_poisoned, v_poisoned = poison_unused(k_cache, clean, ctx_lens), poison_unused(v_cache, clean, ctx_lens)
     if op_name == "paged_decode_attention":
         query = torch.randn(len(ctx_lens), 9, 64).to(dtype)
         extra = []
@@ -188,14 +160,14 @@ def test_attention_never_reads_past_a_context(device, dtype, op_name):
 
     out = LAUNCHERS[op_name](*on(device, query, k_poisoned, v_poisoned, tables, *extra, lens), 0.125)
 
-    expected = getattr(reference, op_name)(query, k_cache, v_cache, tables.clamp(min=0), *extra, lens, 0.125)
+    expected = getattr(reference, op_name)(query, k_cache, v_cache, clean, *extra, lens, 0.125)
     assert_close(out, expected, TOL[dtype])
 
 
 def test_attention_on_strided_caches(device):
     """K and V pools as views of one [2, layers, ...] cache, a query sliced out of a wider tensor."""
     ctx_lens = [20, 3]
-    k_cache, v_cache, tables, lens = make_paged(ctx_lens, 2, 64, torch.float32, seed=3)
+    k_cache, v_cache, tables, clean, lens = make_paged(ctx_lens, 2, 64, torch.float32, seed=3)
     kv_cache = torch.stack([torch.zeros_like(k_cache), k_cache, torch.zeros_like(k_cache), v_cache]).view(
         2, 2, *k_cache.shape
     )
@@ -204,13 +176,12 @@ def test_attention_on_strided_caches(device):
 
     out = decode_attention.paged_decode_attention(qkv[:, :4], kv_cache[0, 1], kv_cache[1, 1], tables, lens, 0.125)
 
-    expected = reference.paged_decode_attention(qkv[:, :4].cpu(), k_cache, v_cache, tables.cpu().clamp(min=0),
-                                                lens.cpu(), 0.125)
+    expected = reference.paged_decode_attention(qkv[:, :4].cpu(), k_cache, v_cache, clean, lens.cpu(), 0.125)
     assert_close(out, expected, TOL[torch.float32])
 
 
 def test_attention_empty_batches(device):
-    k_cache, v_cache, tables, lens = on(device, *make_paged([5], 1, 64, torch.float32))
+    k_cache, v_cache, tables, _, lens = on(device, *make_paged([5], 1, 64, torch.float32))
     out = decode_attention.paged_decode_attention(torch.randn(0, 2, 64, device=device), k_cache, v_cache,
                                                   tables[:0], lens[:0], 0.2)
     assert out.shape == (0, 2, 64)
@@ -309,14 +280,14 @@ def test_cascade_on_strided_caches(device):
 
 
 def test_cascade_without_groups_and_empty(device):
-    k_cache, v_cache, tables, lens = make_paged([33, 1, 17], 3, 64, torch.float32)
+    k_cache, v_cache, tables, clean, lens = make_paged([33, 1, 17], 3, 64, torch.float32)
     query = torch.randn(3, 9, 64)
     no_groups = [torch.zeros(0, 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.full((3,), -1)]
     args = on(device, query, k_cache, v_cache, tables, lens, *no_groups)
 
     out = cascade_module.cascade_decode_attention(*args, 0.125)
 
-    expected = reference.paged_decode_attention(query, k_cache, v_cache, tables.clamp(min=0), lens, 0.125)
+    expected = reference.paged_decode_attention(query, k_cache, v_cache, clean, lens, 0.125)
     assert_close(out, expected, TOL[torch.float32])
     # An empty batch, with and without groups.
     one_group = on(device, torch.zeros(1, 2, dtype=torch.int32), torch.full((1,), BLOCK, dtype=torch.int32))
@@ -366,16 +337,7 @@ def test_store_kv_strided_and_converted_inputs(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "layers,src,dst",
-    [
-        (1, [0], [5]),
-        (3, [1, 2, 3, 7], [8, 9, 10, 11]),
-        (2, [4, 4, 0], [1, 2, 3]),  # one source, several destinations
-        (2, [1, 2, 5], [2, 3, 1]),  # destinations that are also sources
-        (1, [], []),
-    ],
-)
+@pytest.mark.parametrize("layers,src,dst", COPY_BLOCKS_CASES)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_copy_blocks(device, dtype, layers, src, dst, index_dtype):
     kv_cache = torch.randn(2, layers, 12, BLOCK, 3, 64).to(dtype)
