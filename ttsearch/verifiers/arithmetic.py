@@ -318,8 +318,10 @@ def _answer_value(text: str) -> Fraction | None:
     if answer is None:
         return None
     toks = [t for t in _tokens(answer) if t.kind in ("num", "op")]
+    if sum(t.kind == "num" for t in toks) != 1:
+        return None
     try:
-        return _Parser(toks).parse() if toks and len(numbers(answer)) == 1 else None
+        return _Parser(toks).parse()
     except (_Skip, _Undefined):
         return None
 
