@@ -4,6 +4,7 @@ every iteration's kept, forked, pruned and finished beams can be checked exactly
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 
 import pytest
@@ -42,6 +43,7 @@ class ScriptedPolicy:
     step_tokens: dict = field(default_factory=dict)  # root ("r0", "r1"...) -> tokens per step (default 1)
     live: set = field(default_factory=set)
     max_model_len: int = 10_000
+    block_size: int = 16
     tokenizer: ScriptedTokenizer = field(default_factory=ScriptedTokenizer)
     roots: itertools.count = field(default_factory=itertools.count)
 
@@ -75,8 +77,9 @@ class ScriptedPolicy:
     def step_text(self, seq):
         return "/".join(map(str, seq.path[1:]))
 
-    def stats(self):
-        return {"blocks_used": len(self.live), "blocks_free": 10**6, "blocks_cached": 0, "block_size": 16}
+    @property
+    def blocks(self):  # the block accounting the scheduler reads: a block per live sequence
+        return SimpleNamespace(num_used=len(self.live), num_available=10**6)
 
 
 class ScriptedWriter:

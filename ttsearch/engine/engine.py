@@ -101,7 +101,7 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self._live: dict[int, Seq] = {}
-        self._tokens_forwarded = 0
+        self.tokens_forwarded = 0  # every token a forward has written, all sequences
 
     # ------------------------------------------------------------------ public API
     def add(self, token_ids: Sequence[int], logits: bool = True) -> Seq:
@@ -253,7 +253,7 @@ class Engine:
             "kv_bytes_per_token": self.block_bytes // self.block_size,
             "sequences": len(self._live),
             "tokens_held": self._tokens_held(),
-            "tokens_forwarded": self._tokens_forwarded,
+            "tokens_forwarded": self.tokens_forwarded,
         }
 
     def _tokens_held(self) -> int:
@@ -372,7 +372,7 @@ class Engine:
             self._add_shared_prefixes(batch, seqs)
         hidden = self.model.forward(self._int_tensor(input_ids, torch.int64), batch, self.kv_cache)
         rows = self.model.compute_logits(hidden[batch.last_rows]) if logits else [None] * len(seqs)
-        self._tokens_forwarded += len(input_ids)
+        self.tokens_forwarded += len(input_ids)
         for seq, row in zip(seqs, rows):
             seq.last_logits = row
             self._register_full_blocks(seq)

@@ -53,7 +53,7 @@ def problem_seed(seed: int, problem_id: str) -> int:
 def verifier_tokens(verifier) -> int:
     """Tokens the verifier has forwarded so far (0 for a programmatic checker)."""
     engine = getattr(verifier, "engine", None)
-    return engine.stats()["tokens_forwarded"] if engine is not None else 0
+    return engine.tokens_forwarded if engine is not None else 0
 
 
 @dataclass
@@ -137,12 +137,11 @@ class Scheduler:
     def has_room_for(self, search: TreeSearch) -> bool:
         """Whether the policy's KV pool can take ``search`` too: its prompt, and a whole step
         (plus a copied tail block) for every live beam, its own first ones included."""
-        stats = self.policy.stats()
-        block = stats["block_size"]
+        block = self.policy.block_size
         beams = sum(len(job.search.live) for job in self.jobs) + search.config.n  # n: live beams at most
         step_blocks = -(-self.config.max_step_tokens // block) + 1
         needed = -(-len(search.prompt_ids) // block) + beams * step_blocks
-        return stats["blocks_free"] + stats["blocks_cached"] >= needed
+        return self.policy.blocks.num_available >= needed
 
     def add(self, job: Job) -> None:
         """Start ``job``'s search and its first step."""
@@ -198,7 +197,7 @@ class Scheduler:
             elif len(beam.seq) >= self.policy.max_model_len:
                 beam.finish = "context"
         self.generated += sum(len(r.token_ids) for _, _, r in beams)
-        blocks = self.policy.stats()["blocks_used"]
+        blocks = self.policy.blocks.num_used
         for job in jobs:
             job.peak_blocks = max(job.peak_blocks, blocks)
             if "first_step_scores" not in job.extra:  # the difficulty estimate compute_optimal fits on
