@@ -520,11 +520,8 @@ def test_prm_step_score_strided_hidden_and_empty(impl):
 # ----------------------------------------------------------------------------- data movement
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens,kv_heads,head_dim", [(1, 1, 64), (7, 3, 64), (64, 3, 64), (33, 2, 128)])
-@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
-def test_store_kv(impl, dtype, num_tokens, kv_heads, head_dim, slot_dtype):
+def store_kv_inputs(num_tokens, kv_heads, head_dim, dtype, slot_dtype):
+    """Keys, values, the two caches and shuffled slots with every third token padding (-1)."""
     gen = torch.Generator().manual_seed(num_tokens)
     num_blocks = 2 * math.ceil(num_tokens / BLOCK) + 1
     k_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
@@ -532,8 +529,16 @@ def test_store_kv(impl, dtype, num_tokens, kv_heads, head_dim, slot_dtype):
     key = torch.randn(num_tokens, kv_heads, head_dim, generator=gen).to(dtype)
     value = torch.randn(num_tokens, kv_heads, head_dim, generator=gen).to(dtype)
     slots = torch.randperm(num_blocks * BLOCK, generator=gen)[:num_tokens]
-    slots[::3] = -1  # padding tokens
-    slots = slots.to(slot_dtype)
+    slots[::3] = -1
+    return key, value, k_cache, v_cache, slots.to(slot_dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens,kv_heads,head_dim", [(1, 1, 64), (7, 3, 64), (64, 3, 64), (33, 2, 128)])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_store_kv(impl, dtype, num_tokens, kv_heads, head_dim, slot_dtype):
+    key, value, k_cache, v_cache, slots = store_kv_inputs(num_tokens, kv_heads, head_dim, dtype, slot_dtype)
     op, oracle = op_and_oracle(impl, "store_kv")
     k_expected, v_expected = k_cache.clone(), v_cache.clone()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import os
 
 import pytest
@@ -41,6 +40,7 @@ from test_ops import (  # noqa: E402  (tests/ is on sys.path under pytest)
     make_paged,
     poison_unused,
     query_lens_for,
+    store_kv_inputs,
 )
 from ttsearch.kernels import cascade_decode_attention as cascade_module  # noqa: E402
 from ttsearch.kernels import copy_blocks as copy_blocks_module  # noqa: E402
@@ -304,15 +304,7 @@ def test_cascade_without_groups_and_empty(device):
 @pytest.mark.parametrize("num_tokens,kv_heads,head_dim", [(1, 1, 64), (7, 3, 64), (33, 2, 128)])
 @pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
 def test_store_kv(device, dtype, num_tokens, kv_heads, head_dim, slot_dtype):
-    gen = torch.Generator().manual_seed(num_tokens)
-    num_blocks = 2 * math.ceil(num_tokens / BLOCK) + 1
-    k_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
-    v_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
-    key = torch.randn(num_tokens, kv_heads, head_dim, generator=gen).to(dtype)
-    value = torch.randn(num_tokens, kv_heads, head_dim, generator=gen).to(dtype)
-    slots = torch.randperm(num_blocks * BLOCK, generator=gen)[:num_tokens]
-    slots[1::3] = -1  # padding tokens
-    slots = slots.to(slot_dtype)
+    key, value, k_cache, v_cache, slots = store_kv_inputs(num_tokens, kv_heads, head_dim, dtype, slot_dtype)
     k_out, v_out = on(device, k_cache, v_cache)
 
     store_kv.store_kv(*on(device, key, value), k_out, v_out, slots.to(device))
