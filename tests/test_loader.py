@@ -206,7 +206,9 @@ def test_smollm2_weights_equal_transformers_gguf_loader(smollm2):
 # GGUF metadata and tensors written with gguf.GGUFWriter
 
 
-def write_gguf(path, arch, tensors, **extra):
+def write_gguf(path, arch, tensors, rope_freq_base=500000.0, rms_eps=1e-5, bos_token_id=None, eot_token_id=3,
+               **extra):
+    """A one-layer TINY model's metadata, ``tensors`` and ``extra`` string fields."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
@@ -217,10 +219,13 @@ def write_gguf(path, arch, tensors, **extra):
     writer.add_head_count_kv(2)
     writer.add_context_length(256)
     writer.add_vocab_size(64)
-    writer.add_rope_freq_base(500000.0)
-    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(rope_freq_base)
+    writer.add_layer_norm_rms_eps(rms_eps)
+    if bos_token_id is not None:
+        writer.add_bos_token_id(bos_token_id)
     writer.add_eos_token_id(2)
-    writer.add_uint32("tokenizer.ggml.eot_token_id", 3)
+    if eot_token_id is not None:
+        writer.add_uint32("tokenizer.ggml.eot_token_id", eot_token_id)
     for key, value in extra.items():
         writer.add_string(key, value)
     for name, array in tensors.items():
@@ -303,36 +308,21 @@ def gguf_name(hf_name):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_gguf_f32_round_trip(tmp_path, tokenizer, monkeypatch, arch):
     """A model written the way llama.cpp writes it (q/k rows permuted for llama only) loads back exactly."""
-    import gguf
-
     # the GGUF tokenizer path is covered by the SmolLM2 tests; this file carries no vocabulary
     monkeypatch.setattr(loader, "_gguf_tokenizer", lambda path: tokenizer)
     torch.manual_seed(0)
     dims = {**TINY, "num_hidden_layers": 1, "tie_word_embeddings": False}
     model = tiny_llama(**dims) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**dims))
-    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), arch)
-    writer.add_block_count(1)
-    writer.add_embedding_length(32)
-    writer.add_feed_forward_length(48)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_context_length(256)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_vocab_size(64)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    tensors = {}
     for name, tensor in model.state_dict().items():
         array = tensor.numpy()
         if arch == "llama" and ".q_proj." in name:
             array = llama_cpp_permute(array, 4)
         elif arch == "llama" and ".k_proj." in name:
             array = llama_cpp_permute(array, 2)
-        writer.add_tensor(gguf_name(name), array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        tensors[gguf_name(name)] = array
+    write_gguf(tmp_path / "m.gguf", arch, tensors, rope_freq_base=10000.0, rms_eps=1e-6, bos_token_id=1,
+               eot_token_id=None)
 
     checkpoint = load_checkpoint(str(tmp_path / "m.gguf"), progress=False)
     assert checkpoint.config.architecture == arch and checkpoint.config.attention_bias is (arch == "qwen2")
