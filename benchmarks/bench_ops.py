@@ -16,6 +16,13 @@ reads the prefix) and ``cascade_cpp`` (cascade decode attention in C++, the pref
 per group). ``extra_info`` gives the bytes each way reads and their rate, and the
 unique-token bytes ``U * 2 * kv_heads * head_dim * elem`` (U = P + 64 N), the floor every
 way could reach, with their rate.
+
+The multi-level case (``test_multilevel_prefix_decode``): 8 problems x 32 beams behind a
+256-token system prompt, a 256-token question per problem and 64 own tokens per beam,
+decoded as ``paged_cpp`` (every beam reads its whole context), ``cascade_1level_cpp``
+(one group: the system prompt read once, each beam reads its question) and
+``cascade_tree_cpp`` (two levels: the system prompt read once, each question once per
+problem). ``extra_info`` gives each way's KV bytes read next to the unique-token bytes.
 """
 
 from __future__ import annotations
@@ -209,6 +216,82 @@ def test_shared_prefix_decode(benchmark, impl, dtype, prefix, beams):
         mean = benchmark.stats.stats.mean
         info["unique GB/s"] = unique_tokens * token_bytes / mean / 1e9
         info["GFLOP/s"] = info["attention_flops"] / mean / 1e9
+
+
+MULTILEVEL_IMPLS = [
+    pytest.param(impl, marks=pytest.mark.skipif(ops.IMPLEMENTATIONS["cpu"] != "cpp", reason="ttsearch._C is not built"))
+    for impl in ("paged_cpp", "cascade_1level_cpp", "cascade_tree_cpp")
+]
+MULTILEVEL_LABELS = {
+    "paged_cpp": "ttsearch._C paged_decode_attention: each beam reads its whole context",
+    "cascade_1level_cpp": "ttsearch._C cascade_decode_attention, one level: the system prompt read once",
+    "cascade_tree_cpp": "ttsearch._C cascade_decode_attention, two levels: the system prompt once, each question once",
+}
+
+
+def problem_tree_pool(problems, beams, system, question, dtype, seed=0):
+    """``problems`` x ``beams`` beams: a ``system``-token prompt all share, a
+    ``question``-token question per problem shared by its beams, then 64 private tokens
+    each, in a shuffled pool. Returns the caches, tables and lengths, and the prefix
+    description for each way: one level (the system prompt) and the tree (system prompt,
+    then the beam's question)."""
+    gen = torch.Generator().manual_seed(seed)
+    system_blocks, question_blocks = system // BLOCK, question // BLOCK
+    own_blocks, batch = math.ceil(PRIVATE_TOKENS / BLOCK), problems * beams
+    num_blocks = system_blocks + problems * question_blocks + batch * own_blocks
+    ids = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    system_ids = ids[:system_blocks]
+    question_ids = ids[system_blocks : system_blocks + problems * question_blocks].view(problems, question_blocks)
+    problem = torch.arange(batch) // beams
+    tables = torch.cat([system_ids.expand(batch, -1), question_ids[problem],
+                        ids[system_blocks + problems * question_blocks :].view(batch, own_blocks)], dim=1)
+    shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    lens = torch.full((batch,), system + question + PRIVATE_TOKENS, dtype=torch.int32)
+    one_level = (system_ids[None, :].clone(), torch.tensor([system], dtype=torch.int32),
+                 torch.zeros(batch, dtype=torch.int32))
+    node_tables = torch.zeros(1 + problems, max(system_blocks, question_blocks), dtype=torch.int32)
+    node_tables[0, :system_blocks] = system_ids
+    node_tables[1:, :question_blocks] = question_ids
+    node_lens = torch.tensor([system] + [question] * problems, dtype=torch.int32)
+    paths = torch.stack([torch.zeros(batch, dtype=torch.int32), 1 + problem.to(torch.int32)], dim=1)  # [B, 2]
+    return k_cache, v_cache, tables, lens, one_level, (node_tables, node_lens, paths)
+
+
+@pytest.mark.parametrize("impl", MULTILEVEL_IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multilevel_prefix_decode(benchmark, impl, dtype):
+    problems, beams, system, question = 8, 32, 256, 256
+    k_cache, v_cache, tables, lens, one_level, tree = problem_tree_pool(problems, beams, system, question,
+                                                                        DTYPES[dtype])
+    batch = problems * beams
+    query = torch.randn(batch, HEADS, HEAD_DIM).to(DTYPES[dtype])
+    scale = HEAD_DIM**-0.5
+    benchmark.group = (f"multi-level prefix {dtype} {problems} problems x {beams} beams S={system} Q={question} "
+                       f"+{PRIVATE_TOKENS}")
+    if impl == "paged_cpp":
+        benchmark(torch.ops.ttsearch.paged_decode_attention, query, k_cache, v_cache, tables, lens, scale)
+    else:
+        nodes = one_level if impl == "cascade_1level_cpp" else tree
+        benchmark(torch.ops.ttsearch.cascade_decode_attention, query, k_cache, v_cache, tables, lens, *nodes, scale)
+
+    elem = query.element_size()
+    token_bytes = 2 * KV_HEADS * HEAD_DIM * elem  # K and V of one token in one layer
+    unique_tokens = system + problems * question + batch * PRIVATE_TOKENS
+    read_tokens = {
+        "paged_cpp": batch * (system + question + PRIVATE_TOKENS),
+        "cascade_1level_cpp": system + batch * (question + PRIVATE_TOKENS),
+        "cascade_tree_cpp": unique_tokens,
+    }[impl]
+    io_bytes = 2 * query.numel() * elem + tables.numel() * 4 + lens.numel() * 4
+    record(benchmark, impl, MULTILEVEL_LABELS[impl], read_tokens * token_bytes + io_bytes)
+    info = benchmark.extra_info
+    info.update(problems=problems, beams_per_problem=beams, system_tokens=system, question_tokens=question,
+                private_tokens=PRIVATE_TOKENS, kv_tokens_read=read_tokens, kv_bytes_read=read_tokens * token_bytes,
+                unique_tokens=unique_tokens, unique_token_bytes=unique_tokens * token_bytes)
+    if benchmark.stats:
+        info["unique GB/s"] = unique_tokens * token_bytes / benchmark.stats.stats.mean / 1e9
 
 
 # ----------------------------------------------------------------------------- prm_step_score

@@ -1,19 +1,22 @@
-// Cascade (shared-prefix) decode attention: paged decode attention where groups of
-// sequences share the first blocks of their contexts (beams of one problem share the prompt
-// and their common steps).
+// Cascade (shared-prefix) decode attention: paged decode attention where sequences share
+// the first blocks of their contexts along a tree (the system prompt for every problem, a
+// problem's question for its beams, a step for the beams forked from it). Each sequence's
+// path lists its prefix nodes, outermost first; they tile the start of its context.
 //
-// Phase 1, per (group, row tile, kv head, prefix chunk): the query heads of all the group's
-// members that read this kv head, rows = members x heads-per-kv-head, against the chunk's
-// prefix keys and values, block by block, with an online softmax. A prefix block is read
-// once per item instead of once per sequence, and the work becomes two small GEMMs per
-// block whose rows are the members' query heads:
+// Phase 1, per (node, row tile, kv head, prefix chunk): the query heads of all the node's
+// members (the sequences with the node on their path) that read this kv head, rows =
+// members x heads-per-kv-head, against the chunk's prefix keys and values, block by block,
+// with an online softmax. A node's block is read once per item instead of once per
+// sequence, and the work becomes two small GEMMs per block whose rows are the members'
+// query heads:
 //   S^T [keys, rows] = K [keys, D] . Q^T [D, rows]     (rows in the vector lanes, so the
 //                                                       online softmax is lane-wise)
 //   O   [rows, D]   += P [rows, keys] . V [keys, D]
 // On bfloat16 caches with AVX512_BF16 both run as bf16 dot products (vdpbf16ps) with
 // float32 accumulation; otherwise in float32 (narrower data widened as it is loaded).
-// Phase 2, per (sequence, suffix partition): the sequence's own tokens past its group's
-// prefix — its whole context when it is in no group — as in paged decode attention.
+// Phase 2, per (sequence, partition): the token ranges of the sequence that no node of
+// phase 1 serves — its own suffix past its path, and any node on its path too small to
+// take the shared path — as in paged decode attention.
 // Both phases leave un-normalized partial outputs with their softmax max and sum; a last
 // pass merges them per (sequence, head) by log-sum-exp.
 #include "cpu_utils.h"  // first: selects ATen's vector ISA
@@ -25,6 +28,7 @@
 #include <cmath>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "decode_partition.h"
@@ -46,9 +50,10 @@ constexpr int64_t kStepBlocks = 4;
 // The smallest prefix chunk worth an item (and a merge) of its own.
 constexpr int64_t kMinChunkBlocks = 8;
 constexpr float kLog2e = 1.4426950408889634f;
-// Smaller groups take the plain path: below 2 members nothing is shared, and below 3 rows
-// (members x heads per kv head; 2 members without GQA) the lanes the rows leave empty cost
-// more than reading the prefix twice (measured on SmolLM2 and 8-kv-head shapes).
+// Smaller nodes take the plain path (phase 2 reads them with each member's own tokens):
+// below 2 members nothing is shared, and below 3 rows (members x heads per kv head; 2
+// members without GQA) the lanes the rows leave empty cost more than reading the prefix
+// twice (measured on SmolLM2 and 8-kv-head shapes).
 constexpr int64_t kMinMembers = 2;
 constexpr int64_t kMinRows = 3;
 
@@ -61,9 +66,9 @@ constexpr bool use_bf16_dot() {
 #endif
 }
 
-// A group that takes the shared-prefix path.
-struct Group {
-  int64_t first_member;   // into the member list (sequence ids, ascending within a group)
+// A prefix node that takes the shared-prefix path.
+struct Node {
+  int64_t first_member;   // into the member list (sequence ids, ascending within a node)
   int64_t members;
   int64_t rows;           // members x heads per kv head; row r = member r / hpk, head r % hpk
   const int32_t* prefix;  // its prefix block ids
@@ -73,9 +78,14 @@ struct Group {
   int64_t partials;  // offset of its phase-1 partials: [kv head][chunk] x (acc [rows, D] | max [rows] | sum [rows])
 };
 
+// A phase-2 item: tokens [first, end) of one sequence; `first` is block-aligned.
+struct Partition {
+  int64_t seq, first, end;
+};
+
 struct Item {
   int64_t cost;
-  int32_t kind;  // 0: prefix (group, row tile, kv head, chunk); 1: suffix (sequence, partition)
+  int32_t kind;  // 0: prefix (node, row tile, kv head, chunk); 1: partition
   int32_t a, b, c, d;
 };
 
@@ -102,8 +112,8 @@ struct PrefixScratch {
   }
 };
 
-// Phase 1: rows [row0, row0 + rows) of a group against prefix blocks [block0, block1) for
-// one kv head. `member_seqs` lists the group's sequences. Leaves the un-normalized output
+// Phase 1: rows [row0, row0 + rows) of a node against its blocks [block0, block1) for one
+// kv head. `member_seqs` lists the node's members. Leaves the un-normalized output
 // in `acc` [rows, D] and the softmax max and sum in `out_max`, `out_sum` [rows].
 template <typename scalar_t>
 void attend_prefix(const scalar_t* query, int64_t num_heads, const int32_t* member_seqs, int64_t hpk, int64_t row0,
@@ -233,7 +243,7 @@ void cascade_kernel(const at::Tensor& query, const at::Tensor& k_cache, const at
   const CacheLayout cache{k_cache.size(1), k_cache.size(2), k_cache.size(3)};
   const int64_t dim = cache.head_dim, block_size = cache.block_size, kv_heads = cache.kv_heads;
   const int64_t hpk = num_heads / kv_heads;
-  const int64_t num_groups = prefix_lens.size(0);
+  const int64_t num_nodes = prefix_lens.size(0), levels = seq_group.size(1);
 
   const scalar_t* q = query.data_ptr<scalar_t>();
   const scalar_t* k = k_cache.data_ptr<scalar_t>();
@@ -244,132 +254,164 @@ void cascade_kernel(const at::Tensor& query, const at::Tensor& k_cache, const at
   const int32_t* prefix_ids = prefix_tables.data_ptr<int32_t>();
   const int64_t prefix_stride = prefix_tables.size(1);
   const int32_t* prefix_len = prefix_lens.data_ptr<int32_t>();
-  const int32_t* seq_groups = seq_group.data_ptr<int32_t>();
+  const int32_t* path = seq_group.data_ptr<int32_t>();  // [B, levels]: node at (sequence, level), or -1
   scalar_t* o = out.data_ptr<scalar_t>();
   const int64_t threads = omp_get_max_threads();
 
-  // Members of each group, then the groups that take the shared-prefix path.
-  std::vector<int64_t> count(num_groups, 0);
-  for (int64_t b = 0; b < batch; ++b) {
-    if (seq_groups[b] >= 0) ++count[seq_groups[b]];
+  // Members of each node, at whatever level, then the nodes that take the shared-prefix path.
+  std::vector<int64_t> count(num_nodes, 0);
+  for (int64_t i = 0; i < batch * levels; ++i) {
+    if (path[i] >= 0) ++count[path[i]];
   }
-  std::vector<int64_t> cascade_of(num_groups, -1);  // group -> index in `groups`
-  std::vector<Group> groups;
+  std::vector<int64_t> cascade_of(num_nodes, -1);  // node -> index in `nodes`
+  std::vector<Node> nodes;
   int64_t members_total = 0;
-  for (int64_t g = 0; g < num_groups; ++g) {
+  for (int64_t g = 0; g < num_nodes; ++g) {
     if (count[g] < kMinMembers || count[g] * hpk < kMinRows) continue;
-    cascade_of[g] = static_cast<int64_t>(groups.size());
-    Group grp{};
-    grp.first_member = members_total;
-    grp.members = count[g];
-    grp.rows = count[g] * hpk;
-    grp.prefix = prefix_ids + g * prefix_stride;
-    grp.prefix_blocks = prefix_len[g] / block_size;
-    groups.push_back(grp);
+    cascade_of[g] = static_cast<int64_t>(nodes.size());
+    Node node{};
+    node.first_member = members_total;
+    node.members = count[g];
+    node.rows = count[g] * hpk;
+    node.prefix = prefix_ids + g * prefix_stride;
+    node.prefix_blocks = prefix_len[g] / block_size;
+    nodes.push_back(node);
     members_total += count[g];
   }
   std::vector<int32_t> member_seqs(members_total);
-  std::vector<int64_t> member_index(batch, -1), own_prefix(batch, 0);
+  std::vector<int64_t> member_index(batch * levels, -1);  // (sequence, level) -> row block in its node
   {
-    std::vector<int64_t> filled(groups.size(), 0);
+    std::vector<int64_t> filled(nodes.size(), 0);
     for (int64_t b = 0; b < batch; ++b) {
-      if (seq_groups[b] < 0 || cascade_of[seq_groups[b]] < 0) continue;
-      Group& grp = groups[cascade_of[seq_groups[b]]];
-      member_index[b] = filled[cascade_of[seq_groups[b]]]++;
-      member_seqs[grp.first_member + member_index[b]] = static_cast<int32_t>(b);
-      own_prefix[b] = grp.prefix_blocks * block_size;
+      for (int64_t l = 0; l < levels; ++l) {
+        const int32_t g = path[b * levels + l];
+        if (g < 0 || cascade_of[g] < 0) continue;
+        const Node& node = nodes[cascade_of[g]];
+        member_index[b * levels + l] = filled[cascade_of[g]]++;
+        member_seqs[node.first_member + member_index[b * levels + l]] = static_cast<int32_t>(b);
+      }
     }
   }
 
-  // Phase 2's partitions, as paged decode splits contexts.
-  int64_t max_suffix = 0, suffix_work = 0;
+  // Phase 2's token ranges: what of each context no shared node serves (the nodes that took
+  // the plain path, and the sequence's own suffix), in block-aligned runs.
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  std::vector<int64_t> range_start(batch + 1, 0);
+  int64_t max_unserved = 0, suffix_work = 0;
   for (int64_t b = 0; b < batch; ++b) {
-    max_suffix = std::max<int64_t>(max_suffix, lens[b] - own_prefix[b]);
-    suffix_work += (lens[b] - own_prefix[b]) * num_heads;
+    int64_t pos = 0, first = 0, unserved = 0;
+    auto add_range = [&](int64_t end) {  // [first, end), when not empty
+      if (end <= first) return;
+      ranges.emplace_back(first, end);
+      unserved += end - first;
+    };
+    for (int64_t l = 0; l < levels; ++l) {
+      const int32_t g = path[b * levels + l];
+      if (g < 0) continue;
+      if (cascade_of[g] >= 0) {
+        add_range(pos);
+        first = pos + prefix_len[g];
+      }
+      pos += prefix_len[g];
+    }
+    add_range(lens[b]);
+    range_start[b + 1] = static_cast<int64_t>(ranges.size());
+    max_unserved = std::max(max_unserved, unserved);
+    suffix_work += unserved * num_heads;
   }
+  // ... split into partitions as paged decode splits contexts.
   const int64_t parts_wanted = cpu::ceil_div(4 * threads, batch);
-  const int64_t part_blocks = std::max(cpu::ceil_div(cpu::ceil_div(std::max<int64_t>(max_suffix, 1), parts_wanted), block_size),
+  const int64_t part_blocks = std::max(cpu::ceil_div(cpu::ceil_div(std::max<int64_t>(max_unserved, 1), parts_wanted), block_size),
                                        cpu::ceil_div(cpu::kMinPartitionTokens, block_size));
   const int64_t part_len = part_blocks * block_size;
-  const int64_t num_parts = std::max<int64_t>(1, cpu::ceil_div(max_suffix, part_len));
+  std::vector<Partition> partitions;
+  std::vector<int64_t> part_start(batch + 1, 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t r = range_start[b]; r < range_start[b + 1]; ++r) {
+      for (int64_t first = ranges[r].first; first < ranges[r].second; first += part_len) {
+        partitions.push_back({b, first, std::min(ranges[r].second, first + part_len)});
+      }
+    }
+    part_start[b + 1] = static_cast<int64_t>(partitions.size());
+  }
 
   // Phase 1's items: row tiles of at most kRowTile rows, and the prefix split into chunks
   // until the whole batch gives every thread several items.
   int64_t prefix_work = 0;
-  for (const Group& grp : groups) prefix_work += grp.rows * grp.prefix_blocks * block_size;
+  for (const Node& node : nodes) prefix_work += node.rows * node.prefix_blocks * block_size;
   const double total_work = static_cast<double>(prefix_work + 4 * suffix_work);  // a GEMV row costs more
   int64_t partial_floats = 0;
   std::vector<Item> items;
-  for (size_t gi = 0; gi < groups.size(); ++gi) {
-    Group& grp = groups[gi];
-    grp.tiles = cpu::ceil_div(grp.rows, kRowTile);
-    grp.tile_rows = cpu::round_up(cpu::ceil_div(grp.rows, grp.tiles), kTileAlign);
-    grp.tiles = cpu::ceil_div(grp.rows, grp.tile_rows);
-    const double share = grp.rows * grp.prefix_blocks * block_size / total_work;
+  for (size_t ni = 0; ni < nodes.size(); ++ni) {
+    Node& node = nodes[ni];
+    node.tiles = cpu::ceil_div(node.rows, kRowTile);
+    node.tile_rows = cpu::round_up(cpu::ceil_div(node.rows, node.tiles), kTileAlign);
+    node.tiles = cpu::ceil_div(node.rows, node.tile_rows);
+    const double share = node.rows * node.prefix_blocks * block_size / total_work;
     const int64_t wanted = static_cast<int64_t>(std::ceil(4 * threads * share));
-    const int64_t max_chunks = std::max<int64_t>(1, grp.prefix_blocks / kMinChunkBlocks);
-    const int64_t chunks = std::clamp<int64_t>(cpu::ceil_div(wanted, grp.tiles * kv_heads), 1, max_chunks);
-    grp.chunk_blocks = cpu::ceil_div(grp.prefix_blocks, chunks);
-    grp.chunks = cpu::ceil_div(grp.prefix_blocks, grp.chunk_blocks);
-    grp.partials = partial_floats;
-    partial_floats += kv_heads * grp.chunks * grp.rows * (dim + 2);
-    for (int64_t t = 0; t < grp.tiles; ++t) {
-      const int64_t rows = std::min(grp.tile_rows, grp.rows - t * grp.tile_rows);
+    const int64_t max_chunks = std::max<int64_t>(1, node.prefix_blocks / kMinChunkBlocks);
+    const int64_t chunks = std::clamp<int64_t>(cpu::ceil_div(wanted, node.tiles * kv_heads), 1, max_chunks);
+    node.chunk_blocks = cpu::ceil_div(node.prefix_blocks, chunks);
+    node.chunks = cpu::ceil_div(node.prefix_blocks, node.chunk_blocks);
+    node.partials = partial_floats;
+    partial_floats += kv_heads * node.chunks * node.rows * (dim + 2);
+    for (int64_t t = 0; t < node.tiles; ++t) {
+      const int64_t rows = std::min(node.tile_rows, node.rows - t * node.tile_rows);
       for (int64_t h = 0; h < kv_heads; ++h) {
-        for (int64_t c = 0; c < grp.chunks; ++c) {
-          const int64_t blocks = std::min(grp.chunk_blocks, grp.prefix_blocks - c * grp.chunk_blocks);
-          items.push_back({rows * blocks * block_size, 0, static_cast<int32_t>(gi), static_cast<int32_t>(t),
+        for (int64_t c = 0; c < node.chunks; ++c) {
+          const int64_t blocks = std::min(node.chunk_blocks, node.prefix_blocks - c * node.chunk_blocks);
+          items.push_back({rows * blocks * block_size, 0, static_cast<int32_t>(ni), static_cast<int32_t>(t),
                            static_cast<int32_t>(h), static_cast<int32_t>(c)});
         }
       }
     }
   }
-  const int64_t suffix_stride = num_heads * (dim + 2);  // per (sequence, partition): acc [H, D] | max [H] | sum [H]
+  const int64_t suffix_stride = num_heads * (dim + 2);  // per partition: acc [H, D] | max [H] | sum [H]
+  const int64_t num_partitions = static_cast<int64_t>(partitions.size());
   // Uninitialized: every entry the merge reads is written first.
   const std::unique_ptr<float[]> prefix_partials(new float[partial_floats]);
-  const std::unique_ptr<float[]> suffix_partials(new float[batch * num_parts * suffix_stride]);
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t p = 0; p * part_len < lens[b] - own_prefix[b]; ++p) {
-      const int64_t tokens = std::min(part_len, lens[b] - own_prefix[b] - p * part_len);
-      items.push_back({4 * tokens * num_heads, 1, static_cast<int32_t>(b), static_cast<int32_t>(p), 0, 0});
-    }
+  const std::unique_ptr<float[]> suffix_partials(new float[num_partitions * suffix_stride]);
+  for (int64_t p = 0; p < num_partitions; ++p) {
+    const int64_t tokens = partitions[p].end - partitions[p].first;
+    items.push_back({4 * tokens * num_heads, 1, static_cast<int32_t>(p), 0, 0, 0});
   }
   // Longest first, so the short ones even out the dynamic schedule at the end.
   std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
   const int64_t num_items = static_cast<int64_t>(items.size());
   int64_t max_tile = kVec;
-  for (const Group& grp : groups) max_tile = std::max(max_tile, grp.tile_rows);
+  for (const Node& node : nodes) max_tile = std::max(max_tile, node.tile_rows);
 
 #pragma omp parallel
   {
-    PrefixScratch prefix_scratch(groups.empty() ? 0 : max_tile, dim, block_size);
+    PrefixScratch prefix_scratch(nodes.empty() ? 0 : max_tile, dim, block_size);
     std::vector<float> q_buf(num_heads * dim), scores(num_heads * block_size);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_items; ++i) {
       const Item& item = items[i];
       if (item.kind == 0) {
-        const Group& grp = groups[item.a];
-        const int64_t row0 = item.b * grp.tile_rows, rows = std::min(grp.tile_rows, grp.rows - row0);
+        const Node& node = nodes[item.a];
+        const int64_t row0 = item.b * node.tile_rows, rows = std::min(node.tile_rows, node.rows - row0);
         const int64_t h = item.c, c = item.d;
-        float* base = prefix_partials.get() + grp.partials + (h * grp.chunks + c) * grp.rows * (dim + 2);
-        const int64_t block0 = c * grp.chunk_blocks, block1 = std::min(grp.prefix_blocks, block0 + grp.chunk_blocks);
-        attend_prefix(q, num_heads, member_seqs.data() + grp.first_member, hpk, row0, rows, h, k, v, cache, grp.prefix,
-                      block0, block1, scale, base + row0 * dim, base + grp.rows * dim + row0,
-                      base + grp.rows * (dim + 1) + row0, prefix_scratch);
+        float* base = prefix_partials.get() + node.partials + (h * node.chunks + c) * node.rows * (dim + 2);
+        const int64_t block0 = c * node.chunk_blocks, block1 = std::min(node.prefix_blocks, block0 + node.chunk_blocks);
+        attend_prefix(q, num_heads, member_seqs.data() + node.first_member, hpk, row0, rows, h, k, v, cache,
+                      node.prefix, block0, block1, scale, base + row0 * dim, base + node.rows * dim + row0,
+                      base + node.rows * (dim + 1) + row0, prefix_scratch);
       } else {
-        const int64_t b = item.a, p = item.b;
-        const int64_t first = own_prefix[b] + p * part_len, end = std::min<int64_t>(lens[b], first + part_len);
-        float* acc = suffix_partials.get() + (b * num_parts + p) * suffix_stride;
+        const Partition& part = partitions[item.a];
+        const int64_t b = part.seq;
+        float* acc = suffix_partials.get() + item.a * suffix_stride;
         cpu::load_scaled(q + b * num_heads * dim, scale, q_buf.data(), num_heads * dim);
         cpu::dispatch_head_dim(dim, [&](auto head_dim) {
-          cpu::attend_partition<head_dim>(q_buf.data(), k, v, cache, tables + b * table_stride, hpk, first, end, acc,
-                                          acc + num_heads * dim, acc + num_heads * (dim + 1), scores.data());
+          cpu::attend_partition<head_dim>(q_buf.data(), k, v, cache, tables + b * table_stride, hpk, part.first,
+                                          part.end, acc, acc + num_heads * dim, acc + num_heads * (dim + 1),
+                                          scores.data());
         });
       }
     }
 
-    // Merge each (sequence, head)'s partials: the prefix chunks of its group, then its
-    // suffix partitions, weighted by exp(max_p - max) / sum.
+    // Merge each (sequence, head)'s partials: the chunks of every shared node on its path,
+    // then its partitions, weighted by exp(max_p - max) / sum.
     std::vector<const float*> part_acc;
     std::vector<float> part_max, part_sum;
 #pragma omp for schedule(static)
@@ -383,16 +425,17 @@ void cascade_kernel(const at::Tensor& query, const at::Tensor& k_cache, const at
         part_max.push_back(m);
         part_sum.push_back(sum);
       };
-      if (member_index[b] >= 0) {
-        const Group& grp = groups[cascade_of[seq_groups[b]]];
-        const int64_t row = member_index[b] * hpk + hq % hpk, h = hq / hpk;
-        for (int64_t c = 0; c < grp.chunks; ++c) {
-          const float* base = prefix_partials.get() + grp.partials + (h * grp.chunks + c) * grp.rows * (dim + 2);
-          add(base + row * dim, base[grp.rows * dim + row], base[grp.rows * (dim + 1) + row]);
+      for (int64_t l = 0; l < levels; ++l) {
+        if (member_index[b * levels + l] < 0) continue;
+        const Node& node = nodes[cascade_of[path[b * levels + l]]];
+        const int64_t row = member_index[b * levels + l] * hpk + hq % hpk, h = hq / hpk;
+        for (int64_t c = 0; c < node.chunks; ++c) {
+          const float* base = prefix_partials.get() + node.partials + (h * node.chunks + c) * node.rows * (dim + 2);
+          add(base + row * dim, base[node.rows * dim + row], base[node.rows * (dim + 1) + row]);
         }
       }
-      for (int64_t p = 0; p * part_len < lens[b] - own_prefix[b]; ++p) {
-        const float* base = suffix_partials.get() + (b * num_parts + p) * suffix_stride;
+      for (int64_t p = part_start[b]; p < part_start[b + 1]; ++p) {
+        const float* base = suffix_partials.get() + p * suffix_stride;
         add(base + hq * dim, base[num_heads * dim + hq], base[num_heads * (dim + 1) + hq]);
       }
       const int64_t parts = static_cast<int64_t>(part_acc.size());
@@ -424,6 +467,7 @@ at::Tensor cascade_decode_attention(const at::Tensor& query, const at::Tensor& k
               "cascade_decode_attention: query and caches must share a dtype");
   TORCH_CHECK(query.size(2) % kVec == 0, "cascade_decode_attention: head_dim must be a multiple of ", kVec);
   TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "cascade_decode_attention: heads not a multiple of kv heads");
+  TORCH_CHECK(seq_group.dim() == 1 || seq_group.dim() == 2, "cascade_decode_attention: seq_group must be [B] or [B, L]");
   TORCH_CHECK(prefix_tables.dim() == 2 && prefix_tables.size(0) == prefix_lens.size(0) &&
                   seq_group.size(0) == query.size(0) && context_lens.size(0) == query.size(0),
               "cascade_decode_attention: mismatched group or batch sizes");
@@ -435,24 +479,30 @@ at::Tensor cascade_decode_attention(const at::Tensor& query, const at::Tensor& k
   const at::Tensor lens = context_lens.to(at::kInt).contiguous();
   const at::Tensor p_tables = prefix_tables.to(at::kInt).contiguous();
   const at::Tensor p_lens = prefix_lens.to(at::kInt).contiguous();
-  const at::Tensor groups = seq_group.to(at::kInt).contiguous();
+  // [B, L]: a one-level seq_group [B] is L = 1
+  const at::Tensor paths = (seq_group.dim() == 1 ? seq_group.unsqueeze(1) : seq_group).to(at::kInt).contiguous();
   // The invariants the kernel indexes with (the Python wrapper checks them all, with
   // clearer messages, and the block ids besides).
-  const int64_t block_size = k_cache.size(1), num_groups = p_lens.size(0);
+  const int64_t block_size = k_cache.size(1), num_nodes = p_lens.size(0), levels = paths.size(1);
   const int32_t* pl = p_lens.data_ptr<int32_t>();
-  const int32_t* sg = groups.data_ptr<int32_t>();
+  const int32_t* sg = paths.data_ptr<int32_t>();
   const int32_t* cl = lens.data_ptr<int32_t>();
-  for (int64_t g = 0; g < num_groups; ++g) {
+  for (int64_t g = 0; g < num_nodes; ++g) {
     TORCH_CHECK(pl[g] >= block_size && pl[g] % block_size == 0 && pl[g] / block_size <= p_tables.size(1),
                 "cascade_decode_attention: prefix_lens[", g, "] = ", pl[g], " is not whole blocks within prefix_tables");
   }
   for (int64_t b = 0; b < q.size(0); ++b) {
-    TORCH_CHECK(sg[b] >= -1 && sg[b] < num_groups, "cascade_decode_attention: seq_group[", b, "] = ", sg[b]);
-    TORCH_CHECK(cl[b] >= 1 && (sg[b] < 0 || cl[b] >= pl[sg[b]]),
-                "cascade_decode_attention: context_lens[", b, "] = ", cl[b], " is shorter than its group's prefix");
+    int64_t path_len = 0;
+    for (int64_t l = 0; l < levels; ++l) {
+      const int32_t g = sg[b * levels + l];
+      TORCH_CHECK(g >= -1 && g < num_nodes, "cascade_decode_attention: seq_group[", b, ", ", l, "] = ", g);
+      if (g >= 0) path_len += pl[g];
+    }
+    TORCH_CHECK(cl[b] >= 1 && cl[b] >= path_len, "cascade_decode_attention: context_lens[", b, "] = ", cl[b],
+                " is shorter than its path's ", path_len, " prefix tokens");
   }
   TTSEARCH_DISPATCH_FLOAT_TYPES(q.scalar_type(), "cascade_decode_attention", [&] {
-    cascade_kernel<scalar_t>(q, k_cache, v_cache, tables, lens, p_tables, p_lens, groups, static_cast<float>(scale), out);
+    cascade_kernel<scalar_t>(q, k_cache, v_cache, tables, lens, p_tables, p_lens, paths, static_cast<float>(scale), out);
   });
   return out;
 }

@@ -1,28 +1,33 @@
-"""cascade_decode_attention: decode attention that reads each shared prefix once per group.
+"""cascade_decode_attention: decode attention that reads each shared prefix node once for
+all the sequences below it (multi-level cascade attention).
 
-Sequences of a group share their first ``prefix_lens[g]`` tokens (whole blocks, listed in
-``prefix_tables[g]``). Attention over a context splits at the end of that prefix, and the
-two halves are merged by log-sum-exp:
+Node ``g`` holds ``prefix_lens[g]`` tokens (whole blocks, listed in ``prefix_tables[g]``);
+row ``b`` of ``seq_group [B, L]`` lists the nodes on sequence ``b``'s path, outermost
+first, then -1 (a 1-D ``seq_group`` is L = 1). The path's nodes tile the start of ``b``'s
+context; attention over it splits at their boundaries, and the parts are merged by
+log-sum-exp:
 
-1. ``_prefix_kernel``, one program per (group, tile of members, kv head): the query heads
-   of up to ``BLOCK_M`` members that share the kv head are gathered into one
-   ``[BLOCK_M x heads_per_kv, D]`` tile, which walks the group's prefix once with an online
-   softmax. Each prefix key/value is so read once per tile instead of once per member, and
-   the products are matrix-matrix rather than the decode's thin ``[heads_per_kv, D]``. It
-   writes each row's normalised output and log-sum-exp (log2 domain, scaled scores) to
-   float32 scratch ``[B, H, D]`` and ``[B, H]``.
+1. ``_prefix_kernel``, one program per (node, tile of members, kv head): a member is a
+   (sequence, level) entry holding the node. The query heads of up to ``BLOCK_M`` members
+   that share the kv head are gathered into one ``[BLOCK_M x heads_per_kv, D]`` tile,
+   which walks the node's blocks once with an online softmax. Each key/value is so read
+   once per tile instead of once per sequence, and the products are matrix-matrix rather
+   than the decode's thin ``[heads_per_kv, D]``. It writes each row's normalised output
+   and log-sum-exp (log2 domain, scaled scores) to float32 scratch ``[B, L, H, D]`` and
+   ``[B, L, H]``, at the member's (sequence, level).
 2. ``_suffix_kernel``, one program per (sequence, kv head), as ``paged_decode_attention``:
-   the sequence's own tokens ``[own_prefix, context)`` (the whole context for a sequence in
-   no group, possibly nothing for a member whose context is the prefix alone) through its
-   block table. It then folds in the member's prefix partial as one more "tile" of the
-   online softmax and stores the final output in the query dtype, so no third launch
-   merges them. A sequence in no group never reads the scratch and takes exactly the
-   decode kernel's arithmetic.
+   the sequence's own tokens ``[path_len, context)`` (the whole context for a sequence in
+   no node, possibly nothing for one whose context ends with its last node) through its
+   block table. It then folds in the partial of every level of its path, each as one more
+   "tile" of the online softmax (a -1 entry carries weight 0), and stores the final
+   output in the query dtype, so no third launch merges them. A sequence in no node never
+   reads the scratch and takes exactly the decode kernel's arithmetic.
 
-The members of each group are found on the device (a stable sort of ``seq_group`` and a
-search for each group's first member), without synchronising with the host: the prefix
-grid covers ``ceil(batch / BLOCK_M)`` tiles per group, and tiles past a group's members
-exit at once. Batches with no group at all go straight to the decode kernel.
+The members of each node are found on the device (a stable sort of the flattened
+``[B * L]`` entries and a search for each node's first member), without synchronising
+with the host: the prefix grid covers ``ceil(batch / BLOCK_M)`` tiles per node (a node
+is at most once on a path, so it has at most ``batch`` members), and tiles past a node's
+members exit at once. Batches with no node at all go straight to the decode kernel.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ _LOG2E = 1.4426950408889634
 def _prefix_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
     prefix_tables_ptr, prefix_lens_ptr, members_ptr, member_starts_ptr,
-    scale_log2, tiles_per_group,
+    scale_log2, tiles_per_node, num_levels,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -52,21 +57,23 @@ def _prefix_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
 ):
-    group = tl.program_id(0) // tiles_per_group
-    tile = tl.program_id(0) % tiles_per_group
+    node = tl.program_id(0) // tiles_per_node
+    tile = tl.program_id(0) % tiles_per_node
     kv_head = tl.program_id(1)
-    first = tl.load(member_starts_ptr + group)
-    count = tl.load(member_starts_ptr + group + 1) - first
+    first = tl.load(member_starts_ptr + node)
+    count = tl.load(member_starts_ptr + node + 1) - first
     if tile * BLOCK_M >= count:
         return
-    prefix_len = tl.load(prefix_lens_ptr + group)
+    prefix_len = tl.load(prefix_lens_ptr + node)
 
-    # Row r of the tile: query head r % GROUP (of this kv head) of the tile's member r // GROUP.
+    # Row r of the tile: query head r % GROUP (of this kv head) of the tile's member r // GROUP,
+    # a flat (sequence, level) entry of seq_group.
     r = tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
     member = tile * BLOCK_M + r // GROUP
     rows_valid = (r < BLOCK_M * GROUP) & (member < count)
-    seq = tl.load(members_ptr + first + member, mask=rows_valid, other=0).to(tl.int64)
+    entry = tl.load(members_ptr + first + member, mask=rows_valid, other=0).to(tl.int64)
+    seq = entry // num_levels
     heads = kv_head * GROUP + r % GROUP
     q_mask = rows_valid[:, None] & (d < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + seq[:, None] * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd,
@@ -78,14 +85,14 @@ def _prefix_kernel(
     l = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     m, l, acc = attend_paged_tiles(
-        q, m, l, acc, 0, prefix_len, k_cache_ptr, v_cache_ptr, prefix_tables_ptr + group * stride_pg, kv_head,
+        q, m, l, acc, 0, prefix_len, k_cache_ptr, v_cache_ptr, prefix_tables_ptr + node * stride_pg, kv_head,
         scale_log2, stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, stride_pn,
         HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N, DOT_DTYPE,
     )
 
     # Padding rows saw only zeros (l > 0 there too) and are not stored.
     out = acc / l[:, None]
-    row_offsets = seq * num_heads + heads  # into the contiguous [B, H] scratch
+    row_offsets = entry * num_heads + heads  # into the contiguous [B, L, H] scratch
     tl.store(out_ptr + row_offsets[:, None] * HEAD_DIM + d[None, :], out, mask=q_mask)
     tl.store(lse_ptr + row_offsets, m + tl.log2(l), mask=rows_valid)
 
@@ -93,13 +100,14 @@ def _prefix_kernel(
 @triton.jit
 def _suffix_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_ptr,
-    seq_group_ptr, prefix_lens_ptr, prefix_out_ptr, prefix_lse_ptr,
-    scale_log2,
+    seq_group_ptr, path_lens_ptr, prefix_out_ptr, prefix_lse_ptr,
+    scale_log2, num_levels,
     stride_qb, stride_qh, stride_qd,
     stride_ob, stride_oh, stride_od,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_tb, stride_tn,
+    stride_sb, stride_sl,
     num_heads,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -108,9 +116,7 @@ def _suffix_kernel(
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     context = tl.load(lens_ptr + seq)
-    group = tl.load(seq_group_ptr + seq)
-    grouped = group >= 0
-    own_prefix = tl.load(prefix_lens_ptr + group, mask=grouped, other=0)
+    own_prefix = tl.load(path_lens_ptr + seq)  # tokens of the context the path's nodes hold
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -129,25 +135,30 @@ def _suffix_kernel(
         HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N, DOT_DTYPE,
     )
 
-    # Fold in the prefix partial (normalised output o, log-sum-exp lse) as weight 2^lse on
-    # o. A sequence in no group reads nothing: lse = -inf gives it weight 0 and leaves
-    # m, l, acc as they are. An empty suffix has m = -inf, l = 0, acc = 0: only the
-    # prefix remains. Contexts are never empty, so the two are never both -inf.
-    rows = seq * num_heads + heads  # into the contiguous [B, H] scratch
-    # (A comparison rather than `(g < GROUP) & grouped`: Triton's interpreter turns the
-    # `&` of a block and a scalar mask into int32, which tl.load refuses as a mask.)
-    from_prefix = g < tl.where(grouped, GROUP, 0)
-    lse = tl.load(prefix_lse_ptr + rows, mask=from_prefix, other=float("-inf"))
-    # Padding heads (never stored) take o = 0 at weight 1, so even with an empty suffix
-    # they stay finite rather than computing (-inf) - (-inf).
-    lse = tl.where(g < GROUP, lse, 0.0)
-    o_mask = from_prefix[:, None] & (d < HEAD_DIM)[None, :]
-    o = tl.load(prefix_out_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=o_mask, other=0.0)
-    m_new = tl.maximum(m, lse)
-    alpha = tl.exp2(m - m_new)
-    beta = tl.exp2(lse - m_new)
-    l = l * alpha + beta
-    acc = acc * alpha[:, None] + o * beta[:, None]
+    # Fold in each level's node partial (normalised output o, log-sum-exp lse) as weight
+    # 2^lse on o. A -1 entry reads nothing: lse = -inf gives it weight 0 and leaves m, l,
+    # acc as they are. An empty suffix starts with m = -inf, l = 0, acc = 0. Contexts are
+    # never empty, so some part is finite; until one is, the shift stays 0 rather than
+    # computing (-inf) - (-inf).
+    for level in range(num_levels):
+        node = tl.load(seq_group_ptr + seq * stride_sb + level * stride_sl)
+        rows = (seq * num_levels + level) * num_heads + heads  # into the contiguous [B, L, H] scratch
+        # (A comparison rather than `(g < GROUP) & (node >= 0)`: Triton's interpreter turns
+        # the `&` of a block and a scalar mask into int32, which tl.load refuses as a mask.)
+        from_node = g < tl.where(node >= 0, GROUP, 0)
+        lse = tl.load(prefix_lse_ptr + rows, mask=from_node, other=float("-inf"))
+        # Padding heads (never stored) take o = 0 at weight 1, so even with an empty suffix
+        # they end finite rather than computing 0 / 0.
+        lse = tl.where(g < GROUP, lse, 0.0)
+        o_mask = from_node[:, None] & (d < HEAD_DIM)[None, :]
+        o = tl.load(prefix_out_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=o_mask, other=0.0)
+        m_new = tl.maximum(m, lse)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - shift)
+        beta = tl.exp2(lse - shift)
+        l = l * alpha + beta
+        acc = acc * alpha[:, None] + o * beta[:, None]
+        m = m_new
 
     out = acc / l[:, None]
     tl.store(
@@ -169,29 +180,34 @@ def cascade_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     batch, num_heads, head_dim = query.shape
-    num_groups = prefix_lens.shape[0]
-    if batch == 0 or num_groups == 0:
+    num_nodes = prefix_lens.shape[0]
+    path = seq_group if seq_group.dim() == 2 else seq_group[:, None]  # [B, L]
+    num_levels = path.shape[1]
+    if batch == 0 or num_nodes == 0 or num_levels == 0:
         return paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
     dtype = dot_dtype(query)
 
-    # Members of each group, on the device: sequences sorted by group (stable, so in batch
-    # order), and where each group's run starts; -1 (no group) sorts first and is skipped.
-    sorted_groups, members = torch.sort(seq_group.long(), stable=True)
-    member_starts = torch.searchsorted(sorted_groups, torch.arange(num_groups + 1, device=query.device))
+    # Members of each node, on the device: the flat (sequence, level) entries sorted by node
+    # (stable, so in batch order), and where each node's run starts; -1 sorts first and is
+    # skipped.
+    sorted_nodes, members = torch.sort(path.reshape(-1).long(), stable=True)
+    member_starts = torch.searchsorted(sorted_nodes, torch.arange(num_nodes + 1, device=query.device))
+    # Where each sequence's own suffix starts: the tokens of its path's nodes.
+    path_lens = torch.where(path >= 0, prefix_lens[path.clamp(min=0).long()], 0).sum(1, dtype=torch.int32)
 
     # The prefix tile: BLOCK_M members x GROUP heads in BLOCK_R rows (tl.dot needs >= 16).
     block_r = max(64, triton.next_power_of_2(group))
     block_m = block_r // group
-    tiles_per_group = triton.cdiv(batch, block_m)
-    prefix_out = torch.empty(batch, num_heads, head_dim, dtype=torch.float32, device=query.device)
-    prefix_lse = torch.empty(batch, num_heads, dtype=torch.float32, device=query.device)
-    _prefix_kernel[(num_groups * tiles_per_group, kv_heads)](
+    tiles_per_node = triton.cdiv(batch, block_m)
+    prefix_out = torch.empty(batch, num_levels, num_heads, head_dim, dtype=torch.float32, device=query.device)
+    prefix_lse = torch.empty(batch, num_levels, num_heads, dtype=torch.float32, device=query.device)
+    _prefix_kernel[(num_nodes * tiles_per_node, kv_heads)](
         query, k_cache, v_cache, prefix_out, prefix_lse,
         prefix_tables, prefix_lens, members, member_starts,
-        scale * _LOG2E, tiles_per_group,
+        scale * _LOG2E, tiles_per_node, num_levels,
         *query.stride(), *k_cache.stride(), *v_cache.stride(), *prefix_tables.stride(),
         num_heads,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
@@ -203,10 +219,10 @@ def cascade_decode_attention(
     out = torch.empty_like(query)
     _suffix_kernel[(batch, kv_heads)](
         query, k_cache, v_cache, out, block_tables, context_lens,
-        seq_group, prefix_lens, prefix_out, prefix_lse,
-        scale * _LOG2E,
+        path, path_lens, prefix_out, prefix_lse,
+        scale * _LOG2E, num_levels,
         *query.stride(), *out.stride(), *k_cache.stride(), *v_cache.stride(),
-        *block_tables.stride(),
+        *block_tables.stride(), *path.stride(),
         num_heads,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=64,

@@ -265,48 +265,85 @@ def test_empty_batches(impl):
 # ----------------------------------------------------------------------------- cascade decode attention
 
 
-def make_cascade(groups, ungrouped, kv_heads, head_dim, dtype, block=BLOCK, index_dtype=torch.int32, seed=0):
-    """A batch where groups of sequences share a prefix, mixed with sequences in no group.
+def make_cascade(groups, ungrouped, kv_heads, head_dim, dtype, block=BLOCK, index_dtype=torch.int32, seed=0,
+                 levels=None, one_level=False):
+    """A batch whose sequences share prefixes along a tree, mixed with sequences in no node.
 
-    ``groups``: one ``(prefix_blocks, [suffix length of each member])`` per group (a suffix
-    of 0 means the context is the prefix alone); ``ungrouped``: context lengths. Sequences
-    are interleaved in a fixed shuffled order and block ids are shuffled. Table entries past
-    a context, and prefix-table entries past a prefix, hold -1 or a huge id. Returns a dict
-    of the op's arguments (minus query and scale), ``clean`` tables for the oracles, and
-    ``ctx_lens``.
+    ``groups``: the root nodes, each ``(prefix_blocks, members)``; a member is either a
+    sequence's own token count past the node (0: its context ends with the node) or a child
+    node of the same form. ``ungrouped``: context lengths of sequences in no node.
+    Sequences are interleaved in a fixed shuffled order and block ids are shuffled; so are
+    node ids in a tree deeper than one level. Table entries past a context, and
+    prefix-table entries past a prefix, hold -1 or a huge id.
+
+    ``seq_group`` is 1-D for a one-level tree, else ``[B, levels]`` (by default the depth)
+    with -1 padding. ``one_level`` flattens any tree to one level instead: a sequence's
+    group is its whole path as one prefix, shared by the sequences on the same path (the
+    same caches and tables). Returns a dict of the op's arguments (minus query and scale),
+    ``clean`` tables for the oracles, and ``ctx_lens``.
     """
     gen = torch.Generator().manual_seed(seed)
-    seqs = [(g, pb * block + sfx) for g, (pb, sfxs) in enumerate(groups) for sfx in sfxs]
-    seqs += [(-1, ctx) for ctx in ungrouped]
+    node_blocks, seqs = [], []  # seqs: (path as node indices, context length)
+
+    def visit(node, path):
+        blocks, members = node
+        path = path + [len(node_blocks)]
+        node_blocks.append(blocks)
+        for member in members:
+            if isinstance(member, tuple):
+                visit(member, path)
+            else:
+                seqs.append((path, sum(node_blocks[n] for n in path) * block + member))
+
+    for root in groups:
+        visit(root, [])
+    seqs += [([], ctx) for ctx in ungrouped]
     seqs = [seqs[i] for i in torch.randperm(len(seqs), generator=gen).tolist()]
-    prefix_blocks = [pb for pb, _ in groups]
     needed = [math.ceil(ctx / block) for _, ctx in seqs]
-    own = [n - (prefix_blocks[g] if g >= 0 else 0) for (g, _), n in zip(seqs, needed)]
-    num_blocks = sum(prefix_blocks) + sum(own) + 3
+    own = [n - sum(node_blocks[g] for g in path) for (path, _), n in zip(seqs, needed)]
+    num_blocks = sum(node_blocks) + sum(own) + 3
     ids = torch.randperm(num_blocks, generator=gen).tolist()
-    prefixes = [[ids.pop() for _ in range(pb)] for pb in prefix_blocks]
+    prefixes = [[ids.pop() for _ in range(nb)] for nb in node_blocks]
 
     width = max(needed) + 2
     tables = torch.full((len(seqs), width), -1, dtype=torch.int64)
     clean = torch.zeros_like(tables)
-    for b, ((g, _), n) in enumerate(zip(seqs, needed)):
-        row = (prefixes[g] if g >= 0 else []) + [ids.pop() for _ in range(own[b])]
+    for b, ((path, _), n) in enumerate(zip(seqs, needed)):
+        row = [i for g in path for i in prefixes[g]] + [ids.pop() for _ in range(own[b])]
         tables[b, :n] = clean[b, :n] = torch.tensor(row, dtype=torch.int64)
         tables[b, max(needed):] = HUGE[index_dtype]
-    prefix_tables = torch.full((len(groups), max(prefix_blocks, default=0) + 1), HUGE[index_dtype], dtype=torch.int64)
+    shape = (num_blocks, block, kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+
+    depth = max((len(path) for path, _ in seqs), default=0)
+    if one_level:  # one group per distinct path, holding all of its blocks
+        paths = list(dict.fromkeys(tuple(path) for path, _ in seqs if path))
+        prefixes = [[i for g in path for i in prefixes[g]] for path in paths]
+        rows = [[paths.index(tuple(path))] if path else [-1] for path, _ in seqs]
+    else:
+        rows = [path + [-1] * ((levels or max(depth, 1)) - len(path)) for path, _ in seqs]
+        if depth > 1:  # node ids in no particular order along a path
+            rename = torch.randperm(len(prefixes), generator=gen).tolist()
+            rows = [[rename[g] if g >= 0 else -1 for g in row] for row in rows]
+            prefixes = [prefixes[rename.index(g)] for g in range(len(prefixes))]
+    seq_group = torch.tensor(rows, dtype=torch.int64).view(len(seqs), -1)
+    if one_level or (depth <= 1 and levels is None):
+        seq_group = seq_group[:, 0]
+    prefix_tables = torch.full((len(prefixes), max(map(len, prefixes), default=0) + 1), HUGE[index_dtype],
+                               dtype=torch.int64)
     for g, blocks in enumerate(prefixes):
         prefix_tables[g, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
         prefix_tables[g, len(blocks)] = -1
 
-    shape = (num_blocks, block, kv_heads, head_dim)
     args = dict(
-        k_cache=torch.randn(shape, generator=gen).to(dtype),
-        v_cache=torch.randn(shape, generator=gen).to(dtype),
+        k_cache=k_cache,
+        v_cache=v_cache,
         block_tables=tables.to(index_dtype),
         context_lens=torch.tensor([ctx for _, ctx in seqs], dtype=index_dtype),
         prefix_tables=prefix_tables.to(index_dtype),
-        prefix_lens=torch.tensor(prefix_blocks, dtype=index_dtype) * block,
-        seq_group=torch.tensor([g for g, _ in seqs], dtype=index_dtype),
+        prefix_lens=torch.tensor(list(map(len, prefixes)), dtype=index_dtype) * block,
+        seq_group=seq_group.to(index_dtype),
     )
     return args, clean.to(index_dtype), [ctx for _, ctx in seqs]
 
@@ -356,6 +393,10 @@ def test_cascade_decode_attention(impl, dtype, head_dim, heads, case):
     else:
         out = reference.cascade_decode_attention(*cascade_args(args, query, scale))
         assert_close(out, naive_decode(*plain))
+    # The same groups as paths of one level: seq_group [B, 1]
+    one_column = dict(args, seq_group=args["seq_group"][:, None])
+    assert_close((ops if impl == "cpp" else reference).cascade_decode_attention(*cascade_args(one_column, query, scale)),
+                 out)
     assert torch.equal(args["k_cache"], k_before) and torch.equal(args["v_cache"], v_before)
 
 
@@ -384,11 +425,20 @@ def test_cascade_other_block_sizes(impl, dtype, block):
     assert_close(out, naive_decode(query, args["k_cache"], args["v_cache"], clean, args["context_lens"], 0.125))
 
 
+# One level, and a tree with an unused node, for the poisoned-cache tests.
+POISON_CASES = {
+    "one-level": ([(5, [1, 17, 16, 0, 3]), (1, [15, 1])], [300, 2]),
+    "tree": ([(2, [(1, [0, 17, (1, [16, 1])]), (3, [15, 0]), (1, [])]), (1, [1])], [300, 2]),
+}
+
+
 @cpp_only
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cascade_cpp_never_reads_past_a_context(dtype):
-    """NaN in every slot outside the contexts must not reach the output."""
-    args, clean, ctx_lens = make_cascade([(5, [1, 17, 16, 0, 3]), (1, [15, 1])], [300, 2], 3, 64, dtype, seed=3)
+@pytest.mark.parametrize("case", POISON_CASES)
+def test_cascade_cpp_never_reads_past_a_context(dtype, case):
+    """NaN in every slot outside the contexts (the blocks of a node no sequence holds too)
+    must not reach the output."""
+    args, clean, ctx_lens = make_cascade(*POISON_CASES[case], 3, 64, dtype, seed=3)
     query = torch.randn(len(ctx_lens), 9, 64).to(dtype)
     poisoned = dict(args, k_cache=poison_unused(args["k_cache"], clean, ctx_lens),
                     v_cache=poison_unused(args["v_cache"], clean, ctx_lens))
@@ -407,6 +457,94 @@ def test_cascade_without_groups_and_empty(impl):
     assert_close(out, naive_decode(query, k_cache, v_cache, clean, lens, 0.125))
     out = op(query[:0], k_cache, v_cache, tables[:0], lens[:0], *no_groups, torch.zeros(0, dtype=torch.int64), 0.125)
     assert out.shape == (0, 9, 64)
+    # Paths with no node: all -1, and no level at all.
+    one_node = (torch.tensor([[tables[0, 0], -1]], dtype=torch.int32), torch.tensor([BLOCK], dtype=torch.int32))
+    for seq_group in (torch.full((3, 2), -1), torch.zeros(3, 0, dtype=torch.int32)):
+        out = op(query, k_cache, v_cache, tables, lens, *one_node, seq_group, 0.125)
+        assert_close(out, naive_decode(query, k_cache, v_cache, clean, lens, 0.125))
+
+
+# Trees of prefix nodes as make_cascade takes them: (groups, ungrouped, levels).
+CASCADE_TREES = {
+    # 3 problems x 4 beams on a 2-block system prompt: each problem's question, steps shared
+    # by 2 beams, one beam that forked once more (4 levels, a node with 1 member); own
+    # tokens at block boundaries and +-1, or none; 2 sequences in no node
+    "problems": ([(2, [(1, [(1, [0, 1]), (1, [15, 16])]),
+                       (2, [(1, [17, 16]), (2, [1, 0])]),
+                       (1, [(1, [(1, [3]), 16]), (1, [15, 33])])])], [1, 40], None),
+    # a chain 5 nodes deep with sequences ending at every depth, next to a second root with
+    # 1 member and sequences in no node; one column of -1 padding past the depth
+    "deep": ([(1, [0, (1, [16, (2, [1, (1, [15, (1, [17, 0, 33])])])])]), (3, [5])], [16, 17], 6),
+    # 64 beams: 4 problems behind a 40-block prompt (long enough to be split), steps shared
+    # by 4 beams
+    "wide": ([(40, [(2, [(1, SUFFIXES), (1, [0, 17, 2, 31]), (1, SUFFIXES), (1, [0, 1, 33, 16])])] * 4)], [], None),
+}
+
+
+def cascade_tree_params():
+    for dtype in DTYPES:
+        for head_dim in (64, 128):
+            for heads in HEADS:
+                for case in CASCADE_TREES:
+                    if case == "wide" and head_dim == 128:
+                        continue  # the long case once per dtype x heads
+                    yield pytest.param(dtype, head_dim, heads, case, id=f"{str(dtype)[6:]}-d{head_dim}-{heads}-{case}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype,head_dim,heads,case", list(cascade_tree_params()))
+def test_cascade_tree(impl, dtype, head_dim, heads, case):
+    """Prefix trees of several levels; and the same tree flattened to a 1-D seq_group."""
+    num_heads, kv_heads = HEADS[heads]
+    groups, ungrouped, levels = CASCADE_TREES[case]
+    index_dtype = torch.int64 if case == "deep" else torch.int32
+    build = dict(kv_heads=kv_heads, head_dim=head_dim, dtype=dtype, index_dtype=index_dtype, seed=len(case))
+    args, clean, _ = make_cascade(groups, ungrouped, levels=levels, **build)
+    flat, flat_clean, _ = make_cascade(groups, ungrouped, one_level=True, **build)
+    assert args["seq_group"].dim() == 2 and flat["seq_group"].dim() == 1 and torch.equal(clean, flat_clean)
+    query = torch.randn(len(args["context_lens"]), num_heads, head_dim).to(dtype)
+    scale = head_dim**-0.5
+    plain = (query, args["k_cache"], args["v_cache"], clean, args["context_lens"], scale)
+    k_before, v_before = args["k_cache"].clone(), args["v_cache"].clone()
+
+    if impl == "cpp":
+        out = ops.cascade_decode_attention(*cascade_args(args, query, scale))
+        assert_close(out, reference.cascade_decode_attention(*cascade_args(args, query, scale)))
+        assert_close(out, reference.paged_decode_attention(*plain))
+        assert_close(out, ops.paged_decode_attention(*plain))
+        assert_close(ops.cascade_decode_attention(*cascade_args(flat, query, scale)), out)
+    else:
+        out = reference.cascade_decode_attention(*cascade_args(args, query, scale))
+        assert_close(out, naive_decode(*plain))
+        assert_close(reference.cascade_decode_attention(*cascade_args(flat, query, scale)), out)
+    assert torch.equal(args["k_cache"], k_before) and torch.equal(args["v_cache"], v_before)
+
+
+def shared_below_private(kv_heads, head_dim, dtype, index_dtype=torch.int32):
+    """Not a tree: three sequences each behind a 1-block node of their own, then a 2-block
+    node all three share (the C++ kernel serves it once, the private nodes through each
+    sequence's own tokens: two token ranges per sequence), and a sequence in no node."""
+    k_cache, v_cache, tables, clean, lens = make_paged([53, 48, 65, 40], kv_heads, head_dim, dtype, index_dtype)
+    shared = clean[0, 1:3].clone()
+    tables[1:3, 1:3] = clean[1:3, 1:3] = shared
+    prefix_tables = torch.tensor([[clean[0, 0], -1], [clean[1, 0], -1], [clean[2, 0], -1], shared.tolist()],
+                                 dtype=index_dtype)
+    prefix_lens = torch.tensor([1, 1, 1, 2], dtype=index_dtype) * BLOCK
+    seq_group = torch.tensor([[0, 3], [1, 3], [2, 3], [-1, -1]], dtype=index_dtype)
+    args = dict(k_cache=k_cache, v_cache=v_cache, block_tables=tables, context_lens=lens,
+                prefix_tables=prefix_tables, prefix_lens=prefix_lens, seq_group=seq_group)
+    return args, clean
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("heads", ["gqa1", "gqa3"])
+def test_cascade_shared_node_below_private_ones(impl, dtype, heads):
+    num_heads, kv_heads = HEADS[heads]
+    args, clean = shared_below_private(kv_heads, 64, dtype)
+    query = torch.randn(4, num_heads, 64).to(dtype)
+    out = (ops if impl == "cpp" else reference).cascade_decode_attention(*cascade_args(args, query, 0.125))
+    assert_close(out, naive_decode(query, args["k_cache"], args["v_cache"], clean, args["context_lens"], 0.125))
 
 
 # ----------------------------------------------------------------------------- prm_step_score
@@ -604,6 +742,8 @@ def opcheck_cases():
     yield "copy_blocks", (torch.randn(2, 2, 6, BLOCK, 2, 32), torch.tensor([0, 1]), torch.tensor([4, 5]))
     args, _, ctx_lens = make_cascade([(2, [1, 17, 0]), (1, [3])], [20], 2, 32, torch.float32)
     yield "cascade_decode_attention", cascade_args(args, torch.randn(len(ctx_lens), 4, 32), 0.2)
+    args, _, ctx_lens = make_cascade([(1, [(1, [0, 3]), (2, [5])])], [20], 2, 32, torch.float32)
+    yield "cascade_decode_attention", cascade_args(args, torch.randn(len(ctx_lens), 4, 32), 0.2)
     hidden, norm_weight, head_weight, head_bias, prev_agg, prev_count = prm_inputs(3, 48, 2, torch.float32)
     yield "prm_step_score", (hidden, norm_weight, 1e-6, head_weight, head_bias, 1, prev_agg, prev_count, "mean")
     yield "prm_step_score", (hidden, None, 1e-6, head_weight[:1], None, 0, prev_agg, prev_count, "prod")
@@ -715,3 +855,72 @@ def test_cascade_bad_groups(field, value, match):
         return match
 
     _cascade_error(mutate)
+
+
+def _cascade_tree_error(mutate):
+    """``mutate(args)`` breaks a 3-level tree's arguments and returns the error it expects."""
+    groups, ungrouped, _ = CASCADE_TREES["problems"]
+    args, _, ctx_lens = make_cascade(groups, ungrouped, 1, 32, torch.float32)
+    match = mutate(args)
+    before = args["k_cache"].clone(), args["v_cache"].clone()
+    with pytest.raises(ValueError, match=match):
+        ops.cascade_decode_attention(*cascade_args(args, torch.randn(len(ctx_lens), 2, 32), 0.2))
+    assert torch.equal(args["k_cache"], before[0]) and torch.equal(args["v_cache"], before[1])
+
+
+def _at_depth(args, depth):
+    """The first sequence whose path is ``depth`` nodes long, and its path."""
+    lengths = (args["seq_group"] >= 0).sum(1)
+    b = int((lengths == depth).nonzero()[0, 0])
+    return b, args["seq_group"][b, :depth].tolist()
+
+
+def test_cascade_tree_node_after_a_gap():
+    def mutate(args):
+        b, path = _at_depth(args, 3)
+        args["seq_group"][b, 1] = -1
+        return rf"seq_group\[{b}, 2\] = {path[2]} follows a -1"
+
+    _cascade_tree_error(mutate)
+
+
+def test_cascade_tree_member_without_its_node_blocks():
+    def mutate(args):
+        b, path = _at_depth(args, 3)
+        start = int(args["prefix_lens"][path[:2]].sum()) // BLOCK
+        end = start + int(args["prefix_lens"][path[2]]) // BLOCK
+        other, _ = _at_depth(args, 0)
+        args["block_tables"][b, start] = args["block_tables"][other, 0]  # a valid id, not the node's
+        return (rf"sequence {b}'s block table does not hold at columns \[{start}, {end}\) the prefix blocks of its "
+                rf"group {path[2]} \(level 2\): column {start} holds block")
+
+    _cascade_tree_error(mutate)
+
+
+def test_cascade_tree_path_longer_than_the_context():
+    def mutate(args):
+        b, path = _at_depth(args, 3)
+        total = int(args["prefix_lens"][path].sum())
+        args["context_lens"][b] = total - 1
+        return (rf"sequence {b} has {total - 1} tokens, fewer than the {total}-token prefix of its group {path[2]} "
+                rf"at level 2")
+
+    _cascade_tree_error(mutate)
+
+
+def test_cascade_tree_node_at_two_levels():
+    def mutate(args):
+        b, path = _at_depth(args, 3)
+        args["seq_group"][b, 2] = path[1]
+        return rf"group {path[1]} is at level 2 of sequence {b}'s path"
+
+    _cascade_tree_error(mutate)
+
+
+def test_cascade_tree_bad_node():
+    def mutate(args):
+        b, _ = _at_depth(args, 3)
+        args["seq_group"][b, 1] = args["prefix_lens"].shape[0]
+        return rf"seq_group spans .*seq_group\[{b}, 1\] = {args['prefix_lens'].shape[0]}"
+
+    _cascade_tree_error(mutate)

@@ -33,13 +33,16 @@ with contextlib.suppress(ImportError):  # Triton imports it at the first launch:
 
 import ttsearch.ops as ops  # noqa: E402
 from test_ops import (  # noqa: E402  (tests/ is on sys.path under pytest)
+    CASCADE_TREES,
     COPY_BLOCKS_CASES,
     HEADS,
+    POISON_CASES,
     cascade_args,
     make_cascade,
     make_paged,
     poison_unused,
     query_lens_for,
+    shared_below_private,
     store_kv_inputs,
 )
 from ttsearch.kernels import cascade_decode_attention as cascade_module  # noqa: E402
@@ -200,9 +203,9 @@ def test_attention_empty_batches(device):
 CASCADE = ([(1, [16, 0]), (2, [1, 17, 15]), (5, [0, 1, 15, 16, 17, 33]), (2, [])], [1, 16, 17, 100])
 
 
-def cascade_inputs(groups, ungrouped, num_heads, kv_heads, head_dim, dtype, index_dtype=torch.int32, seed=0):
+def cascade_inputs(groups, ungrouped, num_heads, kv_heads, head_dim, dtype, index_dtype=torch.int32, seed=0, **tree):
     args, clean, ctx_lens = make_cascade(groups, ungrouped, kv_heads, head_dim, dtype, index_dtype=index_dtype,
-                                         seed=seed)
+                                         seed=seed, **tree)
     query = torch.randn(len(ctx_lens), num_heads, head_dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
     return args, clean, ctx_lens, query
 
@@ -249,11 +252,13 @@ def test_cascade_group_sizes(device, members, heads, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
-def test_cascade_never_reads_past_a_context(device, dtype, index_dtype):
-    """NaN in every slot outside the contexts must not reach the output; table entries past
-    a context, and prefix-table entries past a prefix, hold -1 or a huge block id."""
-    args, clean, ctx_lens, query = cascade_inputs([(5, [1, 17, 16, 0, 3]), (1, [15, 1])], [70, 2], 9, 3, 64, dtype,
-                                                  index_dtype, seed=3)
+@pytest.mark.parametrize("case", POISON_CASES)
+def test_cascade_never_reads_past_a_context(device, dtype, index_dtype, case):
+    """NaN in every slot outside the contexts (the blocks of a node no sequence holds too)
+    must not reach the output; table entries past a context, and prefix-table entries past
+    a prefix, hold -1 or a huge block id."""
+    groups, _ = POISON_CASES[case]
+    args, clean, ctx_lens, query = cascade_inputs(groups, [70, 2], 9, 3, 64, dtype, index_dtype, seed=3)
     poisoned = dict(args, k_cache=poison_unused(args["k_cache"], clean, ctx_lens),
                     v_cache=poison_unused(args["v_cache"], clean, ctx_lens))
     poisoned = dict(zip(poisoned, on(device, *poisoned.values())))
@@ -261,6 +266,63 @@ def test_cascade_never_reads_past_a_context(device, dtype, index_dtype):
     out = cascade_module.cascade_decode_attention(*cascade_args(poisoned, query.to(device), 0.125))
 
     assert_close(out, reference.cascade_decode_attention(*cascade_args(args, query, 0.125)), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype,head_dim,heads", ATTENTION_CASES)
+def test_cascade_tree(device, dtype, head_dim, heads):
+    """3 problems x 4 beams on a system prompt, with shared steps (4 levels); and the same
+    tree flattened to a 1-D seq_group."""
+    num_heads, kv_heads = HEADS[heads]
+    groups, ungrouped, levels = CASCADE_TREES["problems"]
+    index_dtype = torch.int64 if head_dim == 128 else torch.int32
+    args, clean, _, query = cascade_inputs(groups, ungrouped, num_heads, kv_heads, head_dim, dtype, index_dtype,
+                                           seed=5, levels=levels)
+    flat, _, _, _ = cascade_inputs(groups, ungrouped, num_heads, kv_heads, head_dim, dtype, index_dtype, seed=5,
+                                   one_level=True)
+    scale = head_dim**-0.5
+    on_device = dict(zip(args, on(device, *args.values())))
+    flat_on_device = dict(zip(flat, on(device, *flat.values())))
+
+    out = cascade_module.cascade_decode_attention(*cascade_args(on_device, query.to(device), scale))
+    out_flat = cascade_module.cascade_decode_attention(*cascade_args(flat_on_device, query.to(device), scale))
+
+    expected = reference.cascade_decode_attention(*cascade_args(args, query, scale))
+    assert_close(out, expected, TOL[dtype])
+    assert_close(out_flat, expected, TOL[dtype])
+    assert_close(out, reference.paged_decode_attention(query, args["k_cache"], args["v_cache"], clean,
+                                                       args["context_lens"], scale), TOL[dtype])
+    # A sequence in no node takes exactly the decode kernel's path.
+    decode = decode_attention.paged_decode_attention(query.to(device), on_device["k_cache"], on_device["v_cache"],
+                                                     clean.to(device), on_device["context_lens"], scale)
+    no_node = (args["seq_group"] < 0).all(1)
+    assert no_node.any() and torch.equal(out.cpu()[no_node], decode.cpu()[no_node])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+def test_cascade_deep_tree(device, dtype):
+    """A chain 5 nodes deep with sequences at every depth, -1 padding past the depth, a
+    root with 1 member and sequences in no node."""
+    groups, ungrouped, levels = CASCADE_TREES["deep"]
+    args, _, _, query = cascade_inputs(groups, ungrouped, 8, 2, 64, dtype, torch.int64, seed=6, levels=levels)
+    on_device = dict(zip(args, on(device, *args.values())))
+
+    out = cascade_module.cascade_decode_attention(*cascade_args(on_device, query.to(device), 0.125))
+
+    assert_close(out, reference.cascade_decode_attention(*cascade_args(args, query, 0.125)), TOL[dtype])
+
+
+@pytest.mark.parametrize("heads", ["gqa1", "gqa3"])
+def test_cascade_shared_node_below_private_ones(device, heads):
+    num_heads, kv_heads = HEADS[heads]
+    args, clean = shared_below_private(kv_heads, 64, torch.float32)
+    query = torch.randn(4, num_heads, 64)
+    on_device = dict(zip(args, on(device, *args.values())))
+
+    out = cascade_module.cascade_decode_attention(*cascade_args(on_device, query.to(device), 0.125))
+
+    expected = reference.paged_decode_attention(query, args["k_cache"], args["v_cache"], clean,
+                                                args["context_lens"], 0.125)
+    assert_close(out, expected, TOL[torch.float32])
 
 
 def test_cascade_on_strided_caches(device):
@@ -295,6 +357,10 @@ def test_cascade_without_groups_and_empty(device):
         out = cascade_module.cascade_decode_attention(args[0][:0], *args[1:3], args[3][:0], args[4][:0],
                                                       prefix_tables, prefix_lens, args[7][:0], 0.125)
         assert out.shape == (0, 9, 64)
+    # Paths with no node: all -1, and no level at all.
+    for seq_group in (torch.full((3, 2), -1), torch.zeros(3, 0, dtype=torch.int32)):
+        out = cascade_module.cascade_decode_attention(*args[:5], *one_group, seq_group.to(device), 0.125)
+        assert_close(out, expected, TOL[torch.float32])
 
 
 # ----------------------------------------------------------------------------- data movement

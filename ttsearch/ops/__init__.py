@@ -212,7 +212,9 @@ def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, 
 
 
 def _check_prefix_groups(block_tables, context_lens, prefix_tables, prefix_lens, seq_group, k_cache) -> None:
-    """Each member's table starts with its group's prefix blocks, which are whole, in-range blocks."""
+    """The nodes are whole, in-range blocks; each sequence's path is -1-padded, keeps every
+    node at one level, fits its context, and its block table holds each node's blocks at
+    the node's columns."""
     device = block_tables.device
     num_groups = prefix_lens.shape[0]
     num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
@@ -232,54 +234,105 @@ def _check_prefix_groups(block_tables, context_lens, prefix_tables, prefix_lens,
         if bool(bad.any()):
             raise ValueError(f"block id {int(ids[bad][0])} out of range [0, {num_blocks}) in prefix_tables")
 
-    lo, hi = int(seq_group.min()), int(seq_group.max())
-    _check(lo >= -1 and hi < num_groups, f"seq_group spans [{lo}, {hi}]: expected -1 or a group in [0, {num_groups})")
-    members = (seq_group >= 0).nonzero().squeeze(1)
-    if members.numel():
-        groups = seq_group[members].long()
-        lens = prefix_lens.long()[groups]
-        short = context_lens[members].long() < lens
-        if bool(short.any()):
-            i = int(short.nonzero()[0, 0])
-            b, g = int(members[i]), int(groups[i])
-            raise ValueError(f"sequence {b} has {int(context_lens[b])} tokens, fewer than the "
-                             f"{int(prefix_lens[g])}-token prefix of its group {g}")
-        width = min(block_tables.shape[1], prefix_tables.shape[1])  # both cover every member's prefix
-        cols = torch.arange(width, device=device)
-        in_prefix = cols[None, :] < (lens // block_size)[:, None]
-        differ = (block_tables[members, :width].long() != prefix_tables[groups, :width].long()) & in_prefix
-        if bool(differ.any()):
-            i, col = (int(x) for x in differ.nonzero()[0])
-            b, g = int(members[i]), int(groups[i])
-            raise ValueError(f"sequence {b}'s block table does not start with the prefix blocks of its group {g}: "
-                             f"column {col} holds block {int(block_tables[b, col])}, the prefix block "
-                             f"{int(prefix_tables[g, col])}")
+    multi_level = seq_group.dim() == 2
+    path = (seq_group if multi_level else seq_group[:, None]).long()  # [B, L]
+    if path.numel() == 0:
+        return
+
+    def where(b: int, level: int) -> str:  # names an entry of seq_group
+        return f"seq_group[{b}, {level}]" if multi_level else f"seq_group[{b}]"
+
+    lo, hi = int(path.min()), int(path.max())
+    if lo < -1 or hi >= num_groups:
+        b, level = (int(x) for x in ((path < -1) | (path >= num_groups)).nonzero()[0])
+        raise ValueError(f"seq_group spans [{lo}, {hi}]: expected -1 or a group in [0, {num_groups}); "
+                         f"{where(b, level)} = {int(path[b, level])}")
+    valid = path >= 0
+    leading = valid.long().cumprod(1).bool()  # the entries before a row's first -1
+    after_gap = valid[:, 1:] & ~leading[:, :-1]
+    if bool(after_gap.any()):
+        b, level = (int(x) for x in after_gap.nonzero()[0])
+        raise ValueError(f"{where(b, level + 1)} = {int(path[b, level + 1])} follows a -1: "
+                         f"a sequence's path lists its nodes first, then -1 padding")
+    if not bool(valid.any()):
+        return
+    # Each node at one level on every path (so it is on a path at most once).
+    members, levels = valid.nonzero(as_tuple=True)
+    nodes = path[members, levels]
+    first_level = torch.full((num_groups,), path.shape[1], dtype=torch.long, device=device)
+    first_level = first_level.scatter_reduce(0, nodes, levels, "amin")
+    moved = levels != first_level[nodes]
+    if bool(moved.any()):
+        i = int(moved.nonzero()[0, 0])
+        b, level, g = int(members[i]), int(levels[i]), int(nodes[i])
+        other = int(members[(nodes == g) & (levels == first_level[g])][0])
+        raise ValueError(f"group {g} is at level {level} of sequence {b}'s path ({where(b, level)}) but at level "
+                         f"{int(first_level[g])} of sequence {other}'s path: a prefix node keeps one level on every path")
+
+    # Where each node starts in its members' contexts: after the nodes before it on the path.
+    node_lens = torch.where(valid, prefix_lens.long()[path.clamp(min=0)], 0)
+    ends = node_lens.cumsum(1)
+    short = ends > context_lens.long()[:, None]
+    if bool((short & valid).any()):
+        b, level = (int(x) for x in (short & valid).nonzero()[0])
+        g = int(path[b, level])
+        at = f" at level {level}" if multi_level else ""
+        raise ValueError(f"sequence {b} has {int(context_lens[b])} tokens, fewer than the {int(ends[b, level])}-token "
+                         f"prefix of its group {g}{at}")
+
+    # Column c < the path's blocks lies in the node at the first level whose end passes it.
+    path_blocks = ends[:, -1] // block_size
+    width = int(path_blocks.max())  # the tables cover it: a path fits its context
+    cols = torch.arange(width, device=device).expand(path.shape[0], width)
+    in_path = cols < path_blocks[:, None]
+    level_of = torch.searchsorted((ends // block_size).contiguous(), cols.contiguous(), right=True)
+    level_of = level_of.clamp(max=path.shape[1] - 1)
+    node_of = path.gather(1, level_of).clamp(min=0)
+    start_of = (ends - node_lens).gather(1, level_of) // block_size
+    expected = prefix_tables.long()[node_of, (cols - start_of).clamp(0, prefix_tables.shape[1] - 1)]
+    differ = (block_tables[:, :width].long() != expected) & in_path
+    if bool(differ.any()):
+        b, col = (int(x) for x in differ.nonzero()[0])
+        level, g, start = int(level_of[b, col]), int(node_of[b, col]), int(start_of[b, col])
+        end = start + int(prefix_lens[g]) // block_size
+        where_node = "start with" if start == 0 else f"hold at columns [{start}, {end})"
+        at = f" (level {level})" if multi_level else ""
+        raise ValueError(f"sequence {b}'s block table does not {where_node} the prefix blocks of its group {g}{at}: "
+                         f"column {col} holds block {int(block_tables[b, col])}, the prefix block "
+                         f"{int(prefix_tables[g, col - start])}")
 
 
 def cascade_decode_attention(
     query, k_cache, v_cache, block_tables, context_lens, prefix_tables, prefix_lens, seq_group, scale: float
 ):
-    """Decode attention that reads each shared prefix once per group of sequences.
+    """Decode attention that reads each shared prefix node once for all the sequences below it.
 
     The result is ``paged_decode_attention(query, k_cache, v_cache, block_tables,
-    context_lens, scale)``; the extra arguments say which sequences share a prefix:
+    context_lens, scale)``; the extra arguments describe a tree of shared prefixes:
 
-    - ``prefix_tables [G, W]``, ``prefix_lens [G]``: group ``g``'s prefix is its first
+    - ``prefix_tables [G, W]``, ``prefix_lens [G]``: node (group) ``g`` holds
       ``prefix_lens[g]`` tokens, whole blocks (a multiple of block_size, at least one
-      block), held in ``prefix_tables[g, :prefix_lens[g] // block_size]``;
-    - ``seq_group [B]``: sequence ``b``'s group, or -1 for none.
+      block), in ``prefix_tables[g, :prefix_lens[g] // block_size]``;
+    - ``seq_group [B, L]``: row ``b`` lists the nodes on sequence ``b``'s path, outermost
+      first, then -1 padding (never a node after a -1). Or ``seq_group [B]``: one node per
+      sequence, or -1 for none (the one-level case, L = 1).
 
-    Each member's block table must start with exactly its group's prefix blocks, and its
-    context must cover the prefix: ``context_lens[b] >= prefix_lens[g]`` (equal is allowed:
-    the sequence then has no tokens of its own past the prefix). A group may have one
-    member or none. Anything else raises ValueError naming the sequence and group.
+    The nodes on ``b``'s path tile the start of its context in order: the node at level
+    ``l`` covers tokens ``[start, start + prefix_lens[g])``, ``start`` the sum of
+    ``prefix_lens`` of the nodes before it, and ``b``'s block table holds exactly that
+    node's blocks at those columns. The path must fit the context: the sum of its
+    ``prefix_lens`` is at most ``context_lens[b]`` (equal is allowed: ``b`` then has no
+    tokens of its own). A node is at the same level on every path that holds it (its
+    members are the sequences below it in the tree); it may have one member or none.
+    Anything else raises ValueError naming the sequence, level, node and column.
     """
     _check_attention(query, k_cache, v_cache, scale)
     device = query.device
     for name, t, dim in (("block_tables", block_tables, 2), ("context_lens", context_lens, 1),
-                         ("prefix_tables", prefix_tables, 2), ("prefix_lens", prefix_lens, 1),
-                         ("seq_group", seq_group, 1)):
+                         ("prefix_tables", prefix_tables, 2), ("prefix_lens", prefix_lens, 1)):
         _check_int(name, t, dim, device)
+    _check(seq_group.dim() in (1, 2), f"seq_group: expected [B] or [B, L], got shape {tuple(seq_group.shape)}")
+    _check_int("seq_group", seq_group, seq_group.dim(), device)
     batch, num_groups = query.shape[0], prefix_lens.shape[0]
     _check(context_lens.shape[0] == batch, f"{batch} queries but {context_lens.shape[0]} context lengths")
     _check(seq_group.shape[0] == batch, f"seq_group has {seq_group.shape[0]} entries for {batch} sequences")

@@ -102,38 +102,47 @@ def cascade_decode_attention(
     seq_group: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Decode attention with shared prefixes (cascade attention): the same result as
-    ``paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)``.
+    """Decode attention with a tree of shared prefixes (multi-level cascade attention): the
+    same result as ``paged_decode_attention(query, k_cache, v_cache, block_tables,
+    context_lens, scale)``.
 
-    Group ``g`` shares the first ``prefix_lens[g]`` tokens (whole blocks), held in
-    ``prefix_tables[g]``; sequence ``b`` belongs to group ``seq_group[b]`` (-1: none), and
-    its block table starts with those same blocks. Attention splits at the prefix:
+    Prefix node ``g`` holds ``prefix_lens[g]`` tokens (whole blocks) in
+    ``prefix_tables[g]``. Row ``b`` of ``seq_group [B, L]`` lists the nodes on sequence
+    ``b``'s path, outermost first, then -1: they tile the start of its context in that
+    order (each node's tokens follow those of the nodes before it, and its block table
+    holds the node's blocks there). A 1-D ``seq_group [B]`` is the one-level case, L = 1:
+    one group (or -1) per sequence. Attention splits at the nodes' boundaries:
 
-    1. the shared prefix, per group and kv head, as one batched product of all the
-       members' query heads ``[members x heads_per_kv, D]`` against the prefix keys ``[P, D]``
-       — each prefix block is read once per group, not once per member;
-    2. each sequence's own suffix ``[prefix_len, context_len)`` (the whole context when it
-       is in no group), which may be empty;
+    1. per node and kv head, one batched product of all its members' query heads
+       ``[members x heads_per_kv, D]`` against the node's keys ``[P, D]`` — each node's
+       blocks are read once for every sequence below it, not once per sequence;
+    2. each sequence's own suffix, from the end of its path to its context length (the
+       whole context for a sequence in no node), which may be empty;
 
-    merged per (sequence, head) by log-sum-exp. Computed in float32; ``query [B, H, D]`` ->
-    ``[B, H, D]`` in the query's dtype."""
+    merged per (sequence, head) by log-sum-exp over its nodes and its suffix. Computed in
+    float32; ``query [B, H, D]`` -> ``[B, H, D]`` in the query's dtype."""
     batch, num_heads, dim = query.shape
     if batch == 0:
         return torch.empty_like(query)
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group_heads = num_heads // kv_heads
     q = query.float().mul(scale).view(batch, kv_heads, group_heads, dim)
-    seq_group = seq_group.long()
+    path = (seq_group if seq_group.dim() == 2 else seq_group[:, None]).long()  # [B, L]
+    levels = path.shape[1]
     ctx = context_lens.long()
-    own_prefix = torch.zeros_like(ctx)  # tokens of b's context served by its group's prefix
+    node_lens = torch.zeros_like(path)  # tokens of b's context served by its node at each level
     if prefix_lens.numel():
-        own_prefix = torch.where(seq_group >= 0, prefix_lens.long()[seq_group.clamp(min=0)], 0)
+        node_lens = torch.where(path >= 0, prefix_lens.long()[path.clamp(min=0)], 0)
+    own_prefix = node_lens.sum(1)
 
-    # 2. each sequence's own suffix: gather the table columns from its prefix's end on
+    # Partials per (sequence, part): parts 0..L-1 are the path's nodes, part L the suffix.
+    # A part that sees no key keeps out = 0, lse = -inf: it carries no weight in the merge.
+    out = torch.zeros(batch, levels + 1, kv_heads, group_heads, dim, device=query.device)
+    lse = torch.full((batch, levels + 1, kv_heads, group_heads), float("-inf"), device=query.device)
+
+    # 2. each sequence's own suffix: gather the table columns from its path's end on
     suffix_lens = ctx - own_prefix
     max_suffix = int(suffix_lens.max())
-    out = torch.zeros(batch, kv_heads, group_heads, dim, dtype=torch.float32, device=query.device)
-    lse = torch.full((batch, kv_heads, group_heads), float("-inf"), device=query.device)
     if max_suffix > 0:
         num_cols = -(-max_suffix // block_size)
         cols = own_prefix[:, None] // block_size + torch.arange(num_cols, device=query.device)
@@ -142,27 +151,26 @@ def cascade_decode_attention(
         keys = k_cache[ids].flatten(1, 2)[:, :max_suffix].float().permute(0, 2, 1, 3)  # [B, Hkv, S, D]
         values = v_cache[ids].flatten(1, 2)[:, :max_suffix].float().permute(0, 2, 1, 3)
         visible = (torch.arange(max_suffix, device=query.device) < suffix_lens[:, None])[:, None, None, :]
-        out, lse = _attend_with_lse(q, keys, values, visible)
+        out[:, levels], lse[:, levels] = _attend_with_lse(q, keys, values, visible)
 
-    # 1. each group's shared prefix: one product per kv head for all its members' heads
+    # 1. each node: one product per kv head for all its members' heads, at whatever level
     for g in range(prefix_lens.shape[0]):
-        members = (seq_group == g).nonzero().squeeze(1)
+        members, at_level = (path == g).nonzero(as_tuple=True)
         if members.numel() == 0:
             continue
         ids = prefix_tables[g, : int(prefix_lens[g]) // block_size].long()
         keys = k_cache[ids].flatten(0, 1).float().transpose(0, 1)  # [Hkv, P, D]
         values = v_cache[ids].flatten(0, 1).float().transpose(0, 1)
         rows = q[members].transpose(0, 1).reshape(kv_heads, -1, dim)  # [Hkv, members x group_heads, D]
-        prefix_out, prefix_lse = _attend_with_lse(rows, keys, values, None)
-        prefix_out = prefix_out.view(kv_heads, -1, group_heads, dim).transpose(0, 1)
-        prefix_lse = prefix_lse.view(kv_heads, -1, group_heads).transpose(0, 1)
+        node_out, node_lse = _attend_with_lse(rows, keys, values, None)
+        out[members, at_level] = node_out.view(kv_heads, -1, group_heads, dim).transpose(0, 1)
+        lse[members, at_level] = node_lse.view(kv_heads, -1, group_heads).transpose(0, 1)
 
-        # merge with the members' suffixes by log-sum-exp
-        total = torch.logaddexp(prefix_lse, lse[members])
-        out[members] = (prefix_out * (prefix_lse - total).exp().unsqueeze(-1)
-                        + out[members] * (lse[members] - total).exp().unsqueeze(-1))
-        lse[members] = total
-    return out.view(batch, num_heads, dim).to(query.dtype)
+    # merge each (sequence, head)'s parts by log-sum-exp (a context is never empty, so
+    # some part of every sequence saw a key)
+    weights = (lse - lse.logsumexp(1, keepdim=True)).exp()
+    merged = (out * weights.unsqueeze(-1)).sum(1)
+    return merged.view(batch, num_heads, dim).to(query.dtype)
 
 
 def paged_extend_attention(
