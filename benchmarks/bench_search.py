@@ -1,12 +1,17 @@
-"""Search on SmolLM2-135M over the first 20 bundled arithmetic problems.
+"""Search on SmolLM2-135M over the first bundled arithmetic problems, n=16, M=4.
 
-- ``test_strategy[...]``: each strategy with the arithmetic checker: seconds per problem,
-  generated and verifier tokens per second, and the peak KV blocks held against the unique
-  tokens of the search trees at that moment (U in DESIGN.md: shared prefixes counted once).
-- ``test_beam_search_with_prm[...]``: beam search with SmolLM2 as a token-probability PRM
-  (Math-Shepherd format), on our engine and written plainly on transformers the way a
-  researcher would (one batched ``generate`` per step with a stop string, then every beam's
-  full text re-scored by the PRM), same configuration, same run.
+- ``test_strategy[...]``: each strategy with the arithmetic checker, every problem in flight:
+  seconds and tokens (generated, verified) per problem, decode batch occupancy (sequences
+  decoded over live beams, per token), the share of wall time spent scoring, and the peak
+  KV blocks held against the unique tokens of the search trees at that moment (U in DESIGN.md).
+- ``test_beam_search_with_prm``: beam search with SmolLM2 as a Math-Shepherd-format PRM, ours
+  with every problem in flight and with one in flight, against search-and-learn's beam search
+  written plainly on transformers with its batching: one problem at a time, its n beams in
+  one ``generate`` per step (text in, text out), the PRM re-reading every path's whole text
+  every iteration in batches of ``prm_batch_size``. Both sides follow the same rules (refill
+  to n, the last iteration to EOS, completions at EOS / a length cut / an empty step, the n
+  best completions), the same prompt, PRM format and settings, so their tokens per problem
+  should agree within sampling noise; both are reported beside the time.
 
     python -m pytest benchmarks/bench_search.py --benchmark-only \
         --benchmark-json benchmarks/results/search_cpu.json
@@ -14,8 +19,10 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -29,9 +36,11 @@ from ttsearch.search import SearchConfig
 from ttsearch.search.runner import build_prompt, run_jobs
 from ttsearch.verifiers import load_verifier
 
-PROBLEMS = 20
+PROBLEMS = 12
+PRM_BATCH_SIZE = 4  # search-and-learn's default
 SETTINGS = dict(
-    n=8, beam_width=4, max_iterations=5, max_step_tokens=40, temperature=0.8, top_p=1.0, problems_in_flight=20,
+    n=16, beam_width=4, max_iterations=6, max_step_tokens=64, max_tokens=128, temperature=0.8, top_p=1.0,
+    aggregation="last", problems_in_flight=PROBLEMS,
     system_prompt="Solve the math problem step by step. Write one calculation per step, separate the steps "
     "with a blank line, and end with: The answer is \\boxed{ANSWER}.",
     example_question="What is 12 * 7 + 5?",
@@ -42,7 +51,7 @@ PRM_TAG = "ки"
 
 @functools.cache
 def policy() -> Engine:
-    return Engine("smollm2-135m", dtype="bfloat16", kv_cache_bytes=1 << 30, progress=False)
+    return Engine("smollm2-135m", kv_cache_bytes=1 << 30, progress=False)
 
 
 def problems():
@@ -67,7 +76,6 @@ class Meter:
         self.peak_blocks = 0
         self.unique_at_peak = 0
         self.beams_at_peak = 0
-        self.generated = 0
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
@@ -78,7 +86,6 @@ class Meter:
 
         def metered_advance():
             ended = advance()
-            self.generated += sum(len(result.token_ids) for _, result in ended)
             used = self.engine.blocks.num_used
             if used > self.peak_blocks:
                 live = list(self.engine._live.values())
@@ -89,36 +96,34 @@ class Meter:
         return writer
 
 
-def run_ours(config: SearchConfig, verifier) -> tuple[list[dict], Meter]:
+def run_ours(config: SearchConfig, verifier) -> dict:
     meter = Meter(policy())
     records: list[dict] = []
-    run_jobs(problems(), meter, verifier, config, on_record=records.append, progress=False)
-    return records, meter
+    start = time.perf_counter()
+    stats = run_jobs([(p, config) for p in problems()], meter, verifier, on_record=records.append, progress=False)
+    seconds = time.perf_counter() - start
+    block_tokens = meter.peak_blocks * policy().block_size
+    return {
+        "seconds_per_problem": seconds / len(records),
+        "generated_tokens_per_problem": sum(r["tokens_generated"] for r in records) / len(records),
+        "verified_tokens_per_problem": sum(r["tokens_verified"] for r in records) / len(records),
+        "accuracy_naive_at_n": sum(r["selections"]["naive"][str(config.n)]["correct"] for r in records) / len(records),
+        "decode_batch_occupancy": stats.occupancy,
+        "mean_decode_batch": stats.sequences_decoded / max(stats.decode_steps, 1),
+        "scoring_share_of_wall_time": stats.score_seconds / seconds,
+        "preemptions": stats.preemptions,
+        "peak_kv_block_tokens": block_tokens,
+        "unique_tokens_at_peak": meter.unique_at_peak,
+        "live_sequences_at_peak": meter.beams_at_peak,
+        "kv_tokens_over_unique": block_tokens / max(meter.unique_at_peak, 1),
+    }
 
 
 @pytest.mark.parametrize("strategy", ["best_of_n", "beam_search", "dvts"])
 def test_strategy(benchmark, strategy):
     config = SearchConfig(strategy=strategy, **SETTINGS)
-    verifier = load_verifier("arithmetic")
-    out = {}
-    start = time.perf_counter()
-    out["records"], out["meter"] = benchmark.pedantic(run_ours, args=(config, verifier), rounds=1, iterations=1)
-    seconds = time.perf_counter() - start
-    records, meter = out["records"], out["meter"]
-    block_tokens = meter.peak_blocks * policy().block_size
-    benchmark.extra_info.update(
-        {
-            "problems": len(records),
-            "seconds_per_problem": seconds / len(records),
-            "generated_tokens_per_s": meter.generated / seconds,
-            "accuracy_naive_at_n": sum(r["selections"]["naive"][str(config.n)]["correct"] for r in records) / len(records),
-            "peak_kv_blocks": meter.peak_blocks,
-            "peak_kv_block_tokens": block_tokens,
-            "unique_tokens_at_peak": meter.unique_at_peak,
-            "live_sequences_at_peak": meter.beams_at_peak,
-            "kv_tokens_over_unique": block_tokens / max(meter.unique_at_peak, 1),
-        }
-    )
+    result = benchmark.pedantic(run_ours, args=(config, load_verifier("arithmetic")), rounds=1, iterations=1)
+    benchmark.extra_info.update({"problems": PROBLEMS, "dtype": str(policy().dtype), **result})
 
 
 # ----------------------------------------------------------------------------- against transformers
@@ -130,88 +135,86 @@ def hf_model():
 
     path = resolve_model_path("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=policy().dtype).eval()
     return model, tok
 
 
-def plain_beam_search(question: str, config: SearchConfig, seed: int) -> tuple[str, int, int]:
-    """Beam search the way a script on transformers does it: text in, text out, every
-    iteration re-encodes each beam's full text for the policy and for the PRM."""
+@dataclass
+class PlainBeam:
+    steps: list[str] = field(default_factory=list)
+    score: float = 0.0
+    completed: bool = False
+
+
+def plain_beam_search(question: str, config: SearchConfig, prm, seed: int) -> tuple[str, int, int]:
+    """search-and-learn's ``_beam_search`` for one problem, on transformers: every iteration
+    re-encodes each beam's whole text for the policy and the PRM. Returns the answer text
+    (the best completion), generated tokens and PRM tokens."""
     model, tok = hf_model()
     tok.padding_side = "left"
     prompt = tok.decode(build_prompt(tok, question, config))
-    tag_id = tok.encode(PRM_TAG, add_special_tokens=False)[-1]
-    good, bad = tok.encode("+ -", add_special_tokens=False)  # as the Math-Shepherd card looks them up
+    tag_id = prm.format.tag_id
+    good, bad = prm.format.candidates
     torch.manual_seed(seed)
-    beams: list[list[str]] = [[] for _ in range(config.n)]
-    finished: list[tuple[float, str]] = []
+    beams = [PlainBeam() for _ in range(config.n)]
+    completed: list[PlainBeam] = []
     generated = verified = 0
-    for _ in range(config.max_iterations):
-        texts = [prompt + "".join(steps) for steps in beams]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    for i in range(config.max_iterations):
+        active = [b for b in beams if not b.completed]
+        if len(active) != config.n:  # duplicate the survivors to refill n, in their order
+            active = [copy.deepcopy(b) for b in (active * (config.n // len(active) + 1))[: config.n]]
+        last = i == config.max_iterations - 1  # the last iteration writes to EOS
+        enc = tok([prompt + "".join(b.steps) for b in active], return_tensors="pt", padding=True,
+                  add_special_tokens=False)
         with torch.no_grad():
             out = model.generate(
-                **enc, max_new_tokens=config.max_step_tokens, do_sample=True, temperature=config.temperature,
-                top_p=config.top_p, stop_strings=[config.stop], tokenizer=tok, pad_token_id=tok.pad_token_id,
+                **enc, do_sample=True, temperature=config.temperature, top_p=config.top_p,
+                max_new_tokens=config.max_tokens if last else config.step_tokens,
+                stop_strings=None if last else [config.stop], tokenizer=tok, pad_token_id=tok.pad_token_id,
             )
-        new = out[:, enc["input_ids"].shape[1]:]
-        steps, ended = [], []
-        for row in new:
+        for beam, row in zip(active, out[:, enc["input_ids"].shape[1]:]):
             ids = row.tolist()
-            # finished rows are padded with pad_token_id, which for SmolLM2 is EOS itself: a
-            # row ended by the stop string must not count as an answer that ended at EOS
+            # rows that ended are padded with pad_token_id, which for SmolLM2 is EOS itself:
+            # a row ended by the stop string is not an answer that ended at EOS
             end = ids.index(tok.eos_token_id) if tok.eos_token_id in ids else len(ids)
             text = tok.decode(ids[:end], skip_special_tokens=True)
-            if config.stop in text:
+            stopped = not last and config.stop in text
+            if stopped:
                 text = text[: text.index(config.stop) + len(config.stop)]
-                eos = False
-            else:
-                eos = end < len(ids)
-            generated += end + eos
-            steps.append(text)
-            ended.append(eos)
-        beams = [b + [s] for b, s in zip(beams, steps)]
-        # the PRM re-reads every beam's whole text, a tag after each step, full logits
-        prm_texts = [question + " " + "".join(s.rstrip() + f" {PRM_TAG}" + (s[len(s.rstrip()):] or "\n") for s in b)
-                     for b in beams]
-        enc = tok(prm_texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        verified += int(enc["attention_mask"].sum())
-        with torch.no_grad():
-            logits = model(**enc).logits.float()
-        scores = []
-        for row, mask, ids in zip(logits, enc["attention_mask"], enc["input_ids"]):
-            last_tag = (ids == tag_id).nonzero()[-1].item()
-            pair = row[last_tag, [good, bad]].softmax(-1)
-            scores.append(pair[0].item())
-        ranked = sorted(range(len(beams)), key=lambda i: -scores[i])
-        live = []
-        for i in ranked:
-            if ended[i]:
-                finished.append((scores[i], "".join(beams[i])))
-            else:
-                live.append(i)
-        if len(finished) >= config.n or not live:
+            generated += end + (not stopped and end < len(ids))  # an EOS that ended the row is generated too
+            beam.steps.append(text)
+            beam.completed = not stopped or not text  # EOS, a length cut, or an empty step
+        # the PRM re-reads every beam's whole text, a tag after each step, full logits, in batches
+        texts = [tok.decode(prm.token_ids(question, b.steps)[0]) for b in active]
+        for start in range(0, len(texts), PRM_BATCH_SIZE):
+            enc = tok(texts[start:start + PRM_BATCH_SIZE], return_tensors="pt", padding=True, add_special_tokens=False)
+            verified += int(enc["attention_mask"].sum())
+            with torch.no_grad():
+                logits = model(**enc).logits.float()
+            for beam, row, ids in zip(active[start:start + PRM_BATCH_SIZE], logits, enc["input_ids"]):
+                last_tag = (ids == tag_id).nonzero()[-1].item()
+                beam.score = row[last_tag, [good, bad]].softmax(-1)[0].item()
+        completed += [b for b in active if b.completed]
+        open_ = [b for b in active if not b.completed]
+        if not open_:
             break
-        keep = live[: config.n // config.beam_width]
-        beams = [list(beams[i]) for i in keep for _ in range(config.beam_width)]
-    best = max(finished)[1] if finished else ""
-    return best, generated, verified
+        keep = set(map(id, sorted(open_, key=lambda b: -b.score)[: config.n // config.beam_width]))
+        beams = [b for b in open_ if id(b) in keep]
+    answers = sorted(completed, key=lambda b: -b.score)[: config.n]
+    return ("".join(answers[0].steps) if answers else ""), generated, verified
 
 
 def test_beam_search_with_prm(benchmark):
     config = SearchConfig(strategy="beam_search", **SETTINGS)
     engine = policy()
     prm = load_verifier("smollm2-135m", policy_engine=engine, family="math-shepherd", tag=PRM_TAG)
-    start = time.perf_counter()
-    forwarded_before = engine.stats()["tokens_forwarded"]
-    records, meter = run_ours(config, prm)
-    ours = time.perf_counter() - start
-    ours_forwarded = engine.stats()["tokens_forwarded"] - forwarded_before
+    all_in_flight = run_ours(config, prm)
+    one_in_flight = run_ours(replace(config, problems_in_flight=1), prm)
 
     def plain():
         totals = [0, 0, 0]
         for i, problem in enumerate(problems()):
-            answer_text, generated, verified = plain_beam_search(problem.question, config, seed=i)
+            answer_text, generated, verified = plain_beam_search(problem.question, config, prm, seed=i)
             totals[0] += is_equivalent(extract_answer(answer_text) or "", problem.answer)
             totals[1] += generated
             totals[2] += verified
@@ -220,18 +223,18 @@ def test_beam_search_with_prm(benchmark):
     hf_model()  # loading is not part of the search
     start = time.perf_counter()
     correct, generated, verified = benchmark.pedantic(plain, rounds=1, iterations=1)
-    theirs = time.perf_counter() - start
+    theirs = (time.perf_counter() - start) / PROBLEMS
     benchmark.extra_info.update(
         {
             "problems": PROBLEMS,
-            "ours_seconds_per_problem": ours / PROBLEMS,
-            "plain_transformers_seconds_per_problem": theirs / PROBLEMS,
-            "speedup": theirs / ours,
-            "ours_generated_tokens": meter.generated,
-            "ours_tokens_forwarded_policy_and_prm": ours_forwarded,
-            "plain_generated_tokens": generated,
-            "plain_prm_tokens_forwarded": verified,
-            "ours_accuracy_naive": sum(r["selections"]["naive"][str(config.n)]["correct"] for r in records) / PROBLEMS,
+            "dtype": str(engine.dtype),
+            "plain_transformers_seconds_per_problem": theirs,
+            "plain_generated_tokens_per_problem": generated / PROBLEMS,
+            "plain_prm_tokens_per_problem": verified / PROBLEMS,
             "plain_accuracy": correct / PROBLEMS,
+            "ours_all_in_flight": all_in_flight,
+            "ours_one_in_flight": one_in_flight,
+            "speedup_all_in_flight": theirs / all_in_flight["seconds_per_problem"],
+            "speedup_one_in_flight": theirs / one_in_flight["seconds_per_problem"],
         }
     )

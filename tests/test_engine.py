@@ -364,13 +364,99 @@ def test_beams_sharing_a_prefix_decode_as_fresh_sequences(engine, fresh):
         torch.testing.assert_close(engine.logits(beam), fresh(base + tail + [token]), atol=ATOL, rtol=0)
 
 
-def test_shared_prefix_groups_are_found_from_block_tables(engine):
+def test_shared_prefix_tree_is_found_from_block_tables(engine):
     root = engine.add(prompt(40))  # blocks 0, 1 full; a partial third
     beams = engine.fork(root, 3)
     engine.step(beams)
     loner = engine.add(prompt(30, seed=3))
-    batch = type("B", (), {"prefix_tables": None})()
-    engine._add_shared_prefixes(batch, beams + [loner])
-    assert batch.seq_group.tolist() == [0, 0, 0, -1]
-    assert batch.prefix_lens.tolist() == [32]
-    assert batch.prefix_tables.tolist() == [root.block_table[:2]]
+    engine.step(beams + [loner])
+    tree = engine.runner.last_prefix_tree
+    assert tree.nodes == [root.block_table[:2]]
+    assert tree.paths == [[0], [0], [0], []]
+
+
+def test_shared_prefix_tree_levels():
+    from ttsearch.engine.model_runner import shared_prefix_tree
+
+    # two problems on one system prompt (block 1); problem a's beams share a step (block 3)
+    tables = [[1, 2, 3, 10], [1, 2, 3, 11], [1, 2, 4, 12], [1, 5, 6, 13], [1, 5, 7, 14], [8, 9]]
+    tree = shared_prefix_tree(tables, [3, 3, 3, 3, 3, 1])
+    nodes = {tuple(n): i for i, n in enumerate(tree.nodes)}
+    assert set(nodes) == {(1,), (2,), (3,), (5,)}
+    system, a, step, b = nodes[(1,)], nodes[(2,)], nodes[(3,)], nodes[(5,)]
+    assert tree.paths == [[system, a, step], [system, a, step], [system, a], [system, b], [system, b], []]
+    # a run shared by the same sequences is one node, not one per block
+    tree = shared_prefix_tree([[1, 2, 3, 4], [1, 2, 3, 5]], [3, 3])
+    assert tree.nodes == [[1, 2, 3]] and tree.paths == [[0], [0]]
+    # only full blocks are shared: the block a sequence is writing never is
+    tree = shared_prefix_tree([[1, 2], [1, 2]], [1, 1])
+    assert tree.nodes == [[1]]
+
+
+def test_decode_reads_each_shared_block_once_at_every_level(engine, fresh):
+    """3 problems x 4 beams on one system prompt: decode attention reads each tree node once,
+    so the tokens it reads are exactly the unique tokens the beams hold."""
+    system = prompt(40, seed=1)
+    roots = [engine.add(system + prompt(20 + 9 * p, seed=10 + p)) for p in range(3)]  # system blocks: prefix cache
+    beams = []
+    for root in roots:
+        for branch in engine.fork(root, 2):  # a step two beams share, then one each
+            engine.append(branch, prompt(20, seed=len(beams)))
+            for beam in engine.fork(branch, 2):
+                engine.append(beam, prompt(3 + len(beams), seed=200 + len(beams)))
+                beams.append(beam)
+            engine.free(branch)
+        engine.free(root)
+    engine.step(beams)
+    tree = engine.runner.last_prefix_tree
+    assert [len(p) for p in tree.paths] == [3] * 12  # system prompt, question, the shared step
+    assert len(tree.nodes) == 1 + 3 + 6
+    lengths = [len(b) for b in beams]
+    assert tree.tokens_read(lengths, engine.block_size) == engine.stats()["tokens_held"] < sum(lengths)
+    for beam in beams:
+        torch.testing.assert_close(engine.logits(beam), fresh(beam.token_ids), atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------- preemption
+
+
+def test_preempted_sequences_are_restored_with_their_random_streams(engine, tiny_path):
+    sampling = SamplingParams(temperature=1.0, seed=7)
+    steps = 6
+    reference = make_engine(tiny_path)
+    root = reference.add(prompt(30))
+    kids = reference.fork(root, 2)
+    expected = [reference.step(kids, sampling) for _ in range(steps)]
+
+    root = engine.add(prompt(30))
+    kids = engine.fork(root, 2)
+    got = [engine.step(kids, sampling) for _ in range(3)]
+    engine.free(root)
+    for kid in kids:
+        engine.preempt(kid)
+    assert engine.stats()["blocks_used"] == 0 and engine.stats()["sequences"] == 0
+    with pytest.raises(ValueError, match="is preempted: restore it first"):
+        engine.step(kids, sampling)
+    cached = engine.stats()["tokens_forwarded"]
+    for kid in kids:
+        engine.restore(kid)
+    # their full blocks came back from the prefix cache: only each last block was recomputed
+    assert engine.stats()["tokens_forwarded"] - cached == 2 * (33 - 32)
+    got += [engine.step(kids, sampling) for _ in range(3)]
+    assert got == expected
+    engine.blocks.check_invariants()
+
+
+def test_restore_into_a_full_pool_leaves_the_sequence_preempted(tiny_path):
+    engine = make_engine(tiny_path, kv_cache_bytes=5 * 16 * 2 * 2 * 2 * 16 * 4)  # 5 blocks of 16 tokens
+    seq = engine.add(prompt(40))  # 3 blocks
+    engine.preempt(seq)
+    filler = engine.add(prompt(70, seed=5))  # 5 blocks: evicts the cached ones
+    with pytest.raises(KVCacheFullError, match="restoring a preempted sequence of 40 tokens"):
+        engine.restore(seq)
+    assert seq.preempted and len(seq) == 40 and engine.stats()["blocks_used"] == 5
+    engine.free(filler)
+    engine.restore(seq)
+    assert not seq.preempted and engine.stats()["blocks_used"] == 3
+    engine.free(seq)
+    engine.blocks.check_invariants()

@@ -259,13 +259,22 @@ GOOD = json.dumps({"problem": "1+1?", "answer": "2", "level": 1, "subject": "Ari
         ('{"problem": "2+2?", "unique_id": "b"}', r":3: missing field 'answer'"),
         ('{"problem": "2+2?", "answer": "  ", "unique_id": "b"}', r":3: field 'answer' is empty"),
         ('{"problem": "2+2?", "answer": null, "unique_id": "b"}', r":3: field 'answer' must be a string or number"),
-        ('{"problem": "2+2?", "answer": "4"}', r":3: missing field 'unique_id'"),
+        ('{"problem": "2+2?", "answer": "4", "unique_id": ""}', r":3: field 'unique_id' is empty"),
     ],
 )
 def test_malformed_line_reported_with_its_number(tmp_path, bad_line, message):
     path = write_lines(tmp_path / "math.jsonl", GOOD, "", bad_line)  # line 2 is blank
     with pytest.raises(DatasetError, match=re.escape(str(path)) + message):
         load_jsonl(path)
+
+
+def test_math500_lines_without_unique_id_get_ids_from_line_numbers(tmp_path):
+    line = json.dumps({"problem": "2+2?", "answer": "4"})
+    path = write_lines(tmp_path / "math.jsonl", line, "", line, GOOD)
+    assert [p.id for p in load_jsonl(path)] == ["math-1", "math-3", "a"]
+    mapped = write_lines(tmp_path / "mapped.jsonl", json.dumps({"prompt": "2+2?", "target": "4"}))
+    with pytest.raises(DatasetError, match="missing field 'key'"):  # an id the caller's mapping names is required
+        load_jsonl(mapped, fields={"question": "prompt", "answer": "target", "id": "key"})
 
 
 def test_limit_stops_before_later_lines(tmp_path):

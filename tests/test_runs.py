@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ from ttsearch.search.results import read_results
 from ttsearch.search.runner import build_prompt
 from ttsearch.search.config import SearchConfig
 
-FAST = ["--max-iterations", "2", "--max-step-tokens", "6", "--problems-in-flight", "1", "--dtype", "float32"]
+FAST = ["--max-iterations", "2", "--max-tokens", "12", "--max-step-tokens", "6", "--problems-in-flight", "1",
+        "--dtype", "float32"]
 
 
 def run_cli(*args) -> subprocess.Popen:
@@ -65,7 +67,7 @@ def test_eval_and_plot(tiny_checkpoints, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "best_of_n n=4" in table and "weighted" in table
+    assert "best_of_n" in table and "weighted" in table and "tokens/problem" in table
     png = tmp_path / "acc.png"
     assert main(["plot", str(out), "--output", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -115,17 +117,104 @@ def test_demo_prints_its_table_and_writes_the_plot(tmp_path, capsys):
         assert [r["n"] for r in records] == [4, 4] and all(r["strategy"] == name for r in records)
 
 
-def test_a_small_kv_pool_admits_fewer_problems_at_once_instead_of_failing(tiny_checkpoints, tmp_path):
+# ----------------------------------------------------------------------------- a full KV pool
+
+# The tiny random model writes "e" often and "\n\n" almost never: steps end at an "e", so
+# beams live for several iterations, fork, and grow.
+POOL_CONFIG = dict(strategy="beam_search", n=8, beam_width=2, max_iterations=5, max_step_tokens=12, max_tokens=24,
+                   stop="e", temperature=1.0, problems_in_flight=6)
+TIMING = ("seconds", "peak_kv_blocks", "preemptions")
+
+
+def comparable(records: list[dict]) -> dict:
+    return {r["id"]: {k: v for k, v in r.items() if k not in TIMING} for r in records}
+
+
+def test_a_pool_too_small_for_all_problems_preempts_and_writes_the_same_records(tiny_checkpoints, tmp_path):
     from ttsearch.engine.engine import Engine
     from ttsearch.search import run
 
     model = str(tiny_checkpoints["llama3"])
-    block_bytes = Engine(model, dtype="float32", kv_cache_bytes=1 << 20, progress=False).block_bytes
-    config = SearchConfig(strategy="beam_search", n=4, beam_width=2, max_iterations=3, max_step_tokens=8,
-                          temperature=1.0, problems_in_flight=8)
-    # 40 blocks: room for two or three of these problems at once, not eight
-    out = run(config, tmp_path / "run.jsonl", model=model, dtype="float32", limit=8,
-              kv_cache_bytes=40 * block_bytes, progress=False)
+    config = SearchConfig(**POOL_CONFIG)
+    large = Engine(model, dtype="float32", kv_cache_bytes=8 << 20, progress=False)
+    run(config, tmp_path / "large.jsonl", policy=large, limit=6, progress=False)
+    expected = read_results(tmp_path / "large.jsonl")
+    alone = Engine(model, dtype="float32", kv_cache_bytes=8 << 20, progress=False)
+    run(replace(config, problems_in_flight=1), tmp_path / "alone.jsonl", policy=alone, limit=6, progress=False)
+    one_at_a_time = max(r["peak_kv_blocks"] for r in read_results(tmp_path / "alone.jsonl"))
+    assert max(r["peak_kv_blocks"] for r in expected) > 2 * one_at_a_time  # the large pool held many at once
+
+    # room for one problem and a half: two start, and grow until one must give way
+    small = Engine(model, dtype="float32", kv_cache_bytes=int(1.5 * one_at_a_time) * large.block_bytes, progress=False)
+    stats = run(config, tmp_path / "small.jsonl", policy=small, limit=6, progress=False)
+    got = read_results(tmp_path / "small.jsonl")
+    assert stats.preemptions > 0 and sum(r["preemptions"] for r in got) == stats.preemptions == stats.restores
+    assert comparable(got) == comparable(expected) == comparable(read_results(tmp_path / "alone.jsonl"))
+    for engine in (large, alone, small):
+        assert engine.stats()["blocks_used"] == 0 and engine.stats()["sequences"] == 0
+
+
+def test_a_problem_that_cannot_fit_even_alone_fails_before_its_first_token(tiny_checkpoints, tmp_path):
+    from ttsearch.engine.engine import Engine
+    from ttsearch.errors import KVCacheFullError
+    from ttsearch.search import run
+
+    policy = Engine(str(tiny_checkpoints["llama3"]), dtype="float32", progress=False)
+    policy = Engine(str(tiny_checkpoints["llama3"]), dtype="float32", kv_cache_bytes=6 * policy.block_bytes,
+                    progress=False)
+    config = SearchConfig(**{**POOL_CONFIG, "n": 8})
+    with pytest.raises(KVCacheFullError) as info:
+        run(config, tmp_path / "out.jsonl", policy=policy, limit=3, progress=False)
+    message = str(info.value)
+    assert "problem 'arith-0000' cannot fit in the policy's KV pool even alone: n=8 beams on a" in message
+    assert "the pool holds 96 tokens" in message and "--kv-cache-gib" in message
+    assert policy.tokens_forwarded == 0 and read_results(tmp_path / "out.jsonl") == []
+
+
+# ----------------------------------------------------------------------------- recipes, budgets, resume
+
+
+def test_a_search_and_learn_recipe_runs(tiny_checkpoints, tmp_path, capsys):
+    recipe = tmp_path / "beam_search.yaml"
+    recipe.write_text("# refer to src/sal/config.py for more options\n"
+                      "filter_duplicates: true\napproach: beam_search\nn: 4\nbeam_width: 2\nnum_iterations: 2\n"
+                      "max_tokens: 12\nagg_strategy: min\nsearch_batch_size: 1  # DO NOT CHANGE!\n"
+                      "prm_batch_size: 4\nnum_samples: 2\nseed: 0\n")
+    out = tmp_path / "run.jsonl"
+    with pytest.warns(UserWarning, match="ignored, no meaning in ttsearch: search_batch_size .*; prm_batch_size"):
+        code = main(["run", "--model", str(tiny_checkpoints["llama3"]), "--config", str(recipe), "--output", str(out),
+                     "--dtype", "float32", "--max-step-tokens", "6"])
+    assert code == 0, capsys.readouterr().err
     records = read_results(out)
-    assert sorted(r["id"] for r in records) == [f"arith-{i:04d}" for i in range(8)]
-    assert max(r["peak_kv_blocks"] for r in records) <= 40
+    assert [r["id"] for r in records] == ["arith-0000", "arith-0001"]
+    assert all(r["strategy"] == "beam_search" and r["rules"]["filter_duplicates"] for r in records)
+    assert records[0]["settings"]["aggregation"] == "min" and records[0]["settings"]["max_iterations"] == 2
+
+
+def test_a_bad_recipe_key_fails_before_any_model_loads(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("approach: beam_search\nbeam_widht: 4\n")
+    code = main(["run", "--model", str(tmp_path / "no-such-model"), "--config", str(recipe),
+                 "--output", str(tmp_path / "o.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown setting 'beam_widht'" in err and "no-such-model" not in err
+
+
+def test_one_run_searches_every_budget_and_resumes_only_with_its_settings(tiny_checkpoints, tmp_path, capsys):
+    out = tmp_path / "beam.jsonl"
+    args = ["run", "--model", str(tiny_checkpoints["llama3"]), "--strategy", "beam_search", "--beam-width", "2",
+            "--limit", "2", "--output", str(out), *FAST]
+    assert main([*args, "--n", "2,4"]) == 0
+    records = read_results(out)
+    assert sorted((r["id"], r["n"]) for r in records) == [(f"arith-000{i}", n) for i in range(2) for n in (2, 4)]
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [row[3] for row in rows if row[:3] == ["beam_search", "M=2", "naive"]] == ["2", "4"]  # one row per budget, each from its own search
+    assert main([*args, "--n", "2,4,8"]) == 0  # resumes: only the new budget runs
+    assert sorted(r["n"] for r in read_results(out)) == [2, 2, 4, 4, 8, 8]
+    capsys.readouterr()
+    assert main([*args, "--n", "2", "--temperature", "0.5", "--top-p", "0.9"]) == 2
+    err = capsys.readouterr().err
+    assert "written with other settings (temperature: 0.8 in the file, 0.5 now; top_p: 1.0 in the file, 0.9 now)" in err
+    assert len(read_results(out)) == 6

@@ -13,12 +13,14 @@ DEFAULT_PROMPT = "What is 12 * 7 + 5? Think step by step."
 
 # ----------------------------------------------------------------------------- run
 def _add_search_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML or JSON file of search settings; flags given here override it")
+    p.add_argument("--config", help="YAML or JSON file of search settings, ours or a search-and-learn recipe's; "
+                                    "flags given here override it")
     p.add_argument("--strategy", help="best_of_n | beam_search | dvts | compute_optimal")
-    p.add_argument("--n", type=int, help="samples / live beams / budget")
-    p.add_argument("--beam-width", type=int, help="M: children per surviving beam")
-    p.add_argument("--max-iterations", type=int)
-    p.add_argument("--max-step-tokens", type=int)
+    p.add_argument("--n", type=_budget_list, help="samples / live beams / budget; a list (4,16,64) runs one search per n")
+    p.add_argument("--beam-width", type=int, help="M: beam search keeps n/M beams; a DVTS subtree writes M candidates")
+    p.add_argument("--max-iterations", type=int, help="beam search / DVTS iterations; the last one writes to EOS")
+    p.add_argument("--max-tokens", type=int, help="the last iteration's budget, a best-of-N sample's, and the step limit")
+    p.add_argument("--max-step-tokens", type=int, help="a step's limit, when it should differ from --max-tokens")
     p.add_argument("--lookahead", type=int)
     p.add_argument("--aggregation", help="last | min | prod | mean")
     p.add_argument("--temperature", type=float)
@@ -26,19 +28,39 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--problems-in-flight", type=int)
+    p.add_argument("--stop-at-n-finished", action="store_const", const=True,
+                   help="beam search ends once n paths have finished (not search-and-learn's rule)")
+    p.add_argument("--drop-length-cuts", action="store_const", const=True,
+                   help="a path cut by a token limit is not an answer (not search-and-learn's rule)")
     p.add_argument("--optimal-table", help="compute_optimal: the table from `ttsearch fit`")
 
 
-SEARCH_FLAGS = ("strategy", "n", "beam_width", "max_iterations", "max_step_tokens", "lookahead", "aggregation",
-                "temperature", "top_p", "top_k", "seed", "problems_in_flight", "optimal_table")
+SEARCH_FLAGS = ("strategy", "beam_width", "max_iterations", "max_tokens", "max_step_tokens", "lookahead",
+                "aggregation", "temperature", "top_p", "top_k", "seed", "problems_in_flight", "stop_at_n_finished",
+                "drop_length_cuts", "optimal_table")
 
 
-def _search_config(args: argparse.Namespace):
-    from ttsearch.search.config import SearchConfig, read_config_file
+def _budget_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or a comma-separated list such as 4,16,64, got {text!r}")
+    return values
 
-    values = read_config_file(args.config) if args.config else {}
+
+def _settings(args: argparse.Namespace):
+    """(SearchConfig, the budgets to run, run settings from the config file) from the file and the flags."""
+    from ttsearch.search.config import SearchConfig, read_config_file, split_settings
+
+    source = args.config or "flags"
+    values, run_values = split_settings(read_config_file(args.config), source) if args.config else ({}, {})
     values.update({k: getattr(args, k) for k in SEARCH_FLAGS if getattr(args, k) is not None})
-    return SearchConfig.from_dict(values, source=args.config or "flags")
+    ns = args.n
+    if ns is None and isinstance(values.get("n"), list):
+        ns = values["n"]
+    if ns is not None:
+        values["n"] = ns[0]
+    return SearchConfig.from_dict(values, source=source), ns, run_values
 
 
 def _json_flag(flag: str, value: str | None) -> dict | None:
@@ -58,13 +80,18 @@ def _json_flag(flag: str, value: str | None) -> dict | None:
 def _run(args: argparse.Namespace) -> int:
     from ttsearch.search import run
 
-    config = _search_config(args)
+    config, ns, recipe = _settings(args)
     fields = _json_flag("--fields", args.fields)
     options = _json_flag("--verifier-options", args.verifier_options)
-    output = run(config, args.output, model=args.model, verifier=args.verifier, verifier_options=options,
-                 dataset=args.dataset, limit=args.limit, fields=fields, dtype=args.dtype,
-                 kv_cache_bytes=_kv_cache_bytes(args.kv_cache_gib))
-    print(f"results: {output}")
+    stats = run(config, args.output, model=args.model or recipe.get("model", "smollm2-135m"),
+                verifier=args.verifier or recipe.get("verifier", "arithmetic"), verifier_options=options,
+                dataset=args.dataset or recipe.get("dataset"), limit=args.limit if args.limit is not None else
+                recipe.get("limit"), fields=fields, dtype=args.dtype, kv_cache_bytes=_kv_cache_bytes(args.kv_cache_gib),
+                ns=ns, start=recipe.get("start"), end=recipe.get("end"))
+    if stats is not None:
+        print(f"decode batch occupancy {stats.occupancy:.2f}, scoring {stats.score_seconds:.1f} s of "
+              f"{stats.decode_seconds + stats.score_seconds:.1f} s, {stats.preemptions} preemptions")
+    print(f"results: {args.output}")
     return 0
 
 
@@ -152,13 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="search a dataset, one JSON line per problem (resumes)")
-    run.add_argument("--model", default="smollm2-135m", help="alias, Hugging Face directory or .gguf file")
-    run.add_argument("--verifier", default="arithmetic", help="arithmetic | self | a PRM's directory, .gguf or alias")
+    run.add_argument("--model", help="alias, Hugging Face directory or .gguf file (default smollm2-135m)")
+    run.add_argument("--verifier", help="arithmetic (default) | self | a PRM's directory, .gguf or alias")
     run.add_argument("--verifier-options", help='JSON options for the verifier, e.g. {"family": "math-shepherd", "tag": "ки"}')
     run.add_argument("--dataset", help="JSONL file (MATH-500, GSM8K or mapped fields); default: bundled arithmetic")
     run.add_argument("--fields", help='JSON mapping for other datasets, e.g. {"question": "prompt", "answer": "target"}')
     run.add_argument("--limit", type=int, help="first N problems")
-    run.add_argument("--output", required=True, help="results JSONL (appended; finished problems are skipped)")
+    run.add_argument("--output", required=True, help="results JSONL (appended; finished searches are skipped, "
+                                                    "the file's settings must match)")
     run.add_argument("--dtype", choices=["float32", "bfloat16"])
     run.add_argument("--kv-cache-gib", type=float, help="the policy's KV pool in GiB (default 1)")
     _add_search_flags(run)

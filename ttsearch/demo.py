@@ -17,10 +17,12 @@ DEMO_N = 16
 
 # One calculation per step, so the arithmetic checker judges each step on its own; a worked
 # example teaches a 135M model that format. A path is as good as its worst step ("min"): one
-# false equation sinks it. Short steps, and every problem in one batch, keep the whole demo
-# within a few minutes on 2 CPU cores.
+# false equation sinks it. Short steps (the last iteration and a best-of-N sample capped at
+# six of them), and every problem in one batch, keep the whole demo within a few minutes on
+# 2 CPU cores.
 DEMO_SETTINGS = dict(
     max_iterations=6,
+    max_tokens=240,
     aggregation="min",
     max_step_tokens=40,
     temperature=0.8,
@@ -55,7 +57,8 @@ def run_demo(output_dir: str | Path = "runs/demo", limit: int | None = None, n: 
     print(f"SmolLM2-135M ({policy.dtype}) + arithmetic checker, {limit} bundled problems, N up to {n}")
     records = []
     for name, config in configs.items():
-        path = run(config, output_dir / f"{name}.jsonl", verifier="arithmetic", limit=limit, policy=policy)
+        path = output_dir / f"{name}.jsonl"
+        run(config, path, verifier="arithmetic", limit=limit, policy=policy)
         records += read_results(path)
 
     rows = {(r["run"].split()[0], r["selection"], r["N"]): r["accuracy"] for r in accuracy_rows(records)}

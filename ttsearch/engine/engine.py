@@ -7,13 +7,13 @@
     engine.free(seq)
 
 Every public method validates its input before it changes anything: a bad call raises a
-clear error and leaves the engine as it was.
+clear error and leaves the engine as it was. The forward pass and the cache writes live in
+``model_runner.py``; stepping many sequences a token at a time in ``step_writer.py``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -21,23 +21,15 @@ import torch
 from ttsearch import ops
 from ttsearch.engine.block_manager import BlockManager
 from ttsearch.engine.kv_cache import allocate_kv_cache, bytes_per_token
+from ttsearch.engine.model_runner import ModelRunner
 from ttsearch.engine.sampler import GREEDY, SamplingParams, derive_seed, sample
 from ttsearch.engine.sequence import Seq
+from ttsearch.engine.step_writer import StepResult, StepWriter
 from ttsearch.errors import ContextLengthError, InvalidTokenError, UnsupportedArchitectureError
-from ttsearch.models.llama import ForwardBatch, LlamaModel
+from ttsearch.models.llama import LlamaModel
 from ttsearch.models.loader import load_checkpoint
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
-MIN_GROUP = 2  # sequences that must share a prefix before decode reads it once for all
-
-
-@dataclass
-class StepResult:
-    """One reasoning step written by one sequence."""
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "stop" (delimiter written, kept), "eos" (the answer ended), "length" (cut)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -82,7 +74,8 @@ class Engine:
             raise ValueError(f"max_model_len must be a positive int, got {max_model_len!r}")
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        checkpoint = load_checkpoint(str(model), progress=progress)
+        self.name = str(model)  # as given: an alias, a directory or a file
+        checkpoint = load_checkpoint(self.name, progress=progress)
         self.config = checkpoint.config
         if self.config.head_dim % ops.HEAD_DIM_MULTIPLE:
             raise UnsupportedArchitectureError(
@@ -100,8 +93,13 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.blocks, self.device)
         self._live: dict[int, Seq] = {}
-        self.tokens_forwarded = 0  # every token a forward has written, all sequences
+
+    @property
+    def tokens_forwarded(self) -> int:
+        """Every token a forward has written, all sequences (verifier sequences too)."""
+        return self.runner.tokens_forwarded
 
     # ------------------------------------------------------------------ public API
     def add(self, token_ids: Sequence[int], logits: bool = True) -> Seq:
@@ -110,18 +108,8 @@ class Engine:
         next-token logits (a verifier's sequence never samples)."""
         tokens = self._check_tokens(token_ids, "add")
         self._check_room(len(tokens), "add")
-        # A prompt that is all cached still needs the logits after its last token: matching
-        # stops one token short, so the block holding the last token is always recomputed.
-        blocks, hashes = self.blocks.match_prefix(tokens[:-1])
-        cached = len(blocks) * self.block_size
-        revived = sum(1 for b in blocks if self.blocks.ref_count[b] == 0)  # leave the LRU
-        new_blocks = -(-len(tokens) // self.block_size) - len(blocks)
-        self.blocks.require(new_blocks + revived, f"a prompt of {len(tokens)} tokens ({cached} cached)")
-        for b in blocks:
-            self.blocks.retain(b)
-        seq = Seq(token_ids=tokens[:cached], block_table=list(blocks), block_hashes=hashes)
-        self._live[seq.seq_id] = seq
-        self._forward([seq], [tokens[cached:]], logits)
+        seq = Seq(token_ids=[], block_table=[], wants_logits=logits)
+        self._prefill(seq, tokens, f"a prompt of {len(tokens)} tokens")
         return seq
 
     def append(self, seq: Seq, token_ids: Sequence[int]) -> None:
@@ -158,9 +146,9 @@ class Engine:
                 start += len(tokens)
         for seq, tokens in zip(seqs, lists):
             self._check_room(len(seq) + len(tokens), "append_batch")
-        needed = sum(self._blocks_needed(s, len(t)) for s, t in zip(seqs, lists))
+        needed = sum(self.runner.blocks_needed(s, len(t)) for s, t in zip(seqs, lists))
         self.blocks.require(needed, f"appending to {len(seqs)} sequences")
-        hidden = self._forward(seqs, lists, logits)
+        hidden = self.runner.forward(seqs, lists, logits)
         return hidden[rows] if hidden_at is not None else None
 
     def fork(self, seq: Seq, k: int) -> list[Seq]:
@@ -176,6 +164,7 @@ class Engine:
                 block_hashes=list(seq.block_hashes),
                 lineage=seq.lineage + (seq.forks, i),
                 last_logits=seq.last_logits,
+                wants_logits=seq.wants_logits,
             )
             for i in range(k)
         ]
@@ -186,14 +175,54 @@ class Engine:
             self._live[child.seq_id] = child
         return children
 
+    def fork_blocks_needed(self, seqs: Sequence[Seq], n: int) -> int:
+        """Blocks that a fresh fork of each of ``seqs`` takes from the pool to write ``n``
+        tokens (its partial tail copied, then new blocks): for callers that fork, write and
+        free, and must know first that the writes fit."""
+        bs = self.block_size
+        return sum(-(-(len(s) + n) // bs) - len(s) // bs for s in seqs)
+
     def free(self, seq: Seq) -> None:
-        """Release ``seq``'s blocks now; full ones stay cached for prefix reuse."""
+        """Release ``seq``'s blocks now; full ones stay cached for prefix reuse. A preempted
+        sequence may be freed too."""
+        if seq.preempted:
+            seq.preempted, seq.freed = False, True
+            return
         self._check_live([seq])
         self.blocks.release_all(seq.block_table)
         seq.block_table = []
         seq.last_logits = None
         seq.freed = True
         del self._live[seq.seq_id]
+
+    def preempt(self, seq: Seq) -> None:
+        """Release ``seq``'s blocks but keep the sequence as tokens (with its place in the
+        fork tree and its random stream), to be ``restore``d later. Its full blocks stay in
+        the prefix cache until the pool needs them, so a restore often recomputes little."""
+        self._check_live([seq])
+        self.blocks.release_all(seq.block_table)
+        seq.block_table, seq.block_hashes, seq.last_logits = [], [], None
+        seq.preempted = True
+        del self._live[seq.seq_id]
+
+    def restore(self, seq: Seq) -> None:
+        """Bring a preempted ``seq`` back: cached blocks of its prefix are reused, the rest
+        is recomputed. Raises ``KVCacheFullError`` (the sequence stays preempted) when the
+        pool cannot hold it now."""
+        if not (isinstance(seq, Seq) and seq.preempted):
+            raise ValueError(f"restore: {seq!r} is not a preempted sequence")
+        tokens, seq.token_ids = seq.token_ids, []
+        try:
+            self._prefill(seq, tokens, f"restoring a preempted sequence of {len(tokens)} tokens")
+        except Exception:
+            seq.token_ids = tokens
+            raise
+        seq.preempted = False
+
+    def blocks_to_restore(self, seq: Seq) -> int:
+        """Blocks ``restore(seq)`` would take now (its prefix blocks still cached are reused)."""
+        cached, _ = self.blocks.match_prefix(seq.token_ids[:-1])
+        return -(-len(seq) // self.block_size) - len(cached) + sum(1 for b in cached if self.blocks.ref_count[b] == 0)
 
     def logits(self, seq: Seq) -> torch.Tensor:
         """Float32 logits ``[vocab]`` after the last token of ``seq``."""
@@ -212,11 +241,16 @@ class Engine:
         self._check_has_logits(seqs)
         for seq in seqs:
             self._check_room(len(seq) + 1, "step")
-        self.blocks.require(sum(self._blocks_needed(s, 1) for s in seqs), f"a decode step of {len(seqs)} sequences")
+        needed = sum(self.runner.blocks_needed(s, 1) for s in seqs)
+        self.blocks.require(needed, f"a decode step of {len(seqs)} sequences")
         generators = [self._generator(s, p) for s, p in zip(seqs, params)]
         tokens = sample(torch.stack([s.last_logits for s in seqs]), params, generators)
-        self._forward(seqs, [[t] for t in tokens])
+        self.runner.forward(seqs, [[t] for t in tokens])
         return tokens
+
+    def decode_blocks_needed(self, seqs: Sequence[Seq]) -> int:
+        """Blocks the next ``step`` of ``seqs`` takes from the pool."""
+        return sum(self.runner.blocks_needed(s, 1) for s in seqs)
 
     def generate_step(
         self,
@@ -291,6 +325,8 @@ class Engine:
                 raise TypeError(f"expected a Seq, got {type(seq).__name__}")
             if seq.freed:
                 raise ValueError(f"{seq!r} was freed")
+            if seq.preempted:
+                raise ValueError(f"{seq!r} is preempted: restore it first")
             if self._live.get(seq.seq_id) is not seq:
                 raise ValueError(f"{seq!r} does not belong to this engine")
             if seq.seq_id in seen:
@@ -312,109 +348,22 @@ class Engine:
             raise ValueError(f"sampling: expected one SamplingParams or a list of {n}, got {sampling!r}")
         return params
 
-    # ------------------------------------------------------------------ cache writes
-    def _blocks_needed(self, seq: Seq, n: int) -> int:
-        """Blocks that writing ``n`` more tokens to ``seq`` takes from the pool."""
-        grow = -(-(len(seq) + n) // self.block_size) - len(seq.block_table)
-        return grow + int(self._tail_is_shared(seq))
-
-    def _tail_is_shared(self, seq: Seq) -> bool:
-        return len(seq) % self.block_size != 0 and self.blocks.ref_count[seq.block_table[-1]] > 1
-
-    def _reserve(self, seq: Seq, n: int, copies: list[tuple[int, int]]) -> list[int]:
-        """Make ``seq``'s next ``n`` slots writable: copy a shared partial tail (queued in
-        ``copies``) and allocate new blocks. Returns the slots."""
-        if self._tail_is_shared(seq):
-            shared = seq.block_table[-1]
-            private = self.blocks.allocate()
-            copies.append((shared, private))
-            self.blocks.release(shared)
-            seq.block_table[-1] = private
-        while len(seq.block_table) * self.block_size < len(seq) + n:
-            seq.block_table.append(self.blocks.allocate())
-        bs = self.block_size
-        return [seq.block_table[p // bs] * bs + p % bs for p in range(len(seq), len(seq) + n)]
-
-    def _register_full_blocks(self, seq: Seq) -> None:
-        bs = self.block_size
-        for i in range(len(seq.block_hashes), len(seq) // bs):
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
-            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            seq.block_hashes.append(self.blocks.register(seq.block_table[i], parent, tokens))
-
-    def _forward(self, seqs: list[Seq], new_tokens: list[list[int]], logits: bool = True) -> torch.Tensor:
-        """Write ``new_tokens[i]`` to ``seqs[i]`` in one batched forward (capacity already
-        checked), keep each sequence's next-token logits, return the new tokens' hidden states."""
-        copies: list[tuple[int, int]] = []
-        slots, positions, input_ids, last_rows, q_starts = [], [], [], [], [0]
-        for seq, tokens in zip(seqs, new_tokens):
-            slots += self._reserve(seq, len(tokens), copies)
-            positions += range(len(seq), len(seq) + len(tokens))
-            input_ids += tokens
-            q_starts.append(len(input_ids))
-            last_rows.append(len(input_ids) - 1)
-        if copies:
-            src, dst = zip(*copies)
-            ops.copy_blocks(self.kv_cache, self._int_tensor(src, torch.int64), self._int_tensor(dst, torch.int64))
-        for seq, tokens in zip(seqs, new_tokens):
-            seq.token_ids += tokens
-        width = max(len(s.block_table) for s in seqs)
-        decode = all(len(t) == 1 for t in new_tokens)
-        batch = ForwardBatch(
-            positions=self._int_tensor(positions, torch.int64),
-            slot_mapping=self._int_tensor(slots, torch.int64),
-            block_tables=self._int_tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32),
-            context_lens=self._int_tensor([len(s) for s in seqs], torch.int32),
-            query_start_loc=None if decode else self._int_tensor(q_starts, torch.int32),
-            last_rows=self._int_tensor(last_rows, torch.int64),
-        )
-        if decode:
-            self._add_shared_prefixes(batch, seqs)
-        hidden = self.model.forward(self._int_tensor(input_ids, torch.int64), batch, self.kv_cache)
-        rows = self.model.compute_logits(hidden[batch.last_rows]) if logits else [None] * len(seqs)
-        self.tokens_forwarded += len(input_ids)
-        for seq, row in zip(seqs, rows):
-            seq.last_logits = row
-            self._register_full_blocks(seq)
-        return hidden
-
-    def _add_shared_prefixes(self, batch: ForwardBatch, seqs: list[Seq]) -> None:
-        """Find sequences whose block tables start with the same blocks (the beams of one
-        problem share its prompt and their common steps), so decode attention reads each
-        shared prefix once per group. Groups are keyed by the first block; a group's prefix
-        is the longest run of leading blocks all its members share, full blocks only."""
-        by_first: dict[int, list[int]] = {}
-        for i, seq in enumerate(seqs):
-            if len(seq) > self.block_size:
-                by_first.setdefault(seq.block_table[0], []).append(i)
-        prefixes, members = [], []
-        for rows in by_first.values():
-            if len(rows) < MIN_GROUP:
-                continue
-            first = seqs[rows[0]].block_table
-            shared = min((len(seqs[i]) - 1) // self.block_size for i in rows)
-            for i in rows[1:]:
-                table = seqs[i].block_table
-                n = 0
-                while n < shared and table[n] == first[n]:
-                    n += 1
-                shared = n
-            if shared:
-                prefixes.append(first[:shared])
-                members.append(rows)
-        if not prefixes:
-            return
-        width = max(len(p) for p in prefixes)
-        group = [-1] * len(seqs)
-        for g, rows in enumerate(members):
-            for i in rows:
-                group[i] = g
-        batch.prefix_tables = self._int_tensor([p + [0] * (width - len(p)) for p in prefixes], torch.int32)
-        batch.prefix_lens = self._int_tensor([len(p) * self.block_size for p in prefixes], torch.int32)
-        batch.seq_group = self._int_tensor(group, torch.int32)
-
-    def _int_tensor(self, values, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
+    # ------------------------------------------------------------------ helpers
+    def _prefill(self, seq: Seq, tokens: list[int], what: str) -> None:
+        """Give the empty ``seq`` the blocks of ``tokens``: cached full blocks of the prefix
+        are taken as they are, the rest is forwarded. Checks capacity before any change."""
+        # Matching stops one token short: the block holding the last token is always
+        # recomputed, so the logits after it exist.
+        blocks, hashes = self.blocks.match_prefix(tokens[:-1])
+        cached = len(blocks) * self.block_size
+        revived = sum(1 for b in blocks if self.blocks.ref_count[b] == 0)  # leave the LRU
+        new_blocks = -(-len(tokens) // self.block_size) - len(blocks)
+        self.blocks.require(new_blocks + revived, f"{what} ({cached} cached)")
+        for b in blocks:
+            self.blocks.retain(b)
+        seq.token_ids, seq.block_table, seq.block_hashes = tokens[:cached], list(blocks), hashes
+        self._live[seq.seq_id] = seq
+        self.runner.forward([seq], [tokens[cached:]], seq.wants_logits)
 
     def _generator(self, seq: Seq, params: SamplingParams) -> torch.Generator | None:
         if params.greedy:
@@ -422,66 +371,3 @@ class Engine:
         if seq.generator is None:
             seq.generator = torch.Generator().manual_seed(derive_seed(params.seed, seq.lineage))
         return seq.generator
-
-
-class StepWriter:
-    """Sequences writing one reasoning step each, decoded together a token at a time.
-
-    ``add`` starts a step for more sequences at any point; ``advance`` decodes one token for
-    every sequence still writing and returns those whose step just ended, with its result:
-    after the ``stop`` delimiter (kept in the text), at EOS, after ``max_tokens`` tokens, or at
-    the context length. A scheduler that starts each next step as soon as the last one is
-    scored keeps the batch full while slower steps are still being written.
-    """
-
-    def __init__(self, engine: Engine, stop: str | None, max_tokens: int):
-        if not (isinstance(max_tokens, int) and max_tokens >= 1):
-            raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
-        self.engine = engine
-        self.stop = stop
-        self.max_tokens = max_tokens
-        self._window = len(stop) + 2 if stop else 0  # tokens enough to spell the delimiter
-        self._writing: dict[int, tuple[Seq, SamplingParams, list[int]]] = {}
-        self._ended: list[tuple[Seq, StepResult]] = []
-
-    def __len__(self) -> int:
-        """Sequences still writing their step."""
-        return len(self._writing)
-
-    def add(self, seqs: Sequence[Seq], sampling: SamplingParams | Sequence[SamplingParams] = GREEDY) -> None:
-        seqs = list(seqs)
-        params = self.engine._per_seq(sampling, len(seqs))
-        self.engine._check_live(seqs)
-        self.engine._check_has_logits(seqs)
-        for seq in seqs:
-            if seq.seq_id in self._writing:
-                raise ValueError(f"{seq!r} is already writing a step")
-        for seq, p in zip(seqs, params):
-            if len(seq) >= self.engine.max_model_len:
-                self._ended.append((seq, StepResult([], "", "length")))
-            else:
-                self._writing[seq.seq_id] = (seq, p, [])
-
-    def advance(self) -> list[tuple[Seq, StepResult]]:
-        ended, self._ended = self._ended, []
-        if not self._writing:
-            return ended
-        entries = list(self._writing.values())
-        tokens = self.engine.step([seq for seq, _, _ in entries], [p for _, p, _ in entries])
-        for (seq, _, written), token in zip(entries, tokens):
-            written.append(token)
-            reason = self._reason(seq, written)
-            if reason is not None:
-                del self._writing[seq.seq_id]
-                text = self.engine.tokenizer.decode(written, skip_special_tokens=True)
-                ended.append((seq, StepResult(written, text, reason)))
-        return ended
-
-    def _reason(self, seq: Seq, written: list[int]) -> str | None:
-        if written[-1] in self.engine.eos_token_ids:
-            return "eos"
-        if self.stop and self.stop in self.engine.tokenizer.decode(written[-self._window :]):
-            return "stop"
-        if len(written) >= self.max_tokens or len(seq) >= self.engine.max_model_len:
-            return "length"
-        return None

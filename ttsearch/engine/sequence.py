@@ -22,6 +22,8 @@ class Seq:
     last_logits: torch.Tensor | None = None
     generator: torch.Generator | None = None
     forks: int = 0
+    wants_logits: bool = True  # False: a verifier's sequence, never sampled from
+    preempted: bool = False  # blocks released, tokens kept: see Engine.preempt
     freed: bool = False
     seq_id: int = field(default_factory=lambda: next(_ids))
 
@@ -29,5 +31,5 @@ class Seq:
         return len(self.token_ids)
 
     def __repr__(self) -> str:
-        state = "freed" if self.freed else f"{len(self.block_table)} blocks"
+        state = "freed" if self.freed else "preempted" if self.preempted else f"{len(self.block_table)} blocks"
         return f"Seq(id={self.seq_id}, len={len(self)}, {state})"

@@ -52,7 +52,8 @@ def load_jsonl(path: str | Path, fields: dict | None = None, limit: int | None =
 
     ``fields`` maps Problem's fields (question, answer, and optionally id, level, subject) to the
     file's keys; without it the format is detected from the first line's keys. Lines without an
-    id mapping get ``<file stem>-<line number>`` (GSM8K: ``gsm8k-<line number>``). ``limit``
+    id (no mapping for it, or a built-in format's id key absent, as a MATH-500 file without
+    ``unique_id``) get ``<file stem>-<line number>`` (GSM8K: ``gsm8k-<line number>``). ``limit``
     stops reading after that many problems."""
     path = Path(path)
     try:
@@ -114,7 +115,12 @@ def _detect(record: dict, path: Path, lineno: int) -> tuple[str, dict]:
 
 
 def _to_problem(record: dict, mapping: dict, fmt: str | None, path: Path, lineno: int) -> Problem:
-    values = {name: _field(record, mapping[name], path, lineno) for name in REQUIRED + ("id",) if name in mapping}
+    values = {name: _field(record, mapping[name], path, lineno) for name in REQUIRED}
+    # A built-in format's id (MATH-500's unique_id) may be absent: the line number stands in.
+    # An id the caller's own mapping names is required.
+    id_key = mapping.get("id")
+    if id_key is not None and (fmt is None or record.get(id_key) is not None):
+        values["id"] = _field(record, id_key, path, lineno)
     for name in ("level", "subject"):  # optional: absent or null means unknown
         key = mapping.get(name)
         if key is not None and record.get(key) is not None:

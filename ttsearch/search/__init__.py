@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ttsearch.search.config import STRATEGIES, ConfigError, SearchConfig
 from ttsearch.search.results import ResultsWriter, read_results
 from ttsearch.search.selection import SELECTIONS, budgets, select
+
+#: settings that change how fast a run goes, never what it writes
+NOT_SETTINGS = ("n", "problems_in_flight")
 
 
 def run(
@@ -22,29 +26,45 @@ def run(
     kv_cache_bytes: int | None = None,
     policy=None,
     progress: bool = True,
-) -> Path:
+    ns: list[int] | None = None,
+    start: int | None = None,
+    end: int | None = None,
+):
     """Search every problem of ``dataset`` (default: the bundled arithmetic set) and append
-    one JSON line per problem to ``output``. Problems already in ``output`` are skipped, so
-    rerunning after an interrupt resumes. The dataset is read, and the config checked,
-    before any model loads. ``verifier`` is a spec for ``load_verifier`` ("arithmetic",
-    "self", a PRM's path; ``verifier_options`` go with it) or a Verifier. Pass ``policy``
-    to reuse an Engine across runs."""
+    one JSON line per problem and budget to ``output``.
+
+    ``ns`` runs one search per budget n (default: ``config.n``) on one engine, all in one
+    batch; a beam search at a smaller n is its own search, not a prefix of a larger one.
+    ``start``/``end`` take a slice of the dataset and ``limit`` its first problems (in that
+    order, as search-and-learn's dataset_start, dataset_end and num_samples). Searches
+    already in ``output`` are skipped, so rerunning after an interrupt resumes; a file
+    written with other settings is an error naming them. The dataset is read, and the
+    settings checked, before any model loads. ``verifier`` is a spec for ``load_verifier``
+    ("arithmetic", "self", a PRM's path; ``verifier_options`` go with it) or a Verifier.
+    Pass ``policy`` to reuse an Engine across runs. Returns the scheduler's statistics
+    (decode batch occupancy, scoring time, preemptions)."""
     from ttsearch.eval.arithmetic import bundled_arithmetic_path
     from ttsearch.eval.datasets import load_jsonl
 
+    budgets_to_run = _budgets(config, ns)
     if isinstance(verifier, str) and verifier not in ("arithmetic", "self"):
         from ttsearch.models.loader import resolve_model_path
 
         resolve_model_path(verifier)  # a PRM path that does not exist fails before any model loads
-    problems = load_jsonl(dataset or bundled_arithmetic_path(), fields=fields, limit=limit)
+    problems = load_jsonl(dataset or bundled_arithmetic_path(), fields=fields)
+    if start is not None or end is not None:
+        problems = problems[start:end]
+    if limit is not None:
+        problems = problems[:limit]
     if config.strategy == "compute_optimal":
         from ttsearch.search.compute_optimal import read_table
 
         read_table(config.optimal_table)
-    with ResultsWriter(output) as writer:
-        todo = [p for p in problems if p.id not in writer.done_ids]
+    settings = run_settings(config, model if policy is None else policy, verifier, verifier_options, dtype)
+    with ResultsWriter(output, settings) as writer:
+        todo = [(p, replace(config, n=n)) for n in budgets_to_run for p in problems if (p.id, n) not in writer.done]
         if not todo:
-            return Path(output)
+            return None
         if policy is None:
             from ttsearch.engine.engine import DEFAULT_KV_CACHE_BYTES, Engine
 
@@ -57,8 +77,37 @@ def run(
         else:
             options = dict(verifier_options or {})
             scorer = load_verifier(verifier, policy_engine=policy, aggregation=config.aggregation, **options)
-        run_jobs(todo, policy, scorer, config, on_record=writer.write, progress=progress)
-    return Path(output)
+        return run_jobs(todo, policy, scorer, on_record=writer.write, settings=settings, progress=progress)
 
 
-__all__ = ["run", "SearchConfig", "ConfigError", "STRATEGIES", "SELECTIONS", "budgets", "select", "read_results"]
+def _budgets(config: SearchConfig, ns: list[int] | None) -> list[int]:
+    if ns is None:
+        return [config.n]
+    if not ns:
+        raise ConfigError("n: give at least one budget")
+    for n in ns:
+        replace(config, n=n)  # each budget is checked like a setting (e.g. a multiple of beam_width)
+    if len(set(ns)) != len(ns):
+        raise ConfigError(f"n={','.join(map(str, ns))}: a budget appears twice")
+    return list(ns)
+
+
+def run_settings(config: SearchConfig, model, verifier, verifier_options: dict | None, dtype: str | None) -> dict:
+    """What a run's records depend on: the search settings (but the budget n and the batch
+    size), the model, the verifier and the dtype. Stored in every record and checked on resume."""
+    from ttsearch.engine.engine import resolve_dtype
+
+    settings = {k: v for k, v in config.to_dict().items() if k not in NOT_SETTINGS}
+    if isinstance(model, str):
+        import torch
+
+        model_name, model_dtype = model, resolve_dtype(dtype, torch.device("cpu"))
+    else:
+        model_name, model_dtype = model.name, model.dtype
+    verifier_name = verifier if isinstance(verifier, str) else type(verifier).__name__
+    return {**settings, "model": model_name, "dtype": str(model_dtype).removeprefix("torch."),
+            "verifier": verifier_name, "verifier_options": verifier_options or {}}
+
+
+__all__ = ["run", "run_settings", "SearchConfig", "ConfigError", "STRATEGIES", "SELECTIONS", "budgets", "select",
+           "read_results"]

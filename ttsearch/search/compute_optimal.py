@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ttsearch.search.config import ConfigError, SearchConfig
-from ttsearch.search.strategies import SEARCHES, TreeSearch
+from ttsearch.search.strategies import SEARCHES, Beam, TreeSearch, Write
 
 TABLE_VERSION = 1
 
@@ -97,11 +97,29 @@ class ComputeOptimal(TreeSearch):
         self.inner: TreeSearch | None = None
         self.choice: dict | None = None
         self.pilot_level: float | None = None
+        self.prompt: Beam | None = None  # kept through the pilot: the chosen search forks from it
 
-    def start(self) -> None:
-        self.live = self._roots(self.config.pilot_samples)
+    @property
+    def waits_for_all(self) -> bool:
+        return self.inner is None or self.inner.waits_for_all
 
-    def advance(self) -> None:
+    @property
+    def answers(self):
+        return self.inner.answers if self.inner is not None else []
+
+    def held(self):
+        return self.inner.held() if self.inner is not None else self.live + [self.prompt]
+
+    def write_for(self, beam):
+        if self.inner is None:
+            return Write(self.config.stop, self.config.step_tokens)
+        return self.inner.write_for(beam)
+
+    def start(self, root=None) -> None:
+        self.prompt = root or self._prompt_beam()
+        self.live = self._start_roots(self.config.pilot_samples, root=self.prompt)
+
+    def advance(self, ended) -> None:
         if self.inner is None:
             self.pilot_level = difficulty([b.step_scores[0] for b in self.live], self.config.pilot_samples)
             for beam in self.live:
@@ -113,10 +131,12 @@ class ComputeOptimal(TreeSearch):
             self.inner = SEARCHES[inner_config.strategy](
                 self.policy, self.verifier, inner_config, self.prompt_ids, self.question
             )
-            self.inner.start()
+            self.inner.start(root=self.prompt)  # forks only: nothing to allocate mid-search
+            self._release(self.prompt)
+            self.prompt = None
         else:
-            self.inner.advance()
-        self.live = self.inner.live if self.inner.live else []
+            self.inner.advance(ended)
+        self.live = self.inner.live
         self.completions = self.inner.completions
         self.unfinished = self.inner.unfinished
         self.trace = self.inner.trace

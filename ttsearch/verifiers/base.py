@@ -44,13 +44,20 @@ class VerifierState:
 
 class Verifier:
     """Scores reasoning steps. Subclasses implement ``_score``; those that hold a sequence per
-    state also extend ``new`` and implement ``_fork_seqs``/``_free_seq``."""
+    state also extend ``new`` and implement ``_fork_seqs``/``_free_seq``, and set ``engine``.
+
+    ``engine`` is the Engine whose KV pool the verifier writes to (None for a checker that
+    holds no cache); ``last_tokens`` gives, after each ``score``, the tokens it forwarded for
+    each state, so a search can count each problem's verifier work exactly."""
+
+    engine = None
 
     def __init__(self, aggregation: str = "last"):
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
         self.aggregation = aggregation
         self.verifier_id = next(_ids)
+        self.last_tokens: list[int] = []
 
     def new(self, question: str, policy_seq: Seq | None = None) -> VerifierState:
         """The state of a problem's root, before any step. ``policy_seq`` is the policy's
@@ -74,6 +81,28 @@ class Verifier:
         self._free_seq(state)
         state.freed = True
 
+    def preempt(self, state: VerifierState) -> None:
+        """Release the state's cache blocks, keeping its tokens, until ``restore``."""
+        self._check_states([state], "preempt")
+        if state.seq is not None:
+            self.engine.preempt(state.seq)
+
+    def restore(self, state: VerifierState) -> None:
+        """Recompute a preempted state's cache (``KVCacheFullError`` if the pool is full now)."""
+        if state.seq is not None:
+            self.engine.restore(state.seq)
+
+    def blocks_to_restore(self, state: VerifierState) -> int:
+        return self.engine.blocks_to_restore(state.seq) if state.seq is not None else 0
+
+    def blocks_to_start(self, question: str) -> int:
+        """Blocks of the verifier's pool that ``new(question)`` takes (0 for a checker)."""
+        return 0
+
+    def blocks_per_step(self, step_tokens: int) -> int:
+        """Blocks of the verifier's pool that scoring one step of ``step_tokens`` tokens may take."""
+        return 0
+
     def score(
         self, states: Sequence[VerifierState], steps: Sequence[str], policy_seqs: Sequence[Seq] | None = None
     ) -> list[float]:
@@ -91,6 +120,7 @@ class Verifier:
             return []
         prev_agg = torch.tensor([s.aggregate or 0.0 for s in states], dtype=torch.float32)
         prev_count = torch.tensor([len(s.step_scores) for s in states], dtype=torch.int64)
+        self.last_tokens = [0] * len(states)
         scores, aggregates = self._score(states, steps, policy_seqs, prev_agg, prev_count)
         scores, aggregates = scores.tolist(), aggregates.tolist()
         for state, score, aggregate in zip(states, scores, aggregates):
@@ -100,7 +130,8 @@ class Verifier:
 
     def _score(self, states, steps, policy_seqs, prev_agg, prev_count) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, aggregates), float32 ``[len(states)]``; ``prev_agg``/``prev_count`` are the
-        states' aggregates and step counts so far (CPU tensors)."""
+        states' aggregates and step counts so far (CPU tensors). Sets ``last_tokens`` when it
+        forwards tokens. A full KV pool must raise before anything changes."""
         raise NotImplementedError
 
     def _fork_seqs(self, state: VerifierState, k: int) -> list[Seq | None]:
@@ -116,6 +147,8 @@ class Verifier:
                 raise TypeError(f"{what}: expected a VerifierState, got {type(state).__name__}")
             if state.freed:
                 raise ValueError(f"{what}: {state!r} was freed")
+            if state.seq is not None and state.seq.preempted:
+                raise ValueError(f"{what}: {state!r} is preempted: restore it first")
             if state.owner != self.verifier_id:
                 raise ValueError(f"{what}: {state!r} belongs to another verifier")
             if state.state_id in seen:

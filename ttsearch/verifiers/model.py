@@ -90,11 +90,21 @@ class ModelPRM(Verifier):
     def _free_seq(self, state):
         self.engine.free(state.seq)
 
+    def blocks_to_start(self, question):
+        ids, _ = self.format.prefix(question)
+        cached, _ = self.engine.blocks.match_prefix(ids[:-1])
+        return -(-len(ids) // self.engine.block_size) - len(cached)
+
+    def blocks_per_step(self, step_tokens):
+        # the step in the PRM's format (a few tokens of tags or turns besides), and a copied tail
+        return -(-(step_tokens + 16) // self.engine.block_size) + 1
+
     def _score(self, states, steps, policy_seqs, prev_agg, prev_count):
         written = self.format.steps([s.context for s in states], steps)
         hidden = self.engine.append_batch(
             [s.seq for s in states], [ids for ids, _ in written], hidden_at=[[-1]] * len(states), logits=False
         )
+        self.last_tokens = [len(ids) for ids, _ in written]
         for state, (_, context) in zip(states, written):
             state.context = context
         return self.readout(hidden, prev_agg, prev_count, self.aggregation)

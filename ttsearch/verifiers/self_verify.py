@@ -50,9 +50,15 @@ class SelfVerifier(Verifier):
         self.engine = engine
         self.readout = Readout.lm_rows(engine, good, bad)
 
+    def blocks_per_step(self, step_tokens):
+        return -(-len(self.suffix_ids) // self.engine.block_size) + 1  # a fork's copied tail and the suffix
+
     def _score(self, states, steps, policy_seqs, prev_agg, prev_count):
         if policy_seqs is None:
             raise ValueError("self-verification scores the policy's beams: pass policy_seqs")
+        # the forks' writes must fit before the first fork: a fork changes its parent's lineage
+        needed = self.engine.fork_blocks_needed(policy_seqs, len(self.suffix_ids))
+        self.engine.blocks.require(needed, f"self-verifying {len(policy_seqs)} steps")
         forks = []
         try:
             for seq in policy_seqs:
@@ -63,4 +69,5 @@ class SelfVerifier(Verifier):
         finally:
             for fork in forks:
                 self.engine.free(fork)
+        self.last_tokens = [len(self.suffix_ids)] * len(states)
         return self.readout(hidden, prev_agg, prev_count, self.aggregation)

@@ -1,0 +1,168 @@
+"""The model runner: sequences and their new tokens in, one forward pass on the paged cache out.
+
+It owns the cache writes: each sequence's next slots (copying a shared partial tail first,
+copy-on-write), the registration of blocks that became full (the prefix cache), and, for a
+decode batch, the tree of prefixes its sequences share, so that decode attention reads every
+shared block once for all the sequences below it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ttsearch import ops
+from ttsearch.engine.block_manager import BlockManager
+from ttsearch.engine.sequence import Seq
+from ttsearch.models.llama import ForwardBatch, LlamaModel
+
+MIN_SHARERS = 2  # sequences that must share a run of blocks before decode reads it once for all
+
+
+@dataclass
+class PrefixTree:
+    """Runs of full blocks shared by several sequences of a decode batch, as a tree.
+
+    ``nodes[g]`` lists node g's blocks. ``paths[b]`` lists the nodes on sequence b's path,
+    outermost first; they tile the start of b's block table, and b's own tokens follow."""
+
+    nodes: list[list[int]]
+    paths: list[list[int]]
+
+    def tokens_read(self, lengths: list[int], block_size: int) -> int:
+        """Tokens a cascade decode reads: every node once, then each sequence's own tokens."""
+        shared = sum(len(n) for n in self.nodes) * block_size
+        own = sum(length - sum(len(self.nodes[g]) for g in path) * block_size
+                  for length, path in zip(lengths, self.paths))
+        return shared + own
+
+
+def shared_prefix_tree(tables: list[list[int]], shareable: list[int]) -> PrefixTree:
+    """The tree of block runs that at least ``MIN_SHARERS`` of the sequences share.
+
+    ``tables[b]`` is sequence b's block table and ``shareable[b]`` how many of its leading
+    blocks are full (only those can be shared). A node is a maximal run of blocks that the
+    same set of sequences holds in the same columns; where that set splits, child nodes
+    start. Sequences that share a system prompt through the prefix cache get one node for
+    it, each problem's beams a node for its question and common steps below that, and so
+    on down to the steps two beams still share."""
+    nodes: list[list[int]] = []
+    paths: list[list[int]] = [[] for _ in tables]
+    pending = [(list(range(len(tables))), 0)]  # (sequences sharing columns [0, col), col)
+    while pending:
+        members, col = pending.pop()
+        by_block: dict[int, list[int]] = {}
+        for b in members:
+            if col < shareable[b]:
+                by_block.setdefault(tables[b][col], []).append(b)
+        for group in by_block.values():
+            if len(group) < MIN_SHARERS:
+                continue
+            first, end = tables[group[0]], col + 1
+            limit = min(shareable[b] for b in group)
+            while end < limit and all(tables[b][end] == first[end] for b in group):
+                end += 1
+            for b in group:
+                paths[b].append(len(nodes))
+            nodes.append(first[col:end])
+            pending.append((group, end))
+    return PrefixTree(nodes, paths)
+
+
+class ModelRunner:
+    """Runs the model on the paged cache for the engine; block counts live in ``blocks``."""
+
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, blocks: BlockManager, device: torch.device):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.blocks = blocks
+        self.block_size = blocks.block_size
+        self.device = device
+        self.tokens_forwarded = 0  # every token a forward has written, all sequences
+        self.last_prefix_tree: PrefixTree | None = None  # of the last decode forward, for tests and meters
+
+    # ------------------------------------------------------------------ block accounting
+    def blocks_needed(self, seq: Seq, n: int) -> int:
+        """Blocks that writing ``n`` more tokens to ``seq`` takes from the pool."""
+        grow = -(-(len(seq) + n) // self.block_size) - len(seq.block_table)
+        return grow + int(self._tail_is_shared(seq))
+
+    def _tail_is_shared(self, seq: Seq) -> bool:
+        return len(seq) % self.block_size != 0 and self.blocks.ref_count[seq.block_table[-1]] > 1
+
+    def _reserve(self, seq: Seq, n: int, copies: list[tuple[int, int]]) -> list[int]:
+        """Make ``seq``'s next ``n`` slots writable: copy a shared partial tail (queued in
+        ``copies``) and allocate new blocks. Returns the slots."""
+        if self._tail_is_shared(seq):
+            shared = seq.block_table[-1]
+            private = self.blocks.allocate()
+            copies.append((shared, private))
+            self.blocks.release(shared)
+            seq.block_table[-1] = private
+        while len(seq.block_table) * self.block_size < len(seq) + n:
+            seq.block_table.append(self.blocks.allocate())
+        bs = self.block_size
+        return [seq.block_table[p // bs] * bs + p % bs for p in range(len(seq), len(seq) + n)]
+
+    def _register_full_blocks(self, seq: Seq) -> None:
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), len(seq) // bs):
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            seq.block_hashes.append(self.blocks.register(seq.block_table[i], parent, tokens))
+
+    # ------------------------------------------------------------------ the forward pass
+    def forward(self, seqs: list[Seq], new_tokens: list[list[int]], logits: bool = True) -> torch.Tensor:
+        """Write ``new_tokens[i]`` to ``seqs[i]`` in one batched forward (capacity already
+        checked), keep each sequence's next-token logits, return the new tokens' hidden states."""
+        copies: list[tuple[int, int]] = []
+        slots, positions, input_ids, last_rows, q_starts = [], [], [], [], [0]
+        for seq, tokens in zip(seqs, new_tokens):
+            slots += self._reserve(seq, len(tokens), copies)
+            positions += range(len(seq), len(seq) + len(tokens))
+            input_ids += tokens
+            q_starts.append(len(input_ids))
+            last_rows.append(len(input_ids) - 1)
+        if copies:
+            src, dst = zip(*copies)
+            ops.copy_blocks(self.kv_cache, self._ints(src, torch.int64), self._ints(dst, torch.int64))
+        for seq, tokens in zip(seqs, new_tokens):
+            seq.token_ids += tokens
+        width = max(len(s.block_table) for s in seqs)
+        decode = all(len(t) == 1 for t in new_tokens)
+        batch = ForwardBatch(
+            positions=self._ints(positions, torch.int64),
+            slot_mapping=self._ints(slots, torch.int64),
+            block_tables=self._ints([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32),
+            context_lens=self._ints([len(s) for s in seqs], torch.int32),
+            query_start_loc=None if decode else self._ints(q_starts, torch.int32),
+            last_rows=self._ints(last_rows, torch.int64),
+        )
+        if decode:
+            self._add_prefix_tree(batch, seqs)
+        hidden = self.model.forward(self._ints(input_ids, torch.int64), batch, self.kv_cache)
+        rows = self.model.compute_logits(hidden[batch.last_rows]) if logits else [None] * len(seqs)
+        self.tokens_forwarded += len(input_ids)
+        for seq, row in zip(seqs, rows):
+            seq.last_logits = row
+            self._register_full_blocks(seq)
+        return hidden
+
+    def _add_prefix_tree(self, batch: ForwardBatch, seqs: list[Seq]) -> None:
+        """Give a decode batch the tree of prefixes its sequences share (from their block
+        tables, so beams of one problem and problems sharing a system prompt through the
+        prefix cache are found alike); decode attention then reads each node once."""
+        bs = self.block_size
+        tree = shared_prefix_tree([s.block_table for s in seqs], [(len(s) - 1) // bs for s in seqs])
+        self.last_prefix_tree = tree
+        if not tree.nodes:
+            return
+        width = max(len(n) for n in tree.nodes)
+        depth = max(len(p) for p in tree.paths)
+        batch.prefix_tables = self._ints([n + [0] * (width - len(n)) for n in tree.nodes], torch.int32)
+        batch.prefix_lens = self._ints([len(n) * bs for n in tree.nodes], torch.int32)
+        batch.seq_group = self._ints([p + [-1] * (depth - len(p)) for p in tree.paths], torch.int32)
+
+    def _ints(self, values, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=self.device)

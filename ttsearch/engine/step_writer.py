@@ -1,0 +1,126 @@
+"""Sequences writing one reasoning step each, decoded together a token at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ttsearch.engine.sampler import GREEDY, SamplingParams
+from ttsearch.engine.sequence import Seq
+
+if TYPE_CHECKING:
+    from ttsearch.engine.engine import Engine
+
+#: ``stop=WRITER_STOP`` in ``StepWriter.add``: the writer's own delimiter
+WRITER_STOP: Any = object()
+
+
+@dataclass
+class StepResult:
+    """One reasoning step written by one sequence."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (delimiter written, kept), "eos" (the answer ended), "length" (cut)
+
+
+@dataclass(eq=False)
+class StepInProgress:
+    """A sequence's step so far: what ``StepWriter.remove`` hands back and ``resume`` takes."""
+
+    seq: Seq
+    sampling: SamplingParams
+    stop: str | None
+    max_tokens: int
+    written: list[int] = field(default_factory=list)
+
+
+class StepWriter:
+    """Sequences writing one reasoning step each, decoded together a token at a time.
+
+    ``add`` starts a step for more sequences at any point, each with its own sampling, stop
+    delimiter and token limit; ``advance`` decodes one token for every sequence still
+    writing and returns those whose step just ended, with its result: after the ``stop``
+    delimiter (kept in the text), at EOS, after ``max_tokens`` tokens, or at the context
+    length. A scheduler that starts each next step as soon as the last one is scored keeps
+    the batch full while slower steps are still being written. ``remove`` takes sequences
+    out mid-step (a preempted problem) and ``resume`` puts them back where they were.
+    """
+
+    def __init__(self, engine: Engine, stop: str | None = "\n\n", max_tokens: int = 256):
+        self.engine = engine
+        self.stop = stop
+        self.max_tokens = _check_max_tokens(max_tokens)
+        self._writing: dict[int, StepInProgress] = {}
+        self._ended: list[tuple[Seq, StepResult]] = []
+
+    def __len__(self) -> int:
+        """Sequences still writing their step."""
+        return len(self._writing)
+
+    def add(
+        self,
+        seqs: Sequence[Seq],
+        sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
+        stop: str | None = WRITER_STOP,
+        max_tokens: int | None = None,
+    ) -> None:
+        seqs = list(seqs)
+        params = self.engine._per_seq(sampling, len(seqs))
+        stop = self.stop if stop is WRITER_STOP else stop
+        max_tokens = self.max_tokens if max_tokens is None else _check_max_tokens(max_tokens)
+        self.resume([StepInProgress(seq, p, stop, max_tokens) for seq, p in zip(seqs, params)])
+
+    def resume(self, steps: Sequence[StepInProgress]) -> None:
+        """Continue steps taken out by ``remove`` (or start new ones)."""
+        seqs = [s.seq for s in steps]
+        self.engine._check_live(seqs)
+        self.engine._check_has_logits(seqs)
+        for seq in seqs:
+            if seq.seq_id in self._writing:
+                raise ValueError(f"{seq!r} is already writing a step")
+        for step in steps:
+            if len(step.seq) >= self.engine.max_model_len:
+                self._ended.append((step.seq, self._result(step, "length")))
+            else:
+                self._writing[step.seq.seq_id] = step
+
+    def remove(self, seqs: Sequence[Seq]) -> list[StepInProgress]:
+        """Stop decoding ``seqs`` now; returns their unfinished steps, for ``resume``."""
+        return [self._writing.pop(seq.seq_id) for seq in seqs if seq.seq_id in self._writing]
+
+    def advance(self) -> list[tuple[Seq, StepResult]]:
+        """Decode one token for every sequence writing; returns the steps that ended. A full
+        KV pool raises before anything changes."""
+        steps = list(self._writing.values())
+        tokens = self.engine.step([s.seq for s in steps], [s.sampling for s in steps]) if steps else []
+        ended, self._ended = self._ended, []
+        for step, token in zip(steps, tokens):
+            step.written.append(token)
+            reason = self._reason(step)
+            if reason is not None:
+                del self._writing[step.seq.seq_id]
+                ended.append((step.seq, self._result(step, reason)))
+        return ended
+
+    def _result(self, step: StepInProgress, reason: str) -> StepResult:
+        text = self.engine.tokenizer.decode(step.written, skip_special_tokens=True)
+        return StepResult(step.written, text, reason)
+
+    def _reason(self, step: StepInProgress) -> str | None:
+        written = step.written
+        if written[-1] in self.engine.eos_token_ids:
+            return "eos"
+        if step.stop:
+            window = len(step.stop) + 2  # tokens enough to spell the delimiter
+            if step.stop in self.engine.tokenizer.decode(written[-window:]):
+                return "stop"
+        if len(written) >= step.max_tokens or len(step.seq) >= self.engine.max_model_len:
+            return "length"
+        return None
+
+
+def _check_max_tokens(max_tokens) -> int:
+    if not (isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 1):
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    return max_tokens
