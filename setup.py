@@ -1,34 +1,17 @@
-"""Builds csrc/ into the extension ttsearch._C; installs pure Python if it cannot.
+"""Builds csrc/ into the extension ttsearch._C.
 
-Without a C++ compiler (or without torch at build time) the package still installs and
-the ops run on their pure-torch reference bodies, with one warning at import.
+A build that fails (no compiler, no torch at build time, a compile error) fails the install
+with the compiler's message: the fast path never goes missing by accident. A pure-Python
+install is a choice: ``TTSEARCH_NO_EXTENSION=1`` skips the extension, and the ops then run
+on their pure-torch reference bodies (run with ``TTSEARCH_OPS=reference`` to say so).
 """
 
 import glob
 import os
-import sys
-import warnings
 
 from setuptools import setup
-from setuptools.command.build_ext import build_ext
 
 SOURCES = sorted(glob.glob("csrc/*.cpp"))
-
-
-class OptionalBuildExt(build_ext):
-    """A failed C++ build is a warning, not a failed install."""
-
-    def run(self):
-        try:
-            super().run()
-        except Exception as exc:  # compiler missing, headers missing, ...
-            warnings.warn(f"ttsearch._C was not built ({exc}); ops will use the torch reference")
-
-    def build_extension(self, ext):
-        try:
-            super().build_extension(ext)
-        except Exception as exc:
-            warnings.warn(f"ttsearch._C was not built ({exc}); ops will use the torch reference")
 
 
 def extensions():
@@ -36,12 +19,11 @@ def extensions():
         return [], {}
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
-    except ImportError:
-        print("torch is not importable at build time: installing without ttsearch._C", file=sys.stderr)
-        return [], {}
-
-    class Build(OptionalBuildExt, BuildExtension):
-        pass
+    except ImportError as exc:
+        raise SystemExit(
+            "building ttsearch._C needs torch at build time: install torch first and build without isolation "
+            "(pip install --no-build-isolation ...), or set TTSEARCH_NO_EXTENSION=1 for a pure-Python install"
+        ) from exc
 
     flags = ["-O3", "-fopenmp", "-march=native", "-std=c++20"]
     ext = CppExtension(
@@ -50,7 +32,7 @@ def extensions():
         extra_compile_args=flags,
         extra_link_args=["-fopenmp"],
     )
-    return [ext], {"build_ext": Build.with_options(no_python_abi_suffix=False)}
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
 ext_modules, cmdclass = extensions()

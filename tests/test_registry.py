@@ -1,8 +1,10 @@
-"""The op registry's choice of implementation when the C++ extension is missing."""
+"""The op registry's choice of implementation, with and without the C++ extension."""
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 # Make `from ttsearch import _C` fail as it does in an install without a compiler.
 BLOCK_C = """
@@ -44,3 +46,15 @@ def test_requiring_fast_ops_without_the_extension_raises():
 def test_unknown_mode_is_an_error():
     out = run_python("import ttsearch.ops", "turbo")
     assert "TTSEARCH_OPS='turbo'" in out.stderr
+
+
+@pytest.mark.skipif(os.environ.get("TTSEARCH_OPS") == "reference", reason="a pure-Python run, chosen on purpose")
+def test_the_cpp_extension_serves_every_op_on_the_cpu():
+    """An install must carry the fast path: a build that failed is an error, never a quiet fallback."""
+    import torch
+
+    import ttsearch.ops as ops
+
+    assert ops.IMPLEMENTATIONS["cpu"] == "cpp", "ttsearch._C did not load"
+    missing = [name for name in ops._SCHEMAS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ttsearch::{name}", "CPU")]
+    assert not missing, f"ttsearch._C registers no CPU kernel for {missing}"
