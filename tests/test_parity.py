@@ -74,3 +74,22 @@ def test_smollm2_greedy_matches_transformers_generate(smollm2_engine_fp32, smoll
     ours = [engine.step([seq])[0] for _ in range(32)]
     engine.free(seq)
     assert ours == expected
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 64, 300])
+@pytest.mark.parametrize("in_features, out_features, bias", [(576, 960, False), (576, 1536, False), (1536, 576, False),
+                                                           (64, 320, True), (48, 40, True)])
+def test_model_linear_matches_a_float64_product(rows, in_features, out_features, bias):
+    """The model's Linear (oneDNN's packed float32 GEMM where torch has it) against float64."""
+    from ttsearch.models.llama import Linear
+
+    g = torch.Generator().manual_seed(rows + in_features)
+    weight = torch.randn(out_features, in_features, generator=g) / in_features**0.5
+    b = torch.randn(out_features, generator=g) if bias else None
+    wide = torch.randn(rows, in_features + 8, generator=g)
+    for x in (wide[:, :in_features].contiguous(), wide[:, 8:]):  # contiguous and strided rows
+        linear = Linear(weight, b)
+        if torch.backends.mkldnn.is_available():
+            assert linear.packed is not None
+        expected = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+        torch.testing.assert_close(linear(x), expected.float(), atol=1e-5, rtol=1e-5)

@@ -22,6 +22,7 @@ from transformers import (
 
 from ttsearch import Engine, SamplingParams
 from ttsearch.errors import ModelLoadError
+from ttsearch.models.llama import Linear
 from ttsearch.verifiers import ArithmeticChecker, ModelPRM, SelfVerifier, load_verifier
 from ttsearch.verifiers.arithmetic import check, equations
 
@@ -352,14 +353,19 @@ def test_no_full_vocabulary_logits_while_scoring(family, request, monkeypatch):
     else:
         verifier, seq = prm(path), None
     vocab = verifier.engine.config.vocab_size
-    linear = torch.nn.functional.linear
+    linear, model_linear = torch.nn.functional.linear, Linear.__call__
 
     def guarded(x, weight, bias=None):
         if weight.shape[0] >= vocab:
             raise AssertionError(f"full-vocabulary logits formed for {tuple(x.shape)} hidden states")
         return linear(x, weight, bias)
 
+    def guarded_model_linear(self, x):
+        guarded(x, self.weight)
+        return model_linear(self, x)
+
     monkeypatch.setattr(torch.nn.functional, "linear", guarded)
+    monkeypatch.setattr(Linear, "__call__", guarded_model_linear)
     if family == "qwen_prm":  # the checkpoint has no LM head at all
         assert verifier.engine.model.lm_head.shape[0] == 0
     else:

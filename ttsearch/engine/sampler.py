@@ -59,7 +59,12 @@ def sample(
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         idx = torch.tensor(rows, device=logits.device)
-        sub = logits[idx] / torch.tensor([params[i].temperature for i in rows], device=logits.device)[:, None]
+        temperatures = [params[i].temperature for i in rows]
+        sub = logits if len(rows) == len(params) else logits[idx]  # no copy of a batch that all samples
+        if len(set(temperatures)) == 1:
+            sub = sub / temperatures[0]
+        else:
+            sub = sub / torch.tensor(temperatures, device=logits.device)[:, None]
         sub = _filter_top_k(sub, [params[i].top_k for i in rows])
         probs = torch.softmax(sub, dim=-1)
         probs = _filter_top_p(probs, [params[i].top_p for i in rows])
