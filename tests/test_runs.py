@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -168,7 +167,8 @@ def test_a_problem_that_cannot_fit_even_alone_fails_before_its_first_token(tiny_
     message = str(info.value)
     assert "problem 'arith-0000' cannot fit in the policy's KV pool even alone: n=8 beams on a" in message
     assert "the pool holds 96 tokens" in message and "--kv-cache-gib" in message
-    assert policy.tokens_forwarded == 0 and read_results(tmp_path / "out.jsonl") == []
+    assert policy.tokens_forwarded == 0 and policy.stats()["blocks_used"] == 0
+    assert read_results(tmp_path / "out.jsonl") == []
 
 
 # ----------------------------------------------------------------------------- recipes, budgets, resume
@@ -218,3 +218,34 @@ def test_one_run_searches_every_budget_and_resumes_only_with_its_settings(tiny_c
     err = capsys.readouterr().err
     assert "written with other settings (temperature: 0.8 in the file, 0.5 now; top_p: 1.0 in the file, 0.9 now)" in err
     assert len(read_results(out)) == 6
+
+
+def test_admission_and_preemption_count_a_separate_verifier_pool(tiny_checkpoints, tmp_path):
+    """A PRM on its own engine: its pool bounds the problems in flight as the policy's does."""
+    from ttsearch.engine.engine import Engine
+    from ttsearch.errors import KVCacheFullError
+    from ttsearch.search import run
+    from ttsearch.verifiers import load_verifier
+
+    model, prm_model = str(tiny_checkpoints["llama3"]), str(tiny_checkpoints["mistral"])
+    config = SearchConfig(**{**POOL_CONFIG, "n": 4})
+
+    def prm(blocks):  # the tiny tokenizer spells "+ -" in three tokens: other candidates
+        return load_verifier(prm_model, policy_engine=policy, family="math-shepherd", tag="e", good="a", bad="b",
+                             dtype="float32", kv_cache_bytes=blocks * 4096, progress=False)
+
+    policy = Engine(model, dtype="float32", kv_cache_bytes=8 << 20, progress=False)
+    verifier = prm(1024)
+    run(config, tmp_path / "large.jsonl", policy=policy, verifier=verifier, limit=3, progress=False)
+    one = min(r["peak_kv_blocks"] for r in read_results(tmp_path / "large.jsonl"))
+    assert verifier.engine is not policy and verifier.engine.stats()["blocks_used"] == 0
+
+    small = prm(30)  # a few problems' PRM prompts, not all three with their steps
+    stats = run(config, tmp_path / "small.jsonl", policy=policy, verifier=small, limit=3, progress=False)
+    assert comparable(read_results(tmp_path / "small.jsonl")) == comparable(read_results(tmp_path / "large.jsonl"))
+    assert small.engine.stats()["blocks_used"] == 0 and policy.stats()["blocks_used"] == 0
+    assert stats.decode_steps > 0 and one > 0
+
+    with pytest.raises(KVCacheFullError, match="cannot fit in the verifier's KV pool even alone: n=4 beams"):
+        run(config, tmp_path / "tiny.jsonl", policy=policy, verifier=prm(4), limit=3, progress=False)
+    assert read_results(tmp_path / "tiny.jsonl") == []

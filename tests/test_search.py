@@ -159,6 +159,9 @@ class ScriptedVerifier:
     def blocks_to_start(self, question):
         return 0
 
+    def blocks_to_score(self, states):
+        return 0
+
     def score(self, states, steps, policy_seqs=None):
         out = []
         for state, seq in zip(states, policy_seqs):

@@ -83,41 +83,51 @@ class Scheduler:
 
     # ------------------------------------------------------------------ admission
     def blocks_to_start(self, search: TreeSearch) -> tuple[int, int]:
-        """(policy blocks, verifier blocks) that starting ``search`` takes: its prompt, and a
-        block for each of its first beams."""
-        bs = self.policy.block_size
-        beams = search.config.n if search.config.strategy != "compute_optimal" else search.config.pilot_samples
-        policy = -(-len(search.prompt_ids) // bs) + beams
+        """(policy blocks, verifier blocks) that starting ``search`` takes: its prompts."""
+        policy = -(-len(search.prompt_ids) // self.policy.block_size)
         verifier = self.verifier.blocks_to_start(search.question)
         return (policy + verifier, 0) if self.shared_pool else (policy, verifier)
 
     def check_fits_alone(self, search: TreeSearch, problem_id: str) -> None:
         """A problem whose prompt and first beams cannot fit even in an empty pool fails here,
         before its first token."""
+        c = search.config
+        beams = c.n if c.strategy != "compute_optimal" else max(c.n, c.pilot_samples)
         policy, verifier = self.blocks_to_start(search)
-        for engine, needed, what in ((self.policy, policy, "the policy's"), (self.verifier.engine, verifier, "the verifier's")):
-            if engine is None or needed <= engine.blocks.num_blocks:
+        scoring = self.verifier.blocks_to_score(beams)
+        needs = [(self.policy, policy + beams + (scoring if self.shared_pool else 0), "the policy's",
+                  "raise --kv-cache-gib or lower n")]
+        if self.verifier.engine is not None and not self.shared_pool:
+            needs.append((self.verifier.engine, verifier + scoring, "the verifier's",
+                          'give the verifier a larger pool (--verifier-options \'{"kv_cache_bytes": ...}\') or lower n'))
+        for engine, needed, what, remedy in needs:
+            if needed <= engine.blocks.num_blocks:
                 continue
-            c, bs = search.config, engine.block_size
+            bs = engine.block_size
             gib = engine.blocks.num_blocks * engine.block_bytes / 2**30
             raise KVCacheFullError(
                 f"problem {problem_id!r} cannot fit in {what} KV pool even alone: n={c.n} beams on a "
                 f"{len(search.prompt_ids)}-token prompt need at least {needed * bs} tokens ({needed} blocks of {bs}: "
-                f"the prompt and a block per beam), and each beam may grow to {c.max_iterations * c.step_tokens} "
-                f"tokens, but the pool holds {engine.blocks.num_blocks * bs} tokens ({gib:.3g} GiB); "
-                f"raise --kv-cache-gib or lower n"
+                f"the prompts, and a block per beam for each step written and scored), and each beam may grow to "
+                f"{c.max_iterations * c.step_tokens} tokens, but the pool holds {engine.blocks.num_blocks * bs} "
+                f"tokens ({gib:.3g} GiB); {remedy}"
             )
 
-    def _watermark(self) -> int:
-        """A block for every live beam: the room the running problems' next tokens take."""
-        return sum(len(job.search.live) for job in self.running)
+    def _watermarks(self, beams: int = 0) -> tuple[int, int]:
+        """(policy blocks, verifier blocks) that the running problems' next tokens and
+        scoring take at least, with ``beams`` more beams: a block for every live beam, and
+        what the verifier writes to score each one (to the policy's pool when they share it)."""
+        beams += sum(len(job.search.live) for job in self.running)
+        scoring = self.verifier.blocks_to_score(beams)
+        return (beams + scoring, 0) if self.shared_pool else (beams, scoring)
 
     def has_room_for(self, search: TreeSearch) -> bool:
         policy, verifier = self.blocks_to_start(search)
-        watermark = self._watermark()
-        room = self.policy.blocks.num_available >= policy + watermark
-        if verifier and self.verifier.engine is not None:
-            room = room and self.verifier.engine.blocks.num_available >= verifier + watermark
+        beams = search.config.n if search.config.strategy != "compute_optimal" else search.config.pilot_samples
+        policy_mark, verifier_mark = self._watermarks(beams)
+        room = self.policy.blocks.num_available >= policy + policy_mark
+        if self.verifier.engine is not None and not self.shared_pool:
+            room = room and self.verifier.engine.blocks.num_available >= verifier + verifier_mark
         return room
 
     def add(self, job: Job) -> bool:
@@ -271,14 +281,14 @@ class Scheduler:
 
     def _room_to_restore(self, job: Job) -> bool:
         beams = job.search.held()
-        watermark = self._watermark() + len(beams)
+        policy_mark, verifier_mark = self._watermarks(len(job.search.live))
         policy = _unique_blocks([b.seq.token_ids for b in beams], self.policy.block_size)
         vseqs = [b.vstate.seq for b in beams if b.vstate.seq is not None]
         verifier = _unique_blocks([s.token_ids for s in vseqs], self.verifier.engine.block_size) if vseqs else 0
         if self.shared_pool:
-            return self.policy.blocks.num_available >= policy + verifier + watermark
-        room = self.policy.blocks.num_available >= policy + watermark
-        return room and (not verifier or self.verifier.engine.blocks.num_available >= verifier + watermark)
+            return self.policy.blocks.num_available >= policy + verifier + policy_mark
+        room = self.policy.blocks.num_available >= policy + policy_mark
+        return room and (not vseqs or self.verifier.engine.blocks.num_available >= verifier + verifier_mark)
 
     def _restore(self, job: Job) -> bool:
         """Recompute ``job``'s sequences (their cached prefixes reused); False, with the job

@@ -223,7 +223,8 @@ class _Lookahead(TreeSearch):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._candidates: list[Beam] = []  # waiting for their rollouts
-        self._rollouts: dict[int, Beam] = {}  # id(candidate) -> its rollout (open candidates only)
+        self._rollouts: dict[int, Beam] = {}  # id(candidate) -> its rollout, while it writes
+        self._rollout_scores: dict[int, float | None] = {}  # id(candidate) -> its rollout's aggregate
         self._rollout_steps = 0
 
     def held(self) -> list[Beam]:
@@ -232,17 +233,18 @@ class _Lookahead(TreeSearch):
     def advance(self, ended: list[Beam]) -> None:
         if self._rollouts:
             self._rollout_steps += 1
-            active = [r for r in ended if r.finish is None]
-            if active and self._rollout_steps < self.config.lookahead:
-                self.live = active
+            for key, rollout in list(self._rollouts.items()):
+                if rollout.finish is not None or self._rollout_steps >= self.config.lookahead:
+                    self._rollout_scores[key] = rollout.aggregate
+                    self._release(rollout)
+                    del self._rollouts[key]
+            self.live = list(self._rollouts.values())
+            if self._rollouts:
                 return
             # a finished candidate has no rollout: its own aggregate ranks it
-            candidates, rollouts = self._candidates, self._rollouts
-            scores = [rollouts[id(c)].aggregate if id(c) in rollouts else c.aggregate for c in candidates]
-            for rollout in rollouts.values():
-                self._release(rollout)
-            self._candidates, self._rollouts = [], {}
-            self._decide(candidates, scores)
+            candidates, scores = self._candidates, self._rollout_scores
+            self._candidates, self._rollout_scores = [], {}
+            self._decide(candidates, [scores.get(id(c), c.aggregate) for c in candidates])
             return
         self.iteration += 1
         self._iterate(ended)

@@ -99,8 +99,9 @@ class Verifier:
         """Blocks of the verifier's pool that ``new(question)`` takes (0 for a checker)."""
         return 0
 
-    def blocks_per_step(self, step_tokens: int) -> int:
-        """Blocks of the verifier's pool that scoring one step of ``step_tokens`` tokens may take."""
+    def blocks_to_score(self, states: int) -> int:
+        """Blocks of the verifier's pool that scoring a step of each of ``states`` states takes
+        at least (a step's first block and a copied tail each); 0 for a checker."""
         return 0
 
     def score(

@@ -95,9 +95,8 @@ class ModelPRM(Verifier):
         cached, _ = self.engine.blocks.match_prefix(ids[:-1])
         return -(-len(ids) // self.engine.block_size) - len(cached)
 
-    def blocks_per_step(self, step_tokens):
-        # the step in the PRM's format (a few tokens of tags or turns besides), and a copied tail
-        return -(-(step_tokens + 16) // self.engine.block_size) + 1
+    def blocks_to_score(self, states):
+        return 2 * states  # a state's first new block, and its copied tail when forked
 
     def _score(self, states, steps, policy_seqs, prev_agg, prev_count):
         written = self.format.steps([s.context for s in states], steps)

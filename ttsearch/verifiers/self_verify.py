@@ -50,8 +50,9 @@ class SelfVerifier(Verifier):
         self.engine = engine
         self.readout = Readout.lm_rows(engine, good, bad)
 
-    def blocks_per_step(self, step_tokens):
-        return -(-len(self.suffix_ids) // self.engine.block_size) + 1  # a fork's copied tail and the suffix
+    def blocks_to_score(self, states):
+        # each beam's fork: its copied tail and the verification suffix (freed after scoring)
+        return states * (-(-len(self.suffix_ids) // self.engine.block_size) + 1)
 
     def _score(self, states, steps, policy_seqs, prev_agg, prev_count):
         if policy_seqs is None:
