@@ -146,10 +146,11 @@ class PlainBeam:
     completed: bool = False
 
 
-def plain_beam_search(question: str, config: SearchConfig, prm, seed: int) -> tuple[str, int, int]:
+def plain_beam_search(question: str, config: SearchConfig, prm, seed: int) -> tuple[str, int, int, int]:
     """search-and-learn's ``_beam_search`` for one problem, on transformers: every iteration
     re-encodes each beam's whole text for the policy and the PRM. Returns the answer text
-    (the best completion), generated tokens and PRM tokens."""
+    (the best completion), generated tokens, PRM tokens and the prompt tokens each
+    ``generate`` prefilled again."""
     model, tok = hf_model()
     tok.padding_side = "left"
     prompt = tok.decode(build_prompt(tok, question, config))
@@ -158,7 +159,7 @@ def plain_beam_search(question: str, config: SearchConfig, prm, seed: int) -> tu
     torch.manual_seed(seed)
     beams = [PlainBeam() for _ in range(config.n)]
     completed: list[PlainBeam] = []
-    generated = verified = 0
+    generated = verified = prefilled = 0
     for i in range(config.max_iterations):
         active = [b for b in beams if not b.completed]
         if len(active) != config.n:  # duplicate the survivors to refill n, in their order
@@ -166,9 +167,11 @@ def plain_beam_search(question: str, config: SearchConfig, prm, seed: int) -> tu
         last = i == config.max_iterations - 1  # the last iteration writes to EOS
         enc = tok([prompt + "".join(b.steps) for b in active], return_tensors="pt", padding=True,
                   add_special_tokens=False)
+        prefilled += int(enc["attention_mask"].sum())
         with torch.no_grad():
+            # top_k=0: off, as in vLLM and ours; transformers would otherwise keep only the top 50
             out = model.generate(
-                **enc, do_sample=True, temperature=config.temperature, top_p=config.top_p,
+                **enc, do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                 max_new_tokens=config.max_tokens if last else config.step_tokens,
                 stop_strings=None if last else [config.stop], tokenizer=tok, pad_token_id=tok.pad_token_id,
             )
@@ -201,7 +204,24 @@ def plain_beam_search(question: str, config: SearchConfig, prm, seed: int) -> tu
         keep = set(map(id, sorted(open_, key=lambda b: -b.score)[: config.n // config.beam_width]))
         beams = [b for b in open_ if id(b) in keep]
     answers = sorted(completed, key=lambda b: -b.score)[: config.n]
-    return ("".join(answers[0].steps) if answers else ""), generated, verified
+    return ("".join(answers[0].steps) if answers else ""), generated, verified, prefilled
+
+
+def matmul_ceiling(rows: int = 256) -> float:
+    """GFLOP/s of the policy's own weight products (every layer's and the LM head's) at
+    ``rows`` rows, through the model's Linear: the machine's ceiling for a large batch."""
+    model = policy().model
+    linears = [lin for layer in model.layers for lin in (layer["qkv"], layer["o"], layer["gate_up"], layer["down"])]
+    linears.append(model.lm_head_linear)
+    inputs = [torch.randn(rows, lin.weight.shape[1], dtype=model.dtype) for lin in linears]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(4):  # the best of a few passes: the first warms up, others may be disturbed
+            start = time.perf_counter()
+            for lin, x in zip(linears, inputs):
+                lin(x)
+            best = min(best, time.perf_counter() - start)
+    return 2 * rows * sum(lin.weight.numel() for lin in linears) / best / 1e9
 
 
 def test_beam_search_with_prm(benchmark):
@@ -212,18 +232,27 @@ def test_beam_search_with_prm(benchmark):
     one_in_flight = run_ours(replace(config, problems_in_flight=1), prm)
 
     def plain():
-        totals = [0, 0, 0]
+        totals = [0, 0, 0, 0]
         for i, problem in enumerate(problems()):
-            answer_text, generated, verified = plain_beam_search(problem.question, config, prm, seed=i)
+            answer_text, generated, verified, prefilled = plain_beam_search(problem.question, config, prm, seed=i)
             totals[0] += is_equivalent(extract_answer(answer_text) or "", problem.answer)
             totals[1] += generated
             totals[2] += verified
+            totals[3] += prefilled
         return totals
 
     hf_model()  # loading is not part of the search
     start = time.perf_counter()
-    correct, generated, verified = benchmark.pedantic(plain, rounds=1, iterations=1)
+    correct, generated, verified, prefilled = benchmark.pedantic(plain, rounds=1, iterations=1)
     theirs = (time.perf_counter() - start) / PROBLEMS
+    # the least time our work can take at this machine's matmul ceiling: every generated
+    # token costs the whole model's products, every verified one all but the LM head's
+    model = engine.model
+    per_token = model.matmul_flops_per_token()
+    per_verified = per_token - 2 * model.config.hidden_size * model.config.vocab_size
+    ceiling = matmul_ceiling()
+    ours_flops = (all_in_flight["generated_tokens_per_problem"] * per_token
+                  + all_in_flight["verified_tokens_per_problem"] * per_verified)
     benchmark.extra_info.update(
         {
             "problems": PROBLEMS,
@@ -231,7 +260,12 @@ def test_beam_search_with_prm(benchmark):
             "plain_transformers_seconds_per_problem": theirs,
             "plain_generated_tokens_per_problem": generated / PROBLEMS,
             "plain_prm_tokens_per_problem": verified / PROBLEMS,
+            "plain_prefilled_tokens_per_problem": prefilled / PROBLEMS,
             "plain_accuracy": correct / PROBLEMS,
+            "matmul_ceiling_gflops": ceiling,
+            "ours_matmul_gflop_per_problem": ours_flops / 1e9,
+            "ours_seconds_per_problem_at_ceiling": ours_flops / 1e9 / ceiling,
+            "speedup_bound_at_ceiling": theirs / (ours_flops / 1e9 / ceiling),
             "ours_all_in_flight": all_in_flight,
             "ours_one_in_flight": one_in_flight,
             "speedup_all_in_flight": theirs / all_in_flight["seconds_per_problem"],
