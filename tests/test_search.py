@@ -101,6 +101,15 @@ class ScriptedWriter:
             self.writing[id(s)] = [s, min(tokens, max_tokens), stop, 0]
             self.writes.append((name, stop, max_tokens, sampling.temperature == 0))
 
+    def remove(self, seqs):
+        """Take steps out unfinished (an early stop): what they wrote so far."""
+        out = []
+        for s in seqs:
+            entry = self.writing.pop(id(s), None)
+            if entry is not None:
+                out.append(SimpleNamespace(seq=s, written=[7] * entry[3]))
+        return out
+
     def advance(self):
         self.tokens += 1
         ended = []

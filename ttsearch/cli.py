@@ -1,9 +1,11 @@
-"""The ``ttsearch`` command line: run | eval | plot | fit | demo | generate."""
+"""The ``ttsearch`` command line: run | serve | eval | plot | tree | fit | demo | generate."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -15,7 +17,8 @@ DEFAULT_PROMPT = "What is 12 * 7 + 5? Think step by step."
 def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or JSON file of search settings, ours or a search-and-learn recipe's; "
                                     "flags given here override it")
-    p.add_argument("--strategy", help="best_of_n | beam_search | dvts | compute_optimal")
+    p.add_argument("--strategy", help="best_of_n | beam_search | dvts | particle_filter | rebase | compute_optimal, "
+                                      "or a name given to ttsearch.register_strategy")
     p.add_argument("--n", type=_budget_list, help="samples / live beams / budget; a list (4,16,64) runs one search per n")
     p.add_argument("--beam-width", type=int, help="M: beam search keeps n/M beams; a DVTS subtree writes M candidates")
     p.add_argument("--max-iterations", type=int, help="beam search / DVTS iterations; the last one writes to EOS")
@@ -33,11 +36,20 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-length-cuts", action="store_const", const=True,
                    help="a path cut by a token limit is not an answer (not search-and-learn's rule)")
     p.add_argument("--optimal-table", help="compute_optimal: the table from `ttsearch fit`")
+    p.add_argument("--resampling", help="particle_filter: multinomial | systematic")
+    p.add_argument("--particle-weights", help="particle_filter: logit (of the reward, as Puri et al.) | reward")
+    p.add_argument("--resample-temperature", type=float, help="particle_filter: softmax(log-weight / T)")
+    p.add_argument("--balance-temperature", type=float, help="rebase: the width budget follows softmax(reward / T)")
+    p.add_argument("--stop-agree", type=int, help="stop a problem once K of its latest finished answers are equal")
+    p.add_argument("--stop-share", type=float, help="stop a problem once its leading answer holds this share of the "
+                                                     "latest finished answers' scores")
+    p.add_argument("--stop-window", type=int, help="how many latest finished answers --stop-agree/--stop-share read")
 
 
 SEARCH_FLAGS = ("strategy", "beam_width", "max_iterations", "max_tokens", "max_step_tokens", "lookahead",
                 "aggregation", "temperature", "top_p", "top_k", "seed", "problems_in_flight", "stop_at_n_finished",
-                "drop_length_cuts", "optimal_table")
+                "drop_length_cuts", "optimal_table", "resampling", "particle_weights", "resample_temperature",
+                "balance_temperature", "stop_agree", "stop_share", "stop_window")
 
 
 def _budget_list(text: str) -> list[int]:
@@ -87,8 +99,12 @@ def _run(args: argparse.Namespace) -> int:
                 verifier=args.verifier or recipe.get("verifier", "arithmetic"), verifier_options=options,
                 dataset=args.dataset or recipe.get("dataset"), limit=args.limit if args.limit is not None else
                 recipe.get("limit"), fields=fields, dtype=args.dtype, kv_cache_bytes=_kv_cache_bytes(args.kv_cache_gib),
-                ns=ns, start=recipe.get("start"), end=recipe.get("end"))
-    if stats is not None:
+                ns=ns, start=recipe.get("start"), end=recipe.get("end"), workers=args.workers,
+                ray_address=args.ray_address, imports=args.imports, worker_threads=args.worker_threads)
+    if isinstance(stats, dict):  # a run on Ray workers
+        lost = ", ".join(map(str, stats["workers_lost"])) or "none"
+        print(f"{stats['workers']} workers, lost: {lost}; {stats['requeued']} problems requeued")
+    elif stats is not None:
         print(f"decode batch occupancy {stats.occupancy:.2f}, scoring {stats.score_seconds:.1f} s of "
               f"{stats.decode_seconds + stats.score_seconds:.1f} s, {stats.preemptions} preemptions")
     print(f"results: {args.output}")
@@ -118,10 +134,24 @@ def _records(paths: list[str]) -> list[dict]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ttsearch.eval.report import accuracy_rows, format_rows
+    from ttsearch.eval.report import accuracy_rows, early_stop_rows, format_early_stop_rows, format_rows
 
-    rows = accuracy_rows(_records(args.results))
-    print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
+    records = _records(args.results)
+    rows, stops = accuracy_rows(records), early_stop_rows(records)
+    if args.json:
+        print(json.dumps({"accuracy": rows, "early_stop": stops}, indent=1))
+        return 0
+    print(format_rows(rows))
+    if stops:
+        print("\n" + format_early_stop_rows(stops))
+    return 0
+
+
+def _tree(args: argparse.Namespace) -> int:
+    from ttsearch.eval.tree import draw_tree, find_record
+
+    drawing = draw_tree(find_record(_records([args.results]), args.problem, args.strategy, args.n), args.output)
+    print(f"tree: {drawing.path} ({drawing.nodes} steps, {drawing.answers} answers)")
     return 0
 
 
@@ -139,6 +169,30 @@ def _fit(args: argparse.Namespace) -> int:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(table, indent=1) + "\n")
     print(f"table: {args.output}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- serve
+def _serve(args: argparse.Namespace) -> int:
+    from ttsearch.api import Searcher
+    from ttsearch.serve import serve
+
+    config, ns, recipe = _settings(args)
+    if ns is not None and len(ns) > 1:
+        from ttsearch.search.config import ConfigError
+
+        raise ConfigError(f"--n {','.join(map(str, ns))}: a server's default is one n (requests may set their own)")
+    if not 0 < args.port < 65536:
+        from ttsearch.search.config import ConfigError
+
+        raise ConfigError(f"--port={args.port}: expected 1-65535")
+    searcher = Searcher(args.model or recipe.get("model", "smollm2-135m"),
+                        args.verifier or recipe.get("verifier", "arithmetic"),
+                        verifier_options=_json_flag("--verifier-options", args.verifier_options), dtype=args.dtype,
+                        kv_cache_gib=args.kv_cache_gib, progress=True, **config.to_dict())
+    print(f"serving {searcher.policy.name} ({searcher.policy.dtype}) with {config.strategy} n={config.n} on "
+          f"http://{args.host}:{args.port}/v1", flush=True)
+    serve(searcher, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
     return 0
 
 
@@ -176,11 +230,15 @@ def _generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttsearch", description="Test-time-scaling search for small language models.")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                        help="log one line per problem or request at info (default: warning)")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import a module first, e.g. one that registers strategies or verifiers")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="search a dataset, one JSON line per problem (resumes)")
     run.add_argument("--model", help="alias, Hugging Face directory or .gguf file (default smollm2-135m)")
-    run.add_argument("--verifier", help="arithmetic (default) | self | a PRM's directory, .gguf or alias")
+    run.add_argument("--verifier", help="arithmetic (default) | self | a registered name | a PRM's directory, .gguf or alias")
     run.add_argument("--verifier-options", help='JSON options for the verifier, e.g. {"family": "math-shepherd", "tag": "ки"}')
     run.add_argument("--dataset", help="JSONL file (MATH-500, GSM8K or mapped fields); default: bundled arithmetic")
     run.add_argument("--fields", help='JSON mapping for other datasets, e.g. {"question": "prompt", "answer": "target"}')
@@ -189,15 +247,38 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "the file's settings must match)")
     run.add_argument("--dtype", choices=["float32", "bfloat16"])
     run.add_argument("--kv-cache-gib", type=float, help="the policy's KV pool in GiB (default 1)")
+    run.add_argument("--workers", type=int, help="spread the problems over N Ray workers (a local Ray instance)")
+    run.add_argument("--ray-address", help="join this Ray cluster (host:port or 'auto') instead of starting one")
+    run.add_argument("--worker-threads", type=int, help="CPU threads per worker (default: an equal share of the cores)")
     _add_search_flags(run)
     run.set_defaults(func=_run)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible chat completions server (FastAPI + uvicorn)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", help="requests must send 'Authorization: Bearer KEY'")
+    srv.add_argument("--model", help="alias, Hugging Face directory or .gguf file (default smollm2-135m)")
+    srv.add_argument("--verifier", help="arithmetic (default) | self | a registered name | a PRM's directory")
+    srv.add_argument("--verifier-options", help="JSON options for the verifier")
+    srv.add_argument("--dtype", choices=["float32", "bfloat16"])
+    srv.add_argument("--kv-cache-gib", type=float, help="the policy's KV pool in GiB (default 1)")
+    _add_search_flags(srv)
+    srv.set_defaults(func=_serve)
 
     ev = sub.add_parser("eval", help="accuracy per strategy x selection x N, overall and by level")
     ev.add_argument("results", nargs="+")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=_eval)
 
-    plot = sub.add_parser("plot", help="PNG of accuracy against N")
+    tree = sub.add_parser("tree", help="draw one problem's search tree (.png or .svg)")
+    tree.add_argument("results")
+    tree.add_argument("--problem", required=True, help="the problem's id")
+    tree.add_argument("--strategy", help="when the results hold several searches of the problem")
+    tree.add_argument("--n", type=int, help="when the results hold several searches of the problem")
+    tree.add_argument("--output", default="tree.png")
+    tree.set_defaults(func=_tree)
+
+    plot = sub.add_parser("plot", help="PNG of accuracy against N and against tokens per problem")
     plot.add_argument("results", nargs="+")
     plot.add_argument("--output", default="accuracy.png")
     plot.set_defaults(func=_plot)
@@ -234,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     from ttsearch.search.config import ConfigError
 
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for module in args.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            print(f"ttsearch: error: --import {module}: {exc}", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except (ConfigError, TTSearchError, FileNotFoundError) as exc:

@@ -19,8 +19,8 @@ class DatasetError(TTSearchError, ValueError):
 @dataclass(frozen=True)
 class Problem:
     id: str
-    question: str
-    answer: str
+    question: str | list[dict]  # a question, or chat messages ending with the user's turn
+    answer: str | None  # None: nothing to grade against (a question asked through the API)
     level: str | None = None
     subject: str | None = None
 

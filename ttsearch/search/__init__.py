@@ -29,6 +29,10 @@ def run(
     ns: list[int] | None = None,
     start: int | None = None,
     end: int | None = None,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    imports: list[str] | None = None,
+    worker_threads: int | None = None,
 ):
     """Search every problem of ``dataset`` (default: the bundled arithmetic set) and append
     one JSON line per problem and budget to ``output``.
@@ -42,12 +46,27 @@ def run(
     settings checked, before any model loads. ``verifier`` is a spec for ``load_verifier``
     ("arithmetic", "self", a PRM's path; ``verifier_options`` go with it) or a Verifier.
     Pass ``policy`` to reuse an Engine across runs. Returns the scheduler's statistics
-    (decode batch occupancy, scoring time, preemptions)."""
+    (decode batch occupancy, scoring time, preemptions).
+
+    ``workers`` (a local Ray instance with that many worker actors) or ``ray_address`` (an
+    existing Ray cluster) spread the problems over workers that each load ``model`` and
+    ``verifier`` themselves (``imports``: modules they import first, e.g. ones that register
+    strategies; ``worker_threads``: each one's CPU threads); the file is written here as
+    their records arrive. Returns then the workers started and lost, the problems requeued
+    and the driver's seconds per record."""
     from ttsearch.eval.arithmetic import bundled_arithmetic_path
     from ttsearch.eval.datasets import load_jsonl
 
+    from ttsearch.search.distributed import check_workers
+
     budgets_to_run = _budgets(config, ns)
-    if isinstance(verifier, str) and verifier not in ("arithmetic", "self"):
+    distributed = workers is not None or ray_address is not None
+    check_workers(workers, ray_address, worker_threads)
+    if distributed and (policy is not None or not isinstance(verifier, str)):
+        raise ConfigError("workers load their own model and verifier: give their names, not an Engine or a Verifier")
+    from ttsearch.verifiers.load import REGISTERED
+
+    if isinstance(verifier, str) and verifier not in ("arithmetic", "self", *REGISTERED):
         from ttsearch.models.loader import resolve_model_path
 
         resolve_model_path(verifier)  # a PRM path that does not exist fails before any model loads
@@ -65,19 +84,22 @@ def run(
         todo = [(p, replace(config, n=n)) for n in budgets_to_run for p in problems if (p.id, n) not in writer.done]
         if not todo:
             return None
-        if policy is None:
-            from ttsearch.engine.engine import DEFAULT_KV_CACHE_BYTES, Engine
+        if distributed:
+            from ttsearch.search.distributed import run_on_workers
 
-            policy = Engine(model, dtype=dtype, kv_cache_bytes=kv_cache_bytes or DEFAULT_KV_CACHE_BYTES, progress=progress)
+            searcher_args = dict(model=model, verifier=verifier, verifier_options=verifier_options, dtype=dtype,
+                                 kv_cache_gib=kv_cache_bytes / (1 << 30) if kv_cache_bytes else None,
+                                 **config.to_dict())
+            return run_on_workers(todo, writer.write, settings, searcher_args, workers=workers,
+                                  ray_address=ray_address, imports=imports, progress=progress, threads=worker_threads)
+        from ttsearch.api import Searcher
         from ttsearch.search.runner import run_jobs
-        from ttsearch.verifiers import Verifier, load_verifier
 
-        if isinstance(verifier, Verifier):
-            scorer = verifier
-        else:
-            options = dict(verifier_options or {})
-            scorer = load_verifier(verifier, policy_engine=policy, aggregation=config.aggregation, **options)
-        return run_jobs(todo, policy, scorer, on_record=writer.write, settings=settings, progress=progress)
+        searcher = Searcher(model, verifier, verifier_options=verifier_options, dtype=dtype, policy=policy,
+                            kv_cache_gib=kv_cache_bytes / (1 << 30) if kv_cache_bytes else None, progress=progress,
+                            **config.to_dict())
+        return run_jobs(todo, searcher.policy, searcher.verifier, on_record=writer.write, settings=settings,
+                        progress=progress)
 
 
 def _budgets(config: SearchConfig, ns: list[int] | None) -> list[int]:

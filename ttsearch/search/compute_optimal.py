@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ttsearch.search.config import ConfigError, SearchConfig
-from ttsearch.search.strategies import SEARCHES, Beam, TreeSearch, Write
+from ttsearch.search.strategies import SEARCHES, Beam, Strategy, Write
 
 TABLE_VERSION = 1
 
@@ -87,14 +87,14 @@ def choose(table: dict, budget: int, level: float) -> dict:
     return table["budgets"][str(usable[-1])][bin_of(level, table["edges"])]
 
 
-class ComputeOptimal(TreeSearch):
+class ComputeOptimal(Strategy):
     """Pilot first: ``pilot_samples`` paths write and score one step. Then the fitted
     table's strategy runs with the budget ``n``; this object delegates to it."""
 
-    def __init__(self, policy, verifier, config: SearchConfig, prompt_ids, question, table: dict):
-        super().__init__(policy, verifier, config, prompt_ids, question)
+    def __init__(self, policy, verifier, config: SearchConfig, prompt_ids, question, table: dict, seed: int = 0):
+        super().__init__(policy, verifier, config, prompt_ids, question, seed=seed)
         self.table = table
-        self.inner: TreeSearch | None = None
+        self.inner: Strategy | None = None
         self.choice: dict | None = None
         self.pilot_level: float | None = None
         self.prompt: Beam | None = None  # kept through the pilot: the chosen search forks from it
@@ -116,26 +116,42 @@ class ComputeOptimal(TreeSearch):
         return self.inner.write_for(beam)
 
     def start(self, root=None) -> None:
-        self.prompt = root or self._prompt_beam()
-        self.live = self._start_roots(self.config.pilot_samples, root=self.prompt)
+        self.prompt = root or self.prompt_beam()
+        self.live = self.start_roots(self.config.pilot_samples, root=self.prompt)
 
     def advance(self, ended) -> None:
         if self.inner is None:
             self.pilot_level = difficulty([b.step_scores[0] for b in self.live], self.config.pilot_samples)
             for beam in self.live:
-                self._release(beam)
+                self.release(beam)
             self.choice = choose(self.table, self.config.n, self.pilot_level)
             inner_config = replace(
                 self.config, strategy=self.choice["strategy"], n=self.choice["n"], beam_width=self.choice["beam_width"]
             )
             self.inner = SEARCHES[inner_config.strategy](
-                self.policy, self.verifier, inner_config, self.prompt_ids, self.question
+                self.policy, self.verifier, inner_config, self.prompt_ids, self.question, seed=self.seed
             )
             self.inner.start(root=self.prompt)  # forks only: nothing to allocate mid-search
-            self._release(self.prompt)
+            self.release(self.prompt)
             self.prompt = None
         else:
             self.inner.advance(ended)
+        self._follow_inner()
+
+    def stop_early(self, reason: str) -> None:
+        self.inner.stop_early(reason)  # answers exist only once the chosen search runs
+        self.early_stop = self.inner.early_stop
+        self._follow_inner()
+
+    def abort(self) -> None:
+        if self.inner is None:
+            super().abort()  # the pilot's paths and the prompt
+            self.prompt = None
+        else:
+            self.inner.abort()
+            self._follow_inner()
+
+    def _follow_inner(self) -> None:
         self.live = self.inner.live
         self.completions = self.inner.completions
         self.unfinished = self.inner.unfinished

@@ -7,8 +7,10 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-STRATEGIES = ("best_of_n", "beam_search", "dvts", "compute_optimal")
+STRATEGIES = ("best_of_n", "beam_search", "dvts", "particle_filter", "rebase", "compute_optimal")
 AGGREGATIONS = ("last", "min", "prod", "mean")
+RESAMPLINGS = ("multinomial", "systematic")
+PARTICLE_WEIGHTS = ("logit", "reward")
 
 # The prompt asks for steps separated by blank lines and a boxed answer, as the PRMs'
 # training data is formatted. It holds nothing that changes from day to day.
@@ -48,6 +50,13 @@ class SearchConfig:
     filter_duplicates: bool = False  # beam search: of unfinished beams with the same text, rank only the first
     stop_at_n_finished: bool = False  # ours: beam search ends once it has n finished answers
     drop_length_cuts: bool = False  # ours: a path cut by a token limit is not an answer
+    resampling: str = "multinomial"  # particle_filter: multinomial or systematic resampling
+    particle_weights: str = "logit"  # particle_filter: a particle's log-weight is logit(reward) (as Puri et al.'s code) or the reward
+    resample_temperature: float = 1.0  # particle_filter: particles are drawn by softmax(log-weight / T)
+    balance_temperature: float = 0.2  # rebase: the width budget is shared by softmax(reward / T)
+    stop_agree: int = 0  # ours: a problem stops once this many of its latest finished answers are equal (0: off)
+    stop_share: float = 0.0  # ours: ... or once the leading answer holds this share of their summed scores (0: off)
+    stop_window: int = 0  # ours: how many latest finished answers those rules read (0: stop_agree, at least 2)
     problems_in_flight: int = 16  # problems searched together in one batch
     pilot_samples: int = 4  # compute_optimal: samples that estimate difficulty
     optimal_table: str | None = None  # compute_optimal: the table `ttsearch fit` wrote
@@ -56,8 +65,9 @@ class SearchConfig:
         def bad(name: str, why: str):
             raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
 
-        if self.strategy not in STRATEGIES:
-            bad("strategy", f"expected one of {', '.join(STRATEGIES)}")
+        known = strategy_names()
+        if self.strategy not in known:
+            bad("strategy", f"expected one of {', '.join(known)}")
         for name in ("n", "beam_width", "max_iterations", "max_tokens", "problems_in_flight", "pilot_samples"):
             if not _positive_int(getattr(self, name)):
                 bad(name, "must be a positive integer")
@@ -83,6 +93,23 @@ class SearchConfig:
             bad("seed", "must be an integer")
         if not (isinstance(self.stop, str) and self.stop):
             bad("stop", "must be a non-empty delimiter")
+        if self.resampling not in RESAMPLINGS:
+            bad("resampling", f"expected one of {', '.join(RESAMPLINGS)}")
+        if self.particle_weights not in PARTICLE_WEIGHTS:
+            bad("particle_weights", f"expected one of {', '.join(PARTICLE_WEIGHTS)}")
+        for name in ("resample_temperature", "balance_temperature"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+                bad(name, "must be > 0")
+        for name in ("stop_agree", "stop_window"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                bad(name, "must be an integer >= 0")
+        if not (isinstance(self.stop_share, (int, float)) and not isinstance(self.stop_share, bool)
+                and 0 <= self.stop_share <= 1):
+            bad("stop_share", "must be in [0, 1] (0: off)")
+        if self.stop_agree > self.agreement_window:
+            bad("stop_agree", f"cannot exceed stop_window={self.stop_window}: it counts equal answers among them")
         for name in ("sort_completed", "filter_duplicates", "stop_at_n_finished", "drop_length_cuts"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be true or false")
@@ -102,10 +129,24 @@ class SearchConfig:
         """A step's token limit: ``max_step_tokens``, else ``max_tokens`` (as search-and-learn)."""
         return self.max_step_tokens or self.max_tokens
 
+    @property
+    def agreement_window(self) -> int:
+        """The latest finished answers the early-stopping rules read."""
+        return self.stop_window or max(self.stop_agree, 2)
+
+    @property
+    def stops_early(self) -> bool:
+        return bool(self.stop_agree or self.stop_share)
+
     def rules(self) -> dict:
-        """Which search rules ran, for the records: search-and-learn's unless an option of ours is on."""
+        """Which search rules ran, for the records: the strategy's source's (search-and-learn's
+        for its three) unless an option of ours is on."""
         ours = {k: getattr(self, k) for k in ("stop_at_n_finished", "drop_length_cuts")}
-        return {"semantics": "modified" if any(ours.values()) else "search-and-learn", **ours,
+        if self.stops_early:
+            ours.update(stop_agree=self.stop_agree, stop_share=self.stop_share, stop_window=self.agreement_window)
+        source = {"particle_filter": "Puri et al. 2025", "rebase": "Wu et al. 2024"}.get(
+            self.strategy, "search-and-learn" if self.strategy in STRATEGIES else "custom")
+        return {"semantics": "modified" if any(ours.values()) else source, **ours,
                 "sort_completed": self.sort_completed, "filter_duplicates": self.filter_duplicates}
 
     def to_dict(self) -> dict:
@@ -118,6 +159,13 @@ class SearchConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**values)
+
+
+def strategy_names() -> tuple[str, ...]:
+    """The built-in strategies and any registered with ``register_strategy``."""
+    from ttsearch.search.strategies import SEARCHES  # strategies.py imports this module
+
+    return tuple(dict.fromkeys(STRATEGIES + tuple(SEARCHES)))
 
 
 def _positive_int(value) -> bool:

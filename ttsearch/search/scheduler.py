@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ttsearch.engine.sampler import SamplingParams
 from ttsearch.engine.step_writer import StepInProgress, StepResult
-from ttsearch.errors import KVCacheFullError
-from ttsearch.search.strategies import Beam, TreeSearch
+from ttsearch.errors import ContextLengthError, KVCacheFullError
+from ttsearch.search.strategies import Beam, Strategy
 
 GREEDY_TEMPERATURE = 0.0
 
@@ -32,7 +33,7 @@ class Job:
     """One problem's search in the scheduler, and the work it has cost so far."""
 
     problem: object  # anything with ``id`` (ttsearch.eval.datasets.Problem)
-    search: TreeSearch
+    search: Strategy
     sampling: SamplingParams
     started: float = 0.0
     tokens_generated: int = 0
@@ -65,9 +66,10 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, policy, verifier):
+    def __init__(self, policy, verifier, on_step: Callable[[Job, dict], None] | None = None):
         self.policy = policy
         self.verifier = verifier
+        self.on_step = on_step  # sees every scored step: its job and its node of the tree
         self.shared_pool = getattr(verifier, "engine", None) is policy
         self.writer = policy.step_writer()
         self.running: list[Job] = []
@@ -82,16 +84,19 @@ class Scheduler:
         return self.running + self.waiting
 
     # ------------------------------------------------------------------ admission
-    def blocks_to_start(self, search: TreeSearch) -> tuple[int, int]:
+    def blocks_to_start(self, search: Strategy) -> tuple[int, int]:
         """(policy blocks, verifier blocks) that starting ``search`` takes: its prompts."""
         policy = -(-len(search.prompt_ids) // self.policy.block_size)
         verifier = self.verifier.blocks_to_start(search.question)
         return (policy + verifier, 0) if self.shared_pool else (policy, verifier)
 
-    def check_fits_alone(self, search: TreeSearch, problem_id: str) -> None:
-        """A problem whose prompt and first beams cannot fit even in an empty pool fails here,
-        before its first token."""
+    def check_fits_alone(self, search: Strategy, problem_id: str) -> None:
+        """A problem whose prompt leaves no room in the context, or whose prompt and first
+        beams cannot fit even in an empty pool, fails here, before its first token."""
         c = search.config
+        if len(search.prompt_ids) >= self.policy.max_model_len:
+            raise ContextLengthError(f"problem {problem_id!r}: its prompt is {len(search.prompt_ids)} tokens, with no "
+                                     f"room left for a step in the context length {self.policy.max_model_len}")
         beams = c.n if c.strategy != "compute_optimal" else max(c.n, c.pilot_samples)
         policy, verifier = self.blocks_to_start(search)
         scoring = self.verifier.blocks_to_score(beams)
@@ -121,7 +126,7 @@ class Scheduler:
         scoring = self.verifier.blocks_to_score(beams)
         return (beams + scoring, 0) if self.shared_pool else (beams, scoring)
 
-    def has_room_for(self, search: TreeSearch) -> bool:
+    def has_room_for(self, search: Strategy) -> bool:
         policy, verifier = self.blocks_to_start(search)
         beams = search.config.n if search.config.strategy != "compute_optimal" else search.config.pilot_samples
         policy_mark, verifier_mark = self._watermarks(beams)
@@ -176,6 +181,9 @@ class Scheduler:
             job.ended = {}
             writing = {id(b) for b in job.search.live} - {id(b) for b in beams}
             job.search.advance(beams)
+            reason = None if job.search.done else job.search.agreement()
+            if reason is not None:
+                self._stop_early(job, reason)
             if job.search.done:
                 self.running.remove(job)
                 done.append(job)
@@ -212,17 +220,10 @@ class Scheduler:
                 ready = [job for job in ready if job in self.running]
         tokens = self.verifier.last_tokens or [0] * len(units)
         for (job, beam, result), score, verified in zip(units, scores, tokens):
-            beam.steps.append(result.text)
-            beam.step_scores.append(score)
-            beam.aggregate = beam.vstate.aggregate
-            beam.tokens += len(result.token_ids)
+            job.search.add_step(beam, result.text, len(result.token_ids), score, result.finish_reason)
             job.tokens_verified += verified
-            if result.finish_reason == "eos":
-                beam.finish = "eos"
-            elif result.finish_reason == "length":
-                beam.finish = "length"
-            elif not result.text:
-                beam.finish = "empty"
+            if self.on_step is not None:
+                self.on_step(job, job.search.nodes[-1])
         return ready
 
     def _begin_steps(self, job: Job, beams: list[Beam]) -> None:
@@ -231,6 +232,30 @@ class Scheduler:
             self._writing[id(beam.seq)] = (job, beam)
             sampling = SamplingParams(temperature=GREEDY_TEMPERATURE) if write.greedy else job.sampling
             self.writer.add([beam.seq], sampling, stop=write.stop, max_tokens=write.max_tokens)
+
+    def cancel(self, job: Job) -> None:
+        """Drop ``job`` wherever it is (running or preempted): its steps leave the batch and
+        its beams are freed at once."""
+        if job in self.running:
+            for step in self.writer.remove([b.seq for b in job.search.held()]):
+                del self._writing[id(step.seq)]
+            self.running.remove(job)
+        elif job in self.waiting:
+            self.waiting.remove(job)
+            job.paused = []
+        else:
+            return
+        job.ended = {}
+        job.search.abort()
+
+    def _stop_early(self, job: Job, reason: str) -> None:
+        """The problem's answers agree: its steps leave the batch (the tokens they wrote still
+        count as work done) and its beams are freed."""
+        for step in self.writer.remove([b.seq for b in job.search.held()]):
+            del self._writing[id(step.seq)]
+            job.tokens_generated += len(step.written)
+            self.generated += len(step.written)
+        job.search.stop_early(reason)
 
     # ------------------------------------------------------------------ preemption
     def _make_room(self, exc: KVCacheFullError) -> None:

@@ -47,5 +47,17 @@ def select(candidates: list[tuple[str | None, float | None]], method: str, key=l
     return representative[winner]
 
 
+def chosen_path(candidates: list[tuple[str | None, float | None]], method: str = "naive", key=lambda a: a) -> int | None:
+    """The index of the path that stands for ``select``'s answer: the best-scored path with
+    that answer (ties: the earliest); the best-scored path of all when none has an answer;
+    None without candidates."""
+    if not candidates:
+        return None
+    answer = select(candidates, method, key=key)
+    pool = range(len(candidates)) if answer is None else [
+        i for i, (a, _) in enumerate(candidates) if a is not None and key(a) == key(answer)]
+    return max(pool, key=lambda i: (_score(candidates[i][1]), -i))
+
+
 def _score(score: float | None) -> float:
     return float("-inf") if score is None else score

@@ -9,15 +9,25 @@ policy sequence and verifier state alike.
 The rules are search-and-learn's (``src/sal/search/{best_of_n,beam_search,dvts}.py``), so a
 run here is comparable with its numbers; ``SearchConfig``'s options of ours change them.
 Every decision is recorded in ``trace`` (one entry per iteration), so tests can check the
-exact beams kept, forked and finished.
+exact beams kept, forked and finished, and every scored step in ``nodes`` (its parent, score
+and text), the tree ``ttsearch tree`` draws.
+
+Particle filtering and REBASE follow their papers on the same protocol; early stopping on
+agreement (``stop_agree`` / ``stop_share``) is an option of every strategy, applied by the
+scheduler through ``agreement`` and ``stop_early``.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from ttsearch.eval.grading import answer_key, extract_answer
 from ttsearch.search.config import SearchConfig
 
 
@@ -36,6 +46,7 @@ class Beam:
     beam_id: int = 0
     parent: int | None = None  # beam_id of the path it was forked from
     rollout: bool = False  # a lookahead rollout: scored, never an answer
+    node: int | None = None  # the tree node of its latest step (None: the prompt)
 
     @property
     def text(self) -> str:
@@ -51,13 +62,22 @@ class Write:
     greedy: bool = False
 
 
-class TreeSearch:
-    """The state every strategy shares; subclasses implement ``start`` and ``advance``."""
+class Strategy:
+    """The base of every strategy, ours and yours (``register_strategy``).
+
+    A subclass implements ``start`` (fork the first paths into ``live``) and ``advance``
+    (given the beams whose step was written and scored, decide what lives next: ``settle``
+    the finished ones, ``rank`` the rest, ``fork`` the keepers, ``release`` the dropped,
+    set ``live``, or ``end`` the search). It never generates or scores by itself: the
+    scheduler writes one step for every beam in ``live`` and scores it before ``advance``.
+    Answers are ``completions`` unless ``answers`` says otherwise; ``write_for`` says how a
+    beam writes its next step (to a blank line, or to EOS in the last iteration).
+    """
 
     #: the strategy advances once every live beam has ended its step (False: per beam)
     waits_for_all = True
 
-    def __init__(self, policy, verifier, config: SearchConfig, prompt_ids: list[int], question: str):
+    def __init__(self, policy, verifier, config: SearchConfig, prompt_ids: list[int], question: str, seed: int = 0):
         self.policy = policy
         self.verifier = verifier
         self.config = config
@@ -68,7 +88,11 @@ class TreeSearch:
         self.unfinished: list[Beam] = []  # paths that stopped without an answer
         self.roots: list[Beam] = []
         self.trace: list[dict] = []
+        self.nodes: list[dict] = []  # every scored step: {"id", "parent", "score", "tokens", "text"}
+        self.early_stop: dict | None = None  # when and why an early-stopping rule ended the search
         self.iteration = 0
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)  # the strategy's own draws (particle resampling)
         self._ids = itertools.count()
 
     @property
@@ -92,12 +116,75 @@ class TreeSearch:
             return Write(None, c.max_tokens)
         return Write(c.stop, c.step_tokens)
 
+    def add_step(self, beam: Beam, text: str, tokens: int, score: float | None, finish_reason: str | None) -> None:
+        """A written and scored step joins ``beam``'s path and the recorded tree. A path
+        finishes at EOS, at a token limit, or on an empty step."""
+        beam.steps.append(text)
+        beam.step_scores.append(score)
+        beam.aggregate = beam.vstate.aggregate
+        beam.tokens += tokens
+        if finish_reason in ("eos", "length"):
+            beam.finish = finish_reason
+        elif not text:
+            beam.finish = "empty"
+        node = {"id": len(self.nodes), "parent": beam.node, "score": score, "tokens": tokens, "text": text}
+        if beam.rollout:
+            node["rollout"] = True
+        self.nodes.append(node)
+        beam.node = node["id"]
+
+    # ---------------------------------------------------------------- early stopping
+    def agreement(self) -> str | None:
+        """Why the problem may stop now, or None: of its latest ``agreement_window`` finished
+        answers, ``stop_agree`` are equal, or the leader holds ``stop_share`` of their summed
+        scores (the weighted vote)."""
+        c = self.config
+        window = c.agreement_window
+        if not c.stops_early or self.early_stop is not None or len(self.completions) < window:
+            return None
+        latest = self.completions[-window:]
+        answers = [extract_answer(b.text) for b in latest]
+        keys = [answer_key(a) if a is not None else None for a in answers]
+        votes = Counter(k for k in keys if k is not None)
+        if not votes:
+            return None
+        if c.stop_agree:
+            leader, count = votes.most_common(1)[0]
+            if count >= c.stop_agree:
+                return f"{count} of the last {window} finished answers are {answers[keys.index(leader)]}"
+        if c.stop_share:
+            weight = defaultdict(float)  # the weighted vote; a path without an answer still counts in the total
+            for beam, key in zip(latest, keys):
+                weight[key] += max(beam.aggregate or 0.0, 0.0)
+            total = sum(weight.values())
+            leader = max(votes, key=lambda k: weight[k])
+            share = weight[leader] / total if total > 0 else 0.0
+            if share >= c.stop_share:
+                return f"{answers[keys.index(leader)]} holds {share:.2f} of the last {window} finished answers' scores"
+        return None
+
+    def stop_early(self, reason: str) -> None:
+        """End the search now (its beams already out of the decode batch): open paths stop
+        without an answer and every held beam is released."""
+        held = self.held()
+        self.early_stop = {"iteration": self.iteration, "finished": len(self.completions), "reason": reason,
+                           "open_paths_stopped": sum(1 for b in held if not b.rollout)}
+        self.trace_iteration(finished=[], kept=[], forked={}, pruned=_ids_of(held), early_stop=reason)
+        self.unfinished += [b for b in held if not b.rollout]
+        self.abort()
+
+    def abort(self) -> None:
+        """Release every held beam and end the search (a cancelled request, an early stop)."""
+        for beam in self.held():
+            self.release(beam)
+        self.live = []
+
     def first_step_scores(self) -> list[float]:
         """The first step's score of each initial path: the difficulty estimate compute_optimal fits on."""
         return [r.step_scores[0] for r in self.roots if r.step_scores]
 
     # ---------------------------------------------------------------- tree operations
-    def _prompt_beam(self) -> Beam:
+    def prompt_beam(self) -> Beam:
         """The prompt on the policy and the verifier: the root every path forks from."""
         seq = self.policy.add(self.prompt_ids)
         try:
@@ -106,18 +193,18 @@ class TreeSearch:
             self.policy.free(seq)
             raise
 
-    def _start_roots(self, k: int, subtree_of=lambda i: 0, root: Beam | None = None) -> list[Beam]:
+    def start_roots(self, k: int, subtree_of=lambda i: 0, root: Beam | None = None) -> list[Beam]:
         """``k`` first paths forked from the prompt (``root``: a prompt beam the caller keeps)."""
-        prompt = root or self._prompt_beam()
-        beams = self._fork(prompt, k)
+        prompt = root or self.prompt_beam()
+        beams = self.fork(prompt, k)
         for i, beam in enumerate(beams):
             beam.subtree, beam.parent = subtree_of(i), None
         if root is None:
-            self._release(prompt)
+            self.release(prompt)
         self.roots = beams
         return beams
 
-    def _fork(self, beam: Beam, k: int, rollout: bool = False) -> list[Beam]:
+    def fork(self, beam: Beam, k: int, rollout: bool = False) -> list[Beam]:
         seqs = self.policy.fork(beam.seq, k)
         vstates = self.verifier.fork(beam.vstate, k)
         return [
@@ -132,19 +219,20 @@ class TreeSearch:
                 beam_id=next(self._ids),
                 parent=beam.beam_id,
                 rollout=rollout,
+                node=beam.node,
             )
             for s, v in zip(seqs, vstates)
         ]
 
-    def _release(self, beam: Beam) -> None:
+    def release(self, beam: Beam) -> None:
         self.policy.free(beam.seq)
         self.verifier.free(beam.vstate)
 
-    def _is_answer(self, beam: Beam) -> bool:
+    def is_answer(self, beam: Beam) -> bool:
         """A finished path is an answer unless a token limit cut it and the run drops such cuts."""
         return beam.finish in ("eos", "empty") or (beam.finish == "length" and not self.config.drop_length_cuts)
 
-    def _settle(self, beams: list[Beam]) -> tuple[list[Beam], list[Beam]]:
+    def settle(self, beams: list[Beam]) -> tuple[list[Beam], list[Beam]]:
         """Finished paths leave (answers to ``completions``, the rest to ``unfinished``) and are
         released; returns (finished, still open)."""
         finished, open_ = [], []
@@ -153,26 +241,26 @@ class TreeSearch:
                 open_.append(beam)
                 continue
             finished.append(beam)
-            (self.completions if self._is_answer(beam) else self.unfinished).append(beam)
-            self._release(beam)
+            (self.completions if self.is_answer(beam) else self.unfinished).append(beam)
+            self.release(beam)
         return finished, open_
 
-    def _stop(self, finished: list[Beam], open_beams: list[Beam]) -> None:
+    def end(self, finished: list[Beam], open_beams: list[Beam]) -> None:
         """The search ends: open paths stop without an answer."""
-        self._record(finished=_ids_of(finished), kept=[], forked={}, pruned=_ids_of(open_beams))
+        self.trace_iteration(finished=_ids_of(finished), kept=[], forked={}, pruned=_ids_of(open_beams))
         for beam in open_beams:
             self.unfinished.append(beam)
-            self._release(beam)
+            self.release(beam)
         self.live = []
 
     @staticmethod
-    def _rank(beams: list[Beam], scores: list[float | None] | None = None) -> list[Beam]:
+    def rank(beams: list[Beam], scores: list[float | None] | None = None) -> list[Beam]:
         """Highest score (default: each beam's aggregate) first; ties keep the older beam."""
         scores = [b.aggregate for b in beams] if scores is None else scores
         order = sorted(range(len(beams)), key=lambda i: -(scores[i] if scores[i] is not None else float("-inf")))
         return [beams[i] for i in order]
 
-    def _record(self, **entry) -> None:
+    def trace_iteration(self, **entry) -> None:
         self.trace.append({"iteration": self.iteration, **entry})
 
     def start(self, root: Beam | None = None) -> None:
@@ -185,7 +273,7 @@ class TreeSearch:
         raise NotImplementedError
 
 
-class BestOfN(TreeSearch):
+class BestOfN(Strategy):
     """n independent samples, each written to EOS within ``max_tokens`` and scored at every
     step; selection happens afterwards. Samples advance on their own: a sample whose step
     ended is scored and goes on without waiting for the others."""
@@ -193,7 +281,7 @@ class BestOfN(TreeSearch):
     waits_for_all = False
 
     def start(self, root: Beam | None = None) -> None:
-        self.live = self._start_roots(self.config.n, root=root)
+        self.live = self.start_roots(self.config.n, root=root)
 
     def write_for(self, beam: Beam) -> Write:
         c = self.config
@@ -208,15 +296,15 @@ class BestOfN(TreeSearch):
                 beam.finish = None
             elif beam.finish is None and not room:
                 beam.finish = "length"
-        finished, _ = self._settle(ended)
+        finished, _ = self.settle(ended)
         gone = set(map(id, finished))
         self.live = [b for b in self.live if id(b) not in gone]
         self.iteration = max([self.iteration] + [len(b.steps) for b in ended])
         if finished:
-            self._record(finished=_ids_of(finished), kept=_ids_of(self.live), forked={})
+            self.trace_iteration(finished=_ids_of(finished), kept=_ids_of(self.live), forked={})
 
 
-class _Lookahead(TreeSearch):
+class _Lookahead(Strategy):
     """Ranking by lookahead: each candidate's greedy rollout of ``lookahead`` more steps is
     written and scored in the shared batch, and its aggregate ranks the candidate."""
 
@@ -236,7 +324,7 @@ class _Lookahead(TreeSearch):
             for key, rollout in list(self._rollouts.items()):
                 if rollout.finish is not None or self._rollout_steps >= self.config.lookahead:
                     self._rollout_scores[key] = rollout.aggregate
-                    self._release(rollout)
+                    self.release(rollout)
                     del self._rollouts[key]
             self.live = list(self._rollouts.values())
             if self._rollouts:
@@ -249,13 +337,17 @@ class _Lookahead(TreeSearch):
         self.iteration += 1
         self._iterate(ended)
 
+    def abort(self) -> None:
+        super().abort()
+        self._candidates, self._rollouts, self._rollout_scores = [], {}, {}
+
     def _look_ahead(self, candidates: list[Beam]) -> bool:
         """Start rollouts from the open ``candidates`` when lookahead is on; True if started."""
         open_ = [c for c in candidates if c.finish is None]
         if not self.config.lookahead or not open_:
             return False
         self._candidates = candidates
-        self._rollouts = {id(c): self._fork(c, 1, rollout=True)[0] for c in open_}
+        self._rollouts = {id(c): self.fork(c, 1, rollout=True)[0] for c in open_}
         self._rollout_steps = 0
         self.live = list(self._rollouts.values())
         return True
@@ -275,20 +367,20 @@ class BeamSearch(_Lookahead):
     first n. With ``stop_at_n_finished`` (ours) it ends once n paths have finished."""
 
     def start(self, root: Beam | None = None) -> None:
-        self.live = self._start_roots(self.config.n, root=root)
+        self.live = self.start_roots(self.config.n, root=root)
         self._carried: list[Beam] = []  # finished this iteration, recorded once it is decided
         self._duplicates: list[Beam] = []  # released unranked (filter_duplicates), recorded as pruned
 
     @property
     def answers(self) -> list[Beam]:
-        done = self._rank(self.completions) if self.config.sort_completed else self.completions
+        done = self.rank(self.completions) if self.config.sort_completed else self.completions
         return done[: self.config.n]
 
     def _iterate(self, ended: list[Beam]) -> None:
         c = self.config
-        finished, open_ = self._settle(self.live)
+        finished, open_ = self.settle(self.live)
         if not open_ or self.iteration >= c.max_iterations or (c.stop_at_n_finished and len(self.completions) >= c.n):
-            self._stop(finished, open_)
+            self.end(finished, open_)
             return
         self._carried, self._duplicates = finished, []
         if c.filter_duplicates:  # of beams with the same text, only the first is ranked
@@ -297,29 +389,29 @@ class BeamSearch(_Lookahead):
                 first.setdefault(beam.text, beam)
             self._duplicates = [b for b in open_ if first[b.text] is not b]
             for beam in self._duplicates:
-                self._release(beam)
+                self.release(beam)
             open_ = list(first.values())
         if not self._look_ahead(open_):
             self._decide(open_, [b.aggregate for b in open_])
 
     def _decide(self, open_: list[Beam], scores: list[float | None]) -> None:
         c = self.config
-        ranked = self._rank(open_, scores)
+        ranked = self.rank(open_, scores)
         keep = set(map(id, ranked[: c.n // c.beam_width]))
         pruned = [b for b in ranked if id(b) not in keep]
         for beam in pruned:
-            self._release(beam)
+            self.release(beam)
         # search-and-learn refills n by repeating the survivors in their order:
         # (survivors * repeats)[:n], so the first n % k of k survivors get one copy more
         survivors = [b for b in open_ if id(b) in keep]
         k = len(survivors)
         forked, children = {}, []
         for i, beam in enumerate(survivors):
-            kids = self._fork(beam, c.n // k + (i < c.n % k))
-            self._release(beam)
+            kids = self.fork(beam, c.n // k + (i < c.n % k))
+            self.release(beam)
             forked[beam.beam_id] = [kid.beam_id for kid in kids]
             children += kids
-        self._record(finished=_ids_of(self._carried), kept=_ids_of(survivors), forked=forked,
+        self.trace_iteration(finished=_ids_of(self._carried), kept=_ids_of(survivors), forked=forked,
                      pruned=_ids_of(pruned + self._duplicates))
         self.live = children
 
@@ -333,15 +425,15 @@ class DVTS(_Lookahead):
 
     def start(self, root: Beam | None = None) -> None:
         width = self.config.beam_width
-        self.live = self._start_roots(self.config.n, subtree_of=lambda i: i // width, root=root)
+        self.live = self.start_roots(self.config.n, subtree_of=lambda i: i // width, root=root)
 
     def _iterate(self, ended: list[Beam]) -> None:
         candidates = self.live
         if self.iteration >= self.config.max_iterations or not self._look_ahead(candidates):
             self._decide(candidates, [b.aggregate for b in candidates])
 
-    def _is_answer(self, beam: Beam) -> bool:
-        return super()._is_answer(beam) or (beam.finish is None and "boxed{" in beam.text)
+    def is_answer(self, beam: Beam) -> bool:
+        return super().is_answer(beam) or (beam.finish is None and "boxed{" in beam.text)
 
     def _decide(self, candidates: list[Beam], scores: list[float | None]) -> None:
         c = self.config
@@ -349,29 +441,178 @@ class DVTS(_Lookahead):
         kept, pruned, forked, finished, children = [], [], {}, [], []
         for subtree in sorted({b.subtree for b in candidates}):
             group = [b for b in candidates if b.subtree == subtree]
-            best = self._rank(group, [score_of[id(b)] for b in group])[0]
+            best = self.rank(group, [score_of[id(b)] for b in group])[0]
             if best.finish is not None or "boxed{" in best.text or self.iteration >= c.max_iterations:
                 for beam in group:  # the subtree ends: its finished candidates are its answers
-                    answer = self._is_answer(beam)
+                    answer = self.is_answer(beam)
                     (self.completions if answer else self.unfinished).append(beam)
                     (finished if answer else pruned).append(beam)
-                    self._release(beam)
+                    self.release(beam)
                 continue
             for beam in group:
                 if beam is not best:
                     pruned.append(beam)
-                    self._release(beam)
-            kids = self._fork(best, c.beam_width)
-            self._release(best)
+                    self.release(beam)
+            kids = self.fork(best, c.beam_width)
+            self.release(best)
             kept.append(best)
             forked[best.beam_id] = [kid.beam_id for kid in kids]
             children += kids
-        self._record(finished=_ids_of(finished), kept=_ids_of(kept), forked=forked, pruned=_ids_of(pruned))
+        self.trace_iteration(finished=_ids_of(finished), kept=_ids_of(kept), forked=forked, pruned=_ids_of(pruned))
         self.live = children
+
+
+class ParticleFilter(Strategy):
+    """Particle filtering (Puri et al. 2025): n particles; every unfinished particle writes one
+    step, then all n are resampled in proportion to softmax(log-weight / resample_temperature)
+    of their latest step's reward (``particle_weights``: its logit, as the authors' code, or the
+    reward itself). Finished particles keep their weight and stay in the pool; a resampled
+    unfinished particle's copies are forks (shared KV), a dropped one is freed at once. The
+    search ends when every particle has finished (the last iteration writes to EOS). Answers:
+    the final particles, copies included, as the filter's vote has them."""
+
+    def start(self, root: Beam | None = None) -> None:
+        self.particles = self.start_roots(self.config.n, root=root)
+        self.live = list(self.particles)
+
+    @property
+    def answers(self) -> list[Beam]:
+        return [p for p in self.particles if p.finish is not None and self.is_answer(p)]
+
+    def advance(self, ended: list[Beam]) -> None:
+        c = self.config
+        self.iteration += 1
+        finished, _ = self.settle(self.live)
+        if all(p.finish is not None for p in self.particles):
+            self.trace_iteration(finished=_ids_of(finished), kept=_ids_of(self.particles), forked={}, pruned=[])
+            self.live = []
+            return
+        rewards = [p.step_scores[-1] if p.step_scores else None for p in self.particles]
+        weights = particle_weights(rewards, c.particle_weights, c.resample_temperature)
+        counts = resample_counts(weights, c.n, c.resampling, self.rng)
+        particles, kept, forked, dropped = [], [], {}, []
+        for particle, copies in zip(self.particles, counts):
+            if copies == 0:
+                if particle.finish is None:
+                    self.release(particle)
+                dropped.append(particle)
+                continue
+            if particle.finish is None:
+                extra = self.fork(particle, copies - 1) if copies > 1 else []
+            else:  # a finished path holds no sequence: its copies are records only
+                extra = [self._copy_finished(particle) for _ in range(copies - 1)]
+            kept.append(particle)
+            if extra:
+                forked[particle.beam_id] = _ids_of(extra)
+            particles += [particle] + extra
+        self.trace_iteration(finished=_ids_of(finished), kept=_ids_of(kept), forked=forked, pruned=_ids_of(dropped),
+                     weights=[round(float(w), 6) for w in weights])
+        self.particles = particles
+        self.live = [p for p in particles if p.finish is None]
+
+    def _copy_finished(self, beam: Beam) -> Beam:
+        return Beam(seq=None, vstate=None, steps=list(beam.steps), step_scores=list(beam.step_scores),
+                    aggregate=beam.aggregate, subtree=beam.subtree, tokens=beam.tokens, finish=beam.finish,
+                    beam_id=next(self._ids), parent=beam.beam_id, node=beam.node)
+
+
+class Rebase(Strategy):
+    """REBASE, reward-balanced search (Wu et al. 2024): a tree whose frontier, the unfinished
+    nodes just written, shares a width budget of n minus the paths finished so far in
+    proportion to softmax(reward / balance_temperature) of each node's latest step; a node
+    given w children forks w times (w = 0: pruned) and every child writes one step. The
+    search ends when the budget is spent or nothing is open (the last iteration writes to
+    EOS). Answers: the finished paths, at most n."""
+
+    def start(self, root: Beam | None = None) -> None:
+        self.live = self.start_roots(self.config.n, root=root)
+
+    def advance(self, ended: list[Beam]) -> None:
+        c = self.config
+        self.iteration += 1
+        finished, open_ = self.settle(self.live)
+        budget = c.n - len(self.completions) - len(self.unfinished)
+        if budget <= 0 or not open_ or self.iteration >= c.max_iterations:
+            self.end(finished, open_)
+            return
+        widths = share_widths([b.step_scores[-1] for b in open_], budget, c.balance_temperature)
+        children, kept, forked, pruned = [], [], {}, []
+        for beam, width in zip(open_, widths):
+            if width:
+                kids = self.fork(beam, width)
+                kept.append(beam)
+                forked[beam.beam_id] = _ids_of(kids)
+                children += kids
+            else:
+                pruned.append(beam)
+            self.release(beam)
+        self.trace_iteration(finished=_ids_of(finished), kept=_ids_of(kept), forked=forked, pruned=_ids_of(pruned),
+                     widths=widths)
+        self.live = children
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """softmax over finite entries; -inf entries get 0, and all -inf is uniform."""
+    if not np.isfinite(logits).any():
+        return np.full(len(logits), 1.0 / len(logits))
+    z = np.exp(logits - logits[np.isfinite(logits)].max())
+    return z / z.sum()
+
+
+def _rewards(rewards: list[float | None]) -> np.ndarray:
+    return np.array([-math.inf if r is None else float(r) for r in rewards], dtype=np.float64)
+
+
+def particle_weights(rewards: list[float | None], kind: str = "logit", temperature: float = 1.0) -> np.ndarray:
+    """Resampling probabilities from the particles' latest rewards. ``logit`` reads a reward
+    in [0, 1] as a probability and weighs by its log-odds (clipped at 1e-7), as Puri et al.'s
+    code does; ``reward`` weighs by the reward itself. A particle with no score weighs 0."""
+    r = _rewards(rewards)
+    if kind == "logit":
+        p = np.clip(r, 1e-7, 1 - 1e-7)
+        r = np.where(np.isfinite(r), np.log(p / (1 - p)), -math.inf)
+    return _softmax(r / temperature)
+
+
+def resample_counts(weights: np.ndarray, n: int, method: str, rng: np.random.Generator) -> list[int]:
+    """How many of ``n`` new particles each old one becomes. Multinomial: n independent
+    draws; systematic: n evenly spaced points with one random offset (lower variance)."""
+    if method == "multinomial":
+        return rng.multinomial(n, weights).tolist()
+    if method != "systematic":
+        raise ValueError(f"resampling={method!r}: expected multinomial or systematic")
+    points = (rng.random() + np.arange(n)) / n
+    edges = np.cumsum(weights)
+    edges[-1] = 1.0
+    return np.bincount(np.searchsorted(edges, points, side="right"), minlength=len(weights)).tolist()
+
+
+def share_widths(rewards: list[float | None], budget: int, temperature: float) -> list[int]:
+    """REBASE's children per node: ``budget`` shared by softmax(reward / temperature), rounded
+    so the widths add up to the budget exactly (largest remainders; ties to the earlier node)."""
+    share = _softmax(_rewards(rewards) / temperature) * budget
+    widths = np.floor(share).astype(int)
+    remainders = share - widths
+    for i in np.argsort(-remainders, kind="stable")[: budget - int(widths.sum())]:
+        widths[i] += 1
+    return widths.tolist()
 
 
 def _ids_of(beams: list[Beam]) -> list[int]:
     return [b.beam_id for b in beams]
 
 
-SEARCHES = {"best_of_n": BestOfN, "beam_search": BeamSearch, "dvts": DVTS}
+#: the strategies by name; ``register_strategy`` adds yours (compute_optimal is built apart: it needs a table)
+SEARCHES: dict[str, type[Strategy]] = {"best_of_n": BestOfN, "beam_search": BeamSearch, "dvts": DVTS,
+                                       "particle_filter": ParticleFilter, "rebase": Rebase}
+
+
+def register_strategy(name: str, cls: type[Strategy]) -> None:
+    """Make ``strategy=name`` (``--strategy name``) run ``cls``, a subclass of ``Strategy``."""
+    if not (isinstance(name, str) and name.isidentifier()):
+        raise ValueError(f"register_strategy: {name!r} is not a valid strategy name")
+    if name == "compute_optimal" or (name in SEARCHES and SEARCHES[name].__module__ == __name__):
+        raise ValueError(f"register_strategy: {name!r} is a built-in strategy")
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise TypeError(f"register_strategy({name!r}): {cls!r} is not a subclass of ttsearch.Strategy")
+    SEARCHES[name] = cls

@@ -4,7 +4,7 @@ arithmetic checker. ``load_verifier`` builds one from a spec."""
 
 from ttsearch.verifiers.arithmetic import ArithmeticChecker
 from ttsearch.verifiers.base import Verifier, VerifierState
-from ttsearch.verifiers.load import FAMILIES, detect_family, load_verifier
+from ttsearch.verifiers.load import FAMILIES, detect_family, load_verifier, register_verifier
 from ttsearch.verifiers.model import ModelPRM, Readout
 from ttsearch.verifiers.self_verify import SelfVerifier
 
@@ -12,6 +12,7 @@ __all__ = [
     "Verifier",
     "VerifierState",
     "load_verifier",
+    "register_verifier",
     "detect_family",
     "FAMILIES",
     "ModelPRM",

@@ -1,5 +1,10 @@
 """The verifier interface the search drives: one state per beam, forked and freed with the beams.
 
+A verifier of your own subclasses ``Verifier`` and overrides ``score_steps`` (the question,
+each path's earlier steps and its new step in, one score per step out); the built-in ones
+override ``_score`` to work on their own state (a PRM's KV tree). ``register_verifier``
+makes one loadable by name (``--verifier NAME``).
+
     verifier = load_verifier("arithmetic")
     root = verifier.new(question)                     # per problem
     beams = verifier.fork(root, 4)                    # with the policy's fork
@@ -19,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from ttsearch.engine.sequence import Seq
-from ttsearch.ops.reference import AGGREGATIONS
+from ttsearch.ops.reference import AGGREGATIONS, update_aggregate
 
 _ids = itertools.count()
 
@@ -33,6 +38,8 @@ class VerifierState:
     aggregate: float | None = None
     seq: Seq | None = None  # the verifier's own sequence, for model-based verifiers
     context: Any = None  # what the step format needs next; immutable, so forks share it
+    question: str = ""
+    steps: tuple[str, ...] = ()  # the steps scored so far (immutable: forks share it)
     freed: bool = False
     owner: int = -1  # id of the verifier that made it
     state_id: int = field(default_factory=lambda: next(_ids))
@@ -43,8 +50,9 @@ class VerifierState:
 
 
 class Verifier:
-    """Scores reasoning steps. Subclasses implement ``_score``; those that hold a sequence per
-    state also extend ``new`` and implement ``_fork_seqs``/``_free_seq``, and set ``engine``.
+    """Scores reasoning steps. A subclass overrides ``score_steps`` (the simple way) or
+    ``_score`` (to keep its own per-state context); those that hold a sequence per state also
+    extend ``new`` and implement ``_fork_seqs``/``_free_seq``, and set ``engine``.
 
     ``engine`` is the Engine whose KV pool the verifier writes to (None for a checker that
     holds no cache); ``last_tokens`` gives, after each ``score``, the tokens it forwarded for
@@ -64,7 +72,7 @@ class Verifier:
         sequence for it, for verifiers that read the policy's cache."""
         if not isinstance(question, str):
             raise TypeError(f"new: question must be a str, got {type(question).__name__}")
-        return VerifierState(owner=self.verifier_id)
+        return VerifierState(owner=self.verifier_id, question=question)
 
     def fork(self, state: VerifierState, k: int) -> list[VerifierState]:
         """``k`` children with the parent's scores; the parent stays live."""
@@ -72,12 +80,14 @@ class Verifier:
         if not (isinstance(k, int) and k >= 1):
             raise ValueError(f"fork: k must be a positive int, got {k!r}")
         return [
-            VerifierState(list(state.step_scores), state.aggregate, seq, state.context, owner=self.verifier_id)
+            VerifierState(list(state.step_scores), state.aggregate, seq, state.context, question=state.question,
+                          steps=state.steps, owner=self.verifier_id)
             for seq in self._fork_seqs(state, k)
         ]
 
     def free(self, state: VerifierState) -> None:
-        self._check_states([state], "free")
+        """Release the state (a preempted one too)."""
+        self._check_states([state], "free", allow_preempted=True)
         self._free_seq(state)
         state.freed = True
 
@@ -124,16 +134,27 @@ class Verifier:
         self.last_tokens = [0] * len(states)
         scores, aggregates = self._score(states, steps, policy_seqs, prev_agg, prev_count)
         scores, aggregates = scores.tolist(), aggregates.tolist()
-        for state, score, aggregate in zip(states, scores, aggregates):
+        for state, step, score, aggregate in zip(states, steps, scores, aggregates):
             state.step_scores.append(score)
             state.aggregate = aggregate
+            state.steps += (step,)
         return scores
+
+    def score_steps(self, questions: list[str], paths: list[list[str]], steps: list[str]) -> list[float]:
+        """One score per new step: ``steps[i]`` follows the earlier steps ``paths[i]`` of a
+        solution to ``questions[i]``. Override this in a verifier of your own; the base
+        class aggregates the scores along each path."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither score_steps nor _score")
 
     def _score(self, states, steps, policy_seqs, prev_agg, prev_count) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, aggregates), float32 ``[len(states)]``; ``prev_agg``/``prev_count`` are the
         states' aggregates and step counts so far (CPU tensors). Sets ``last_tokens`` when it
         forwards tokens. A full KV pool must raise before anything changes."""
-        raise NotImplementedError
+        scores = self.score_steps([s.question for s in states], [list(s.steps) for s in states], steps)
+        if len(scores) != len(states):
+            raise ValueError(f"{type(self).__name__}.score_steps returned {len(scores)} scores for {len(states)} steps")
+        scores = torch.tensor([float(x) for x in scores], dtype=torch.float32)
+        return scores, update_aggregate(prev_agg, prev_count, scores, self.aggregation)
 
     def _fork_seqs(self, state: VerifierState, k: int) -> list[Seq | None]:
         return [None] * k
@@ -141,14 +162,14 @@ class Verifier:
     def _free_seq(self, state: VerifierState) -> None:
         pass
 
-    def _check_states(self, states: list[VerifierState], what: str) -> None:
+    def _check_states(self, states: list[VerifierState], what: str, allow_preempted: bool = False) -> None:
         seen = set()
         for state in states:
             if not isinstance(state, VerifierState):
                 raise TypeError(f"{what}: expected a VerifierState, got {type(state).__name__}")
             if state.freed:
                 raise ValueError(f"{what}: {state!r} was freed")
-            if state.seq is not None and state.seq.preempted:
+            if state.seq is not None and state.seq.preempted and not allow_preempted:
                 raise ValueError(f"{what}: {state!r} is preempted: restore it first")
             if state.owner != self.verifier_id:
                 raise ValueError(f"{what}: {state!r} belongs to another verifier")

@@ -15,6 +15,7 @@ engine, built from the engine options among the overrides.
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Callable
 
 from ttsearch.engine.engine import Engine
 from ttsearch.errors import ModelLoadError
@@ -44,12 +45,31 @@ def detect_family(engine: Engine) -> str:
     return "rlhflow" if engine.tokenizer.chat_template else "math-shepherd"
 
 
+#: verifiers registered by name: name -> factory(policy_engine=..., aggregation=..., **options)
+REGISTERED: dict[str, Callable[..., Verifier]] = {}
+
+
+def register_verifier(name: str, factory: Callable[..., Verifier]) -> None:
+    """Make ``load_verifier(name)`` (and ``--verifier name``) build a verifier of your own:
+    ``factory(policy_engine=engine, aggregation=..., **options)`` returns a ``Verifier``."""
+    if not (isinstance(name, str) and name) or name in ("arithmetic", "self"):
+        raise ValueError(f"register_verifier: {name!r} is not a free verifier name")
+    if not callable(factory):
+        raise TypeError(f"register_verifier({name!r}): the factory must be callable")
+    REGISTERED[name] = factory
+
+
 def load_verifier(spec: str, policy_engine: Engine | None = None, aggregation: str = "last", **overrides) -> Verifier:
     """``spec``: "arithmetic" (option: neutral), "self" (the policy judges its steps; options:
-    ask, candidates, suffix), or a PRM's path or alias. A PRM's options: ``family``; its
-    format's (math-shepherd: tag, good, bad; rlhflow: good, bad; qwen-prm: separator,
-    system_prompt; skywork: step_token); and its engine's (dtype, device, block_size,
-    kv_cache_bytes, max_model_len, progress)."""
+    ask, candidates, suffix), a name given to ``register_verifier``, or a PRM's path or
+    alias. A PRM's options: ``family``; its format's (math-shepherd: tag, good, bad; rlhflow:
+    good, bad; qwen-prm: separator, system_prompt; skywork: step_token); and its engine's
+    (dtype, device, block_size, kv_cache_bytes, max_model_len, progress)."""
+    if spec in REGISTERED:
+        verifier = REGISTERED[spec](policy_engine=policy_engine, aggregation=aggregation, **overrides)
+        if not isinstance(verifier, Verifier):
+            raise TypeError(f"verifier {spec!r}: its factory returned {type(verifier).__name__}, not a Verifier")
+        return verifier
     if spec == "arithmetic":
         return ArithmeticChecker(aggregation, **overrides)
     if spec == "self":
