@@ -17,6 +17,8 @@ from pathlib import Path
 
 from ttsearch.demo import DEMO_SETTINGS
 from ttsearch.engine.engine import Engine
+from ttsearch.eval.arithmetic import bundled_arithmetic_path
+from ttsearch.eval.datasets import load_jsonl
 from ttsearch.eval.report import accuracy_rows, early_stop_rows, format_early_stop_rows, plot_accuracy, run_label
 from ttsearch.search import run
 from ttsearch.search.config import SearchConfig
@@ -34,6 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.output_dir)
     policy = Engine("smollm2-135m", kv_cache_bytes=3 << 29)
+    ids = {p.id for p in load_jsonl(bundled_arithmetic_path(), limit=args.limit)}  # a file may hold more
     records = []
     for strategy in STRATEGIES:
         for stop in (False, True):
@@ -42,7 +45,7 @@ def main() -> None:
             start = time.perf_counter()
             run(config, path, verifier="arithmetic", limit=args.limit, policy=policy)
             print(f"{path}: {time.perf_counter() - start:.0f} s", flush=True)
-            records += read_results(path)
+            records += [r for r in read_results(path) if r["id"] in ids]
 
     table = markdown_table(records, args.n)
     stops = format_early_stop_rows(early_stop_rows(records))
