@@ -146,14 +146,16 @@ def plot_accuracy(records: list[dict], path: str | Path, title: str = "Accuracy 
         by_n[key].append((row["N"], row["accuracy"]))
         if row["tokens_per_problem"] is not None:
             by_tokens[key].append((row["tokens_per_problem"], row["accuracy"]))
-    fig, (ax_n, ax_tokens) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    legend_rows = -(-len(by_n) // 3)  # the legend goes below, three columns
+    fig, (ax_n, ax_tokens) = plt.subplots(1, 2, figsize=(13, 5 + 0.2 * legend_rows), sharey=True)
+    palette = plt.get_cmap("tab20" if len(by_n) > 10 else "tab10")
     colors = {}
-    for key, points in sorted(by_n.items()):
+    for i, (key, points) in enumerate(sorted(by_n.items())):
         run, selection = key
         points.sort()
         xs, ys = zip(*points)
         (line,) = ax_n.plot(xs, ys, marker="o", linestyle="--" if run.endswith("(subsampled)") else "-",
-                            label=f"{run} / {selection}")
+                            color=palette(i % palette.N), label=f"{run} / {selection}")
         colors[key] = line.get_color()
     for key, points in sorted(by_tokens.items()):
         points.sort()
@@ -168,8 +170,8 @@ def plot_accuracy(records: list[dict], path: str | Path, title: str = "Accuracy 
     for ax in (ax_n, ax_tokens):
         ax.grid(True, alpha=0.3)
     fig.suptitle(title)
-    fig.legend(*ax_n.get_legend_handles_labels(), fontsize=8, loc="center right")
-    fig.tight_layout(rect=(0, 0, 0.78, 1))
+    fig.legend(*ax_n.get_legend_handles_labels(), fontsize=8, loc="lower center", ncol=3)
+    fig.tight_layout(rect=(0, 0.2 * legend_rows / (5 + 0.2 * legend_rows) + 0.02, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
