@@ -54,6 +54,7 @@ class Ticket:
     future: Future = field(default_factory=Future)
     on_step: Callable[[str], None] | None = None  # called from the engine thread with each decided step
     decided: list[int] = field(default_factory=list)  # node ids of the steps sent so far
+    nodes_seen: int = 0  # the tree's size when its decided steps were last looked for
 
 
 class SearchService:
@@ -203,6 +204,10 @@ class SearchService:
         ticket.future.set_result(result)
 
     def _send_decided(self, ticket: Ticket) -> None:
+        nodes = len(ticket.job.search.nodes)
+        if nodes == ticket.nodes_seen:  # no step scored since: nothing new can be decided
+            return
+        ticket.nodes_seen = nodes
         for node_id in decided_nodes(ticket.job.search)[len(ticket.decided):]:
             if ticket.on_step is None:
                 return

@@ -237,8 +237,7 @@ class Scheduler:
         """Drop ``job`` wherever it is (running or preempted): its steps leave the batch and
         its beams are freed at once."""
         if job in self.running:
-            for step in self.writer.remove([b.seq for b in job.search.held()]):
-                del self._writing[id(step.seq)]
+            self._take_steps(job)
             self.running.remove(job)
         elif job in self.waiting:
             self.waiting.remove(job)
@@ -248,11 +247,17 @@ class Scheduler:
         job.ended = {}
         job.search.abort()
 
+    def _take_steps(self, job: Job) -> list[StepInProgress]:
+        """Take ``job``'s steps in progress out of the decode batch; returns them unfinished."""
+        steps = self.writer.remove([b.seq for b in job.search.held()])
+        for step in steps:
+            del self._writing[id(step.seq)]
+        return steps
+
     def _stop_early(self, job: Job, reason: str) -> None:
         """The problem's answers agree: its steps leave the batch (the tokens they wrote still
         count as work done) and its beams are freed."""
-        for step in self.writer.remove([b.seq for b in job.search.held()]):
-            del self._writing[id(step.seq)]
+        for step in self._take_steps(job):
             job.tokens_generated += len(step.written)
             self.generated += len(step.written)
         job.search.stop_early(reason)
@@ -277,9 +282,7 @@ class Scheduler:
     def preempt(self, job: Job) -> None:
         """Release ``job``'s blocks, keep its tree as tokens, and queue it for restoring."""
         beams = job.search.held()
-        job.paused = self.writer.remove([b.seq for b in beams])
-        for step in job.paused:
-            del self._writing[id(step.seq)]
+        job.paused = self._take_steps(job)
         for beam in beams:
             self.policy.preempt(beam.seq)
             self.verifier.preempt(beam.vstate)
