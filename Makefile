@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test bench
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+# ttsearch/_cpu_isa.py holds the compiler flags of each CPU ISA level that setup.py builds
+$(STAMP): pyproject.toml setup.py ttsearch/_cpu_isa.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=68" wheel
 	# the CPU wheel on machines that have it locally; PyPI's build elsewhere

@@ -5,8 +5,12 @@ One run measures both, side by side:
 - ``test_decode[dtype-batch]``: one batched ``Engine.step`` of ``batch`` sequences with
   256-token contexts that share their first 255 tokens, as the beams of one problem share
   its prompt (so decode attention takes the shared-prefix path); tokens/s, and the
-  fraction of the ceiling that the model's weight matmuls reach (matmul FLOPs per token x
-  tokens/s / ceiling).
+  fraction of two ceilings that the model's weight matmuls reach (matmul FLOPs per token
+  x tokens/s / ceiling): the square matmuls' above, and the model's own products at this
+  batch (M = batch, each layer's K and N and the LM head's, run back to back through the
+  model's Linear: what the matmuls alone allow a decode step of this batch);
+- ``test_decode_batch_invariant[dtype]``: the same at batch 64 in batch-invariant mode,
+  to set beside ``test_decode[dtype-64]``: what the mode costs.
 
     python -m pytest benchmarks/bench_decode.py --benchmark-only \
         --benchmark-json benchmarks/results/decode_cpu.json
@@ -20,7 +24,7 @@ import time
 import pytest
 import torch
 
-from ttsearch import Engine
+from ttsearch import Engine, batch_invariant
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 CONTEXT = 256
@@ -55,31 +59,64 @@ def test_matmul_ceiling(benchmark, dtype_name):
 
 
 @functools.cache
+def model_shape_ceiling(dtype_name: str, rows: int) -> float:
+    """FLOP/s of the policy's own weight products (every layer's and the LM head's) at
+    ``rows`` rows, through the model's Linear: the best of a few passes."""
+    model = engine_for(dtype_name).model
+    linears = [lin for layer in model.layers for lin in (layer["qkv"], layer["o"], layer["gate_up"], layer["down"])]
+    linears.append(model.lm_head_linear)
+    inputs = [torch.randn(rows, lin.weight.shape[1], dtype=model.dtype) for lin in linears]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(4):  # the first warms up; others may be disturbed
+            start = time.perf_counter()
+            for lin, x in zip(linears, inputs):
+                lin(x)
+            best = min(best, time.perf_counter() - start)
+    return 2 * rows * sum(lin.weight.numel() for lin in linears) / best
+
+
+@functools.cache
 def engine_for(dtype_name: str) -> Engine:
     return Engine("smollm2-135m", dtype=dtype_name, kv_cache_bytes=512 << 20, progress=False)
 
 
-@pytest.mark.parametrize("batch", [1, 16, 64])
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-def test_decode(benchmark, dtype_name, batch):
+def measure_decode(benchmark, dtype_name: str, batch: int) -> dict:
     engine = engine_for(dtype_name)
     prompt = torch.randint(100, 40000, (CONTEXT,), generator=torch.Generator().manual_seed(0)).tolist()
     seqs = [engine.add(prompt[:-1] + [100 + i]) for i in range(batch)]  # distinct last tokens
     engine.step(seqs)
     benchmark.pedantic(engine.step, args=(seqs,), rounds=ROUNDS, warmup_rounds=2)
-    tokens_per_s = batch / benchmark.stats["mean"]
-    ceiling, _ = matmul_ceiling(dtype_name)
-    achieved = engine.model.matmul_flops_per_token() * tokens_per_s
-    benchmark.extra_info.update(
-        {
-            "batch": batch,
-            "dtype": dtype_name,
-            "context": CONTEXT,
-            "tokens_per_s": tokens_per_s,
-            "matmul_gflops": achieved / 1e9,
-            "ceiling_gflops": ceiling / 1e9,
-            "fraction_of_ceiling": achieved / ceiling,
-        }
-    )
     for seq in seqs:
         engine.free(seq)
+    tokens_per_s = batch / benchmark.stats["mean"]
+    ceiling, _ = matmul_ceiling(dtype_name)
+    at_shapes = model_shape_ceiling(dtype_name, batch)
+    achieved = engine.model.matmul_flops_per_token() * tokens_per_s
+    return {
+        "batch": batch,
+        "dtype": dtype_name,
+        "context": CONTEXT,
+        "tokens_per_s": tokens_per_s,
+        "matmul_gflops": achieved / 1e9,
+        "ceiling_gflops": ceiling / 1e9,
+        "fraction_of_ceiling": achieved / ceiling,
+        "model_shape_ceiling_gflops": at_shapes / 1e9,
+        "fraction_of_model_shape_ceiling": achieved / at_shapes,
+    }
+
+
+@pytest.mark.parametrize("batch", [1, 16, 64, 256])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_decode(benchmark, dtype_name, batch):
+    benchmark.extra_info.update(measure_decode(benchmark, dtype_name, batch))
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_decode_batch_invariant(benchmark, dtype_name):
+    batch_invariant.set_enabled(True)
+    try:
+        info = measure_decode(benchmark, dtype_name, 64)
+    finally:
+        batch_invariant.set_enabled(False)
+    benchmark.extra_info.update({**info, "batch_invariant": True})

@@ -45,7 +45,7 @@ LABELS = {
 }
 IMPLS = [
     "reference",
-    pytest.param("cpp", marks=pytest.mark.skipif(ops.IMPLEMENTATIONS["cpu"] != "cpp", reason="ttsearch._C is not built")),
+    pytest.param("cpp", marks=pytest.mark.skipif(not ops.IMPLEMENTATIONS["cpu"].startswith("cpp"), reason="ttsearch._C is not built")),
 ]
 
 
@@ -156,8 +156,8 @@ def test_copy_blocks(benchmark, impl, dtype):
 
 SWEEP_IMPLS = [
     "plain_torch",
-    pytest.param("paged_cpp", marks=pytest.mark.skipif(ops.IMPLEMENTATIONS["cpu"] != "cpp", reason="ttsearch._C is not built")),
-    pytest.param("cascade_cpp", marks=pytest.mark.skipif(ops.IMPLEMENTATIONS["cpu"] != "cpp", reason="ttsearch._C is not built")),
+    pytest.param("paged_cpp", marks=pytest.mark.skipif(not ops.IMPLEMENTATIONS["cpu"].startswith("cpp"), reason="ttsearch._C is not built")),
+    pytest.param("cascade_cpp", marks=pytest.mark.skipif(not ops.IMPLEMENTATIONS["cpu"].startswith("cpp"), reason="ttsearch._C is not built")),
 ]
 SWEEP_LABELS = {
     "plain_torch": "plain torch: gather blocks to dense + F.scaled_dot_product_attention (the reference decode)",
@@ -219,7 +219,7 @@ def test_shared_prefix_decode(benchmark, impl, dtype, prefix, beams):
 
 
 MULTILEVEL_IMPLS = [
-    pytest.param(impl, marks=pytest.mark.skipif(ops.IMPLEMENTATIONS["cpu"] != "cpp", reason="ttsearch._C is not built"))
+    pytest.param(impl, marks=pytest.mark.skipif(not ops.IMPLEMENTATIONS["cpu"].startswith("cpp"), reason="ttsearch._C is not built"))
     for impl in ("paged_cpp", "cascade_1level_cpp", "cascade_tree_cpp")
 ]
 MULTILEVEL_LABELS = {

@@ -10,7 +10,12 @@ One run measures, side by side:
   kernel and by the cascade kernel (all N beams one group behind the P-token prefix, as
   the engine groups them). Reported as bytes/s twice, the same for both kernels: the bytes
   of every beam's whole context (what paged decode reads) and the unique bytes of the tree
-  (the prefix once), each also as a fraction of the copy bandwidth.
+  (the prefix once), each also as a fraction of the copy bandwidth;
+- ``test_decode_split_kv[impl-batch-context-splits]``: few sequences on long contexts,
+  where one program per (sequence, kv head) leaves most SMs idle: each kernel with one
+  split against the split-KV heuristic's count (``splits=auto``). ``paged``: private
+  contexts; ``cascade``: the batch as beams behind a ``context``-token shared prefix, its
+  node and the tails both split. Reported as the unique bytes read per second.
 
 Skipped without CUDA. Times are per call: each round runs the op ``INNER`` times, then
 synchronizes once.
@@ -31,11 +36,15 @@ if not torch.cuda.is_available():
     pytest.skip("the Triton benchmarks need a CUDA GPU", allow_module_level=True)
 pytest.importorskip("triton", reason="triton is not importable")
 
-from ttsearch.kernels.cascade_decode_attention import cascade_decode_attention  # noqa: E402
+from ttsearch.kernels.cascade_decode_attention import (  # noqa: E402
+    cascade_decode_attention,
+    cascade_decode_attention_split,
+)
 from ttsearch.kernels.copy_blocks import copy_blocks  # noqa: E402
-from ttsearch.kernels.decode_attention import paged_decode_attention  # noqa: E402
+from ttsearch.kernels.decode_attention import paged_decode_attention, paged_decode_attention_split  # noqa: E402
 from ttsearch.kernels.extend_attention import paged_extend_attention  # noqa: E402
 from ttsearch.kernels.prm_step_score import prm_step_score  # noqa: E402
+from ttsearch.kernels.split_kv import choose_splits  # noqa: E402
 from ttsearch.kernels.store_kv import store_kv  # noqa: E402
 from ttsearch.ops import reference  # noqa: E402
 
@@ -199,4 +208,35 @@ def test_decode_shared_prefix(benchmark, impl, beams, prefix):
          "copy_bytes_per_s": ceiling,
          "read_fraction_of_copy": read / seconds / ceiling,
          "unique_fraction_of_copy": unique / seconds / ceiling}
+    )
+
+
+@pytest.mark.parametrize("splits", ["1", "auto"])
+@pytest.mark.parametrize("batch,context", [(1, 32768), (4, 8192), (16, 2048)])
+@pytest.mark.parametrize("impl", ["paged", "cascade"])
+def test_decode_split_kv(benchmark, impl, batch, context, splits):
+    forced = 1 if splits == "1" else None
+    query = torch.randn(batch, HEADS, HEAD_DIM, device=DEVICE).to(DTYPE)
+    if impl == "paged":
+        k_cache, v_cache, tables, lens = private_tables(batch, context)
+        seconds = per_call_seconds(benchmark, paged_decode_attention_split, query, k_cache, v_cache, tables, lens,
+                                   HEAD_DIM**-0.5, forced)
+        unique = batch * context * TOKEN_KV
+    else:
+        k_cache, v_cache, tables, lens = shared_prefix_tables(batch, context)
+        prefix_tables = tables[:1, : context // BLOCK].contiguous()
+        prefix_lens = torch.tensor([context], dtype=torch.int32, device=DEVICE)
+        seq_group = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
+        seconds = per_call_seconds(benchmark, cascade_decode_attention_split, query, k_cache, v_cache, tables, lens,
+                                   prefix_tables, prefix_lens, seq_group, HEAD_DIM**-0.5, forced, forced)
+        unique = (context + batch * PRIVATE) * TOKEN_KV
+    unique += 2 * query.numel() * query.element_size() + tables.numel() * tables.element_size()
+    # The count the heuristic gives the contexts (paged) or the tails (cascade).
+    num_splits = forced or choose_splits(batch * KV_HEADS, tables.shape[1] * BLOCK, DEVICE)
+    ceiling = copy_bandwidth()
+    benchmark.extra_info.update(
+        {"gpu": GPU, "impl": impl, "batch": batch, "context": context, "splits": splits, "num_splits": num_splits,
+         "dtype": str(DTYPE), "seconds_per_call": seconds,
+         "unique_bytes": unique, "unique_bytes_per_s": unique / seconds,
+         "copy_bytes_per_s": ceiling, "unique_fraction_of_copy": unique / seconds / ceiling}
     )

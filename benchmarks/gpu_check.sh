@@ -1,6 +1,19 @@
 #!/usr/bin/env bash
-# The Triton kernels on this machine's NVIDIA GPU: their tests natively on CUDA, then their
-# benchmarks into benchmarks/results/gpu_<gpu name>.json. Everything within 8 minutes.
+# The CUDA side of ttsearch on this machine's NVIDIA GPU, within 8 minutes in all:
+#
+#   1. the CUDA graph and engine tests (tests/test_cuda_graphs.py, the CUDA cases of tests/test_ops.py);
+#   2. the Triton kernels natively on CUDA (tests/test_triton_kernels.py without its
+#      interpreter cases, which `make test` runs on any machine; tests/test_fused_ops.py);
+#   3. the Triton benchmarks (benchmarks/bench_triton.py: decode, cascade, extend, store,
+#      copy against this GPU's copy bandwidth) into benchmarks/results/gpu_<gpu name>.json;
+#   4. end-to-end decode of a 1B-shaped Llama with and without CUDA graphs
+#      (benchmarks/bench_gpu_decode.py) into benchmarks/results/gpu_<gpu name>_decode.json;
+#   5. tests/test_batch_invariant.py (CPU engines today) with the time that is left.
+#
+# Each stage runs under a timeout taken from what is left, keeping time for the stages
+# after it; a stage that fails or times out is reported and the next one still runs. The
+# script fails if any stage did. Test results also go to
+# benchmarks/results/gpu_<gpu name>_tests*.xml (JUnit).
 #
 #   bash benchmarks/gpu_check.sh
 #
@@ -18,6 +31,37 @@ left() {  # seconds left before the deadline; fails once it has passed
         return 1
     fi
     echo "$n"
+}
+
+slot() {  # slot CAP RESERVE: seconds for the next stage, at most CAP, keeping RESERVE for the stages after it
+    local n
+    n=$(left) || return 1
+    n=$((n - $2))
+    if ((n > $1)); then
+        n=$1
+    fi
+    if ((n < 10)); then
+        echo "gpu_check: too little time left for this stage (${n}s)" >&2
+        return 1
+    fi
+    echo "$n"
+}
+
+FAILED=()
+stage() {  # stage NAME CAP RESERVE COMMAND...: COMMAND under a timeout from slot; failures are recorded
+    local name=$1 cap=$2 reserve=$3 seconds rc=0
+    shift 3
+    if ! seconds=$(slot "$cap" "$reserve"); then
+        FAILED+=("$name: not run (out of time)")
+        return 0
+    fi
+    echo "gpu_check: $name (at most ${seconds}s, $(left)s left)"
+    timeout -k 10 "$seconds" "$@" || rc=$?
+    if ((rc == 124 || rc == 137)); then
+        FAILED+=("$name: timed out after ${seconds}s")
+    elif ((rc != 0)); then
+        FAILED+=("$name: exit status $rc")
+    fi
 }
 
 nvidia-smi -L || { echo "gpu_check: no NVIDIA GPU visible (nvidia-smi failed)" >&2; exit 1; }
@@ -51,10 +95,26 @@ fi
 $PY -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda,
 "triton", triton.__version__, "gpu", torch.cuda.get_device_name())'
 
-timeout "$(left)" $PY -m pytest tests/test_triton_kernels.py tests/test_ops.py -q
-
 NAME=$($PY -c 'import re, torch; print(re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name()).strip("_").lower())')
-mkdir -p benchmarks/results
-timeout "$(left)" $PY -m pytest benchmarks/bench_triton.py --benchmark-only \
-    --benchmark-json "benchmarks/results/gpu_${NAME}.json" -q
-echo "gpu_check: results in benchmarks/results/gpu_${NAME}.json"
+RESULTS=benchmarks/results
+mkdir -p "$RESULTS"
+PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider)
+
+# (cap, reserve) per stage: the caps sum to about the budget, the reserves keep the benchmarks' time
+stage "CUDA graph and engine tests" 120 330 "${PYTEST[@]}" tests/test_cuda_graphs.py tests/test_ops.py -k cuda \
+    --junitxml "$RESULTS/gpu_${NAME}_tests_engine.xml"
+stage "Triton kernel tests on CUDA" 150 210 "${PYTEST[@]}" tests/test_triton_kernels.py tests/test_fused_ops.py \
+    -k "not cpu" --junitxml "$RESULTS/gpu_${NAME}_tests_kernels.xml"
+stage "Triton benchmarks" 100 120 "${PYTEST[@]}" benchmarks/bench_triton.py --benchmark-only \
+    --benchmark-json "$RESULTS/gpu_${NAME}.json"
+stage "GPU decode benchmark" 180 0 "${PYTEST[@]}" benchmarks/bench_gpu_decode.py --benchmark-only \
+    --benchmark-json "$RESULTS/gpu_${NAME}_decode.json"
+stage "batch-invariant tests" 240 0 "${PYTEST[@]}" tests/test_batch_invariant.py \
+    --junitxml "$RESULTS/gpu_${NAME}_tests_batch_invariant.xml"
+
+echo "gpu_check: results in $RESULTS/gpu_${NAME}*.json and $RESULTS/gpu_${NAME}_tests*.xml (${SECONDS}s)"
+if ((${#FAILED[@]})); then
+    printf 'gpu_check: FAILED: %s\n' "${FAILED[@]}" >&2
+    exit 1
+fi
+echo "gpu_check: all stages passed"

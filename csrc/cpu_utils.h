@@ -1,9 +1,9 @@
 // Vector helpers shared by the CPU attention kernels.
 //
 // Include this header before any other ATen header: it selects the ISA of ATen's
-// Vectorized<T>. Torch's own build sets CPU_CAPABILITY_* per dispatch target; this
-// extension is compiled for the build host (-march=native), so it takes the widest ISA
-// the compiler was told the host has.
+// Vectorized<T>. Torch's own build sets CPU_CAPABILITY_* per dispatch target; setup.py
+// compiles csrc/ once per ISA level (ttsearch._C_<level>) with that level's explicit -m
+// flags (ttsearch/_cpu_isa.py), and this header takes the widest ISA those flags enable.
 #pragma once
 
 #ifdef VECTOR_WIDTH
@@ -15,6 +15,10 @@
 #elif defined(__AVX2__) && defined(__FMA__)
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
+#elif defined(__ARM_FEATURE_SVE) && defined(__ARM_FEATURE_SVE_BITS) && __ARM_FEATURE_SVE_BITS == 256
+#define CPU_CAPABILITY SVE256
+#define CPU_CAPABILITY_SVE
+#define CPU_CAPABILITY_SVE256
 #else
 #define CPU_CAPABILITY DEFAULT
 #endif

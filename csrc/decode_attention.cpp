@@ -3,8 +3,8 @@
 // Work is split over (sequence, context partition). An item walks its partition block by
 // block with an online softmax; within a block, each kv head's query heads are computed
 // together (GQA), so every K/V row is read once per group, and the block's rows of all kv
-// heads, one contiguous range, are read in one pass. Long contexts in small batches are
-// split into partitions (flash-decoding) whose partial results are merged by log-sum-exp.
+// heads, one contiguous range, are read in one pass. Contexts longer than 256 tokens are
+// split into partitions of a fixed length (flash-decoding) merged by log-sum-exp.
 #include "cpu_utils.h"  // first: selects ATen's vector ISA
 
 #include <ATen/ATen.h>
@@ -39,13 +39,11 @@ void decode_kernel(const at::Tensor& query, const at::Tensor& k_cache, const at:
   const int64_t table_stride = block_tables.size(1);
   scalar_t* o = out.data_ptr<scalar_t>();
 
-  // Enough partitions that a small batch still gives every thread several items.
+  // Contexts split at a fixed token count, whatever the batch: a small batch still gives
+  // every thread items, and a sequence's sums run in the same order in any batch (the
+  // batch-invariant mode relies on it). A split costs one merge of [H, D + 2] floats.
   const int64_t max_len = *std::max_element(lens, lens + batch);
-  const int64_t threads = omp_get_max_threads();
-  const int64_t parts_wanted = cpu::ceil_div(4 * threads, batch);
-  const int64_t part_blocks = std::max(cpu::ceil_div(cpu::ceil_div(max_len, parts_wanted), block_size),
-                                       cpu::ceil_div(kMinPartitionTokens, block_size));
-  const int64_t part_len = part_blocks * block_size;
+  const int64_t part_len = cpu::ceil_div(kMinPartitionTokens, block_size) * block_size;
   const int64_t num_parts = cpu::ceil_div(max_len, part_len);
 
   // Partial results [batch, parts, (acc [H, D] | max [H] | sum [H])] when a context is split.

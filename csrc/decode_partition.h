@@ -9,7 +9,8 @@
 
 namespace ttsearch::cpu {
 
-// Below this a partition's merge would cost more than the parallelism it buys.
+// Decode splits contexts into partitions of this many tokens (rounded up to whole blocks);
+// the cascade kernel never goes below it: under it a merge costs more than it buys.
 constexpr int64_t kMinPartitionTokens = 256;
 
 // All query heads `q` [H, D] (pre-scaled) of one sequence against its tokens

@@ -32,4 +32,15 @@ std::tuple<at::Tensor, at::Tensor> prm_step_score(const at::Tensor& hidden, cons
                                                   const at::Tensor& prev_agg, const at::Tensor& prev_count,
                                                   c10::string_view aggregation);
 
+void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double eps);
+
+void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double eps);
+
+void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, const at::Tensor& cos_sin_cache);
+
+void silu_and_mul(at::Tensor& out, const at::Tensor& input);
+
+at::Tensor sample_tokens(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                         const at::Tensor& top_p, const at::Tensor& u);
+
 }  // namespace ttsearch

@@ -1,5 +1,8 @@
 // Registers the CPU kernels for the ops that ttsearch/ops/__init__.py defines. Importing
-// ttsearch._C runs the static registration; the module itself exports nothing.
+// ttsearch._C_<level> (one module per ISA level, all from these sources; ttsearch/_cpu_isa.py
+// imports one) runs the static registration; the module exports only what it was compiled for.
+#include "cpu_utils.h"  // first: selects ATen's vector ISA, reported below
+
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
@@ -12,6 +15,20 @@ TORCH_LIBRARY_IMPL(ttsearch, CPU, m) {
   m.impl("cascade_decode_attention", &ttsearch::cascade_decode_attention);
   m.impl("copy_blocks", &ttsearch::copy_blocks);
   m.impl("prm_step_score", &ttsearch::prm_step_score);
+  m.impl("rms_norm", &ttsearch::rms_norm);
+  m.impl("fused_add_rms_norm", &ttsearch::fused_add_rms_norm);
+  m.impl("rotary_embedding", &ttsearch::rotary_embedding);
+  m.impl("silu_and_mul", &ttsearch::silu_and_mul);
+  m.impl("sample_tokens", &ttsearch::sample_tokens);
 }
 
-PYBIND11_MODULE(_C, m) {}
+// TORCH_EXTENSION_NAME: _C_<level>, set by torch's BuildExtension from the module name.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // What the compiler flags selected, for tests to check against the module's level.
+  m.attr("CPU_CAPABILITY") = C10_STRINGIZE(CPU_CAPABILITY);
+#ifdef TTSEARCH_HAS_BF16_DOT
+  m.attr("BF16_DOT") = true;
+#else
+  m.attr("BF16_DOT") = false;
+#endif
+}

@@ -13,7 +13,11 @@ def register_cuda(lib: torch.library.Library) -> None:
     from ttsearch.kernels.extend_attention import paged_extend_attention
     from ttsearch.kernels.prm_step_score import prm_step_score
     from ttsearch.kernels.store_kv import store_kv
+    from ttsearch.kernels.activation import silu_and_mul
+    from ttsearch.kernels.rms_norm import fused_add_rms_norm, rms_norm
+    from ttsearch.kernels.rotary import rotary_embedding
+    from ttsearch.kernels.sampling import sample_tokens
 
     for fn in (store_kv, paged_decode_attention, cascade_decode_attention, paged_extend_attention, copy_blocks,
-               prm_step_score):
+               prm_step_score, rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul, sample_tokens):
         lib.impl(fn.__name__, fn, "CUDA")

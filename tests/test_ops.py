@@ -17,7 +17,7 @@ import torch
 import ttsearch.ops as ops
 from ttsearch.ops import reference
 
-HAS_CPP = ops.IMPLEMENTATIONS["cpu"] == "cpp"
+HAS_CPP = ops.IMPLEMENTATIONS["cpu"].startswith("cpp")  # "cpp-<isa level>"
 NO_CPP = "ttsearch._C is not built (or TTSEARCH_OPS=reference): no C++ kernels to compare"
 IMPLS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason=NO_CPP))]
 cpp_only = pytest.mark.skipif(not HAS_CPP, reason=NO_CPP)
@@ -760,7 +760,7 @@ def test_opcheck(name, args):
 def test_cpp_serves_the_cpu():
     if not HAS_CPP:
         pytest.skip(NO_CPP)
-    assert ops.IMPLEMENTATIONS["cpu"] == "cpp"
+    assert ops.IMPLEMENTATIONS["cpu"].startswith("cpp-")
 
 
 def test_bad_block_id_in_used_entry():
@@ -924,3 +924,98 @@ def test_cascade_tree_bad_node():
         return rf"seq_group spans .*seq_group\[{b}, 1\] = {args['prefix_lens'].shape[0]}"
 
     _cascade_tree_error(mutate)
+
+
+# ----------------------------------------------------------------------------- host-side checks
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return t.to("meta")
+
+
+def test_check_indices_false_reads_no_tensor_data():
+    """Meta tensors have shapes but no data: an op that read an index tensor would raise."""
+    k_cache, v_cache, tables, _, lens = make_paged([20, 5], 2, 32, torch.float32)
+    query = torch.randn(2, 4, 32)
+    prefix_tables, prefix_lens, seq_group = tables[:1, :1].clone(), torch.tensor([BLOCK], dtype=torch.int32), torch.tensor([0, -1], dtype=torch.int32)
+    kv_cache = torch.randn(2, 1, 4, BLOCK, 2, 32)
+    calls = {
+        "store_kv": lambda m, **kw: ops.store_kv(m(torch.randn(2, 2, 32)), m(torch.randn(2, 2, 32)), m(k_cache), m(v_cache),
+                                                  m(torch.tensor([0, 1])), **kw),
+        "decode": lambda m, **kw: ops.paged_decode_attention(m(query), m(k_cache), m(v_cache), m(tables), m(lens), 0.2, **kw),
+        "extend": lambda m, **kw: ops.paged_extend_attention(m(query), m(k_cache), m(v_cache), m(tables),
+                                                              m(torch.tensor([0, 1, 2])), m(lens), 0.2, **kw),
+        "cascade": lambda m, **kw: ops.cascade_decode_attention(m(query), m(k_cache), m(v_cache), m(tables), m(lens),
+                                                                m(prefix_tables), m(prefix_lens), m(seq_group), 0.2, **kw),
+        "copy_blocks": lambda m, **kw: ops.copy_blocks(m(kv_cache), m(torch.tensor([0])), m(torch.tensor([1])), **kw),
+    }
+    for name, call in calls.items():
+        call(lambda t: t)  # the same arguments are valid with real data
+        call(_meta, check_indices=False)
+        with pytest.raises((NotImplementedError, RuntimeError)):  # the checks do read data
+            call(_meta)
+
+
+def test_check_metadata_names_the_bad_entry():
+    k_cache, _, tables, _, lens = make_paged([20, 5], 1, 32, torch.float32)
+    num_blocks = k_cache.shape[0]
+    ops.check_metadata(num_blocks, BLOCK, tables, lens, torch.tensor([0, 1]), torch.tensor([0, 1, 2], dtype=torch.int32))
+    bad = tables.clone()
+    bad[0, 1] = num_blocks
+    with pytest.raises(ValueError, match=f"block id {num_blocks} out of range"):
+        ops.check_metadata(num_blocks, BLOCK, bad, lens)
+    with pytest.raises(ValueError, match="slot out of range"):
+        ops.check_metadata(num_blocks, BLOCK, tables, lens, torch.tensor([0, num_blocks * BLOCK]))
+    with pytest.raises(ValueError, match="query_start_loc must rise"):
+        ops.check_metadata(num_blocks, BLOCK, tables, lens, torch.tensor([0, 1]), torch.tensor([0, 2, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="seq_group is missing"):
+        ops.check_metadata(num_blocks, BLOCK, tables, lens, prefix_tables=tables[:1, :1].clone(),
+                           prefix_lens=torch.tensor([BLOCK], dtype=torch.int32))
+    with pytest.raises(ValueError, match="appears twice"):
+        ops.check_block_copies(num_blocks, torch.tensor([0, 1]), torch.tensor([2, 2]))
+
+
+def test_a_forward_checks_its_metadata_once_on_the_host(tiny_checkpoints, monkeypatch):
+    """Every layer's ops skip the index checks: the model runner ran them once, on host tensors."""
+    from ttsearch.engine.engine import Engine
+    from ttsearch.engine.sampler import SamplingParams
+
+    engine = Engine(str(tiny_checkpoints["llama3"]), dtype=torch.float32, kv_cache_bytes=1 << 22, block_size=BLOCK,
+                    progress=False)
+    layers = engine.model.config.num_layers
+    assert layers > 1
+    checked: list[torch.device] = []
+    real = ops._check_block_table_indices
+
+    def counting(block_tables, *args):
+        checked.append(block_tables.device)
+        return real(block_tables, *args)
+
+    monkeypatch.setattr(ops, "_check_block_table_indices", counting)
+    root = engine.add(list(range(3, 3 + 2 * BLOCK + 3)))  # an extend forward
+    beams = engine.fork(root, 3)
+    engine.step(beams, [SamplingParams(temperature=1.0, seed=i) for i in range(3)])  # a cascade decode forward
+    engine.step(beams[:1])  # a plain decode forward
+    assert checked == [torch.device("cpu")] * 3  # once per forward, not once per layer
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_forward_never_waits_for_the_device(tiny_checkpoints):
+    """Extend, cascade decode and plain decode forwards with CUDA's sync debug mode set to
+    error: any device-to-host copy or synchronization in any layer raises."""
+    from ttsearch.engine.engine import Engine
+
+    engine = Engine(str(tiny_checkpoints["llama3"]), dtype=torch.bfloat16, device="cuda", kv_cache_bytes=1 << 22,
+                    block_size=BLOCK, progress=False)
+    root = engine.add(list(range(3, 3 + 2 * BLOCK + 3)))
+    beams = engine.fork(root, 3)
+    runner = engine.runner
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        runner.forward(beams, [[5], [6], [7]], logits=False)  # cascade decode, with a copy-on-write of the tail
+        runner.forward(beams[:1], [[8]], logits=False)  # plain decode
+        runner.forward(beams[1:2], [[9, 10, 11]], logits=False)  # extend
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

@@ -6,12 +6,13 @@ import sys
 
 import pytest
 
-# Make `from ttsearch import _C` fail as it does in an install without a compiler.
+# Make every ttsearch._C_<isa> (one module per CPU ISA level) fail to import, as in an install
+# without a compiler.
 BLOCK_C = """
 import importlib.abc, sys, warnings
 class NoExtension(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name == "ttsearch._C":
+        if name.startswith("ttsearch._C"):
             raise ImportError("no C++ extension in this install")
 sys.meta_path.insert(0, NoExtension())
 """
@@ -34,13 +35,13 @@ def test_without_the_extension_ops_run_on_the_reference_with_one_warning():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["reference", "True"]
-    assert out.stderr.count("ttsearch._C is not built") == 1
+    assert out.stderr.count("ttsearch._C_<isa> is not built") == 1
 
 
 def test_requiring_fast_ops_without_the_extension_raises():
     out = run_python("import ttsearch.ops", "fast")
     assert out.returncode != 0
-    assert "TTSEARCH_OPS=fast but the C++ extension ttsearch._C did not load" in out.stderr
+    assert "TTSEARCH_OPS=fast but the C++ extension ttsearch._C_<isa> did not load" in out.stderr
 
 
 def test_unknown_mode_is_an_error():
@@ -54,7 +55,11 @@ def test_the_cpp_extension_serves_every_op_on_the_cpu():
     import torch
 
     import ttsearch.ops as ops
+    from ttsearch import _cpu_isa
 
-    assert ops.IMPLEMENTATIONS["cpu"] == "cpp", "ttsearch._C did not load"
+    impl = ops.IMPLEMENTATIONS["cpu"]
+    assert impl.startswith("cpp-") and impl[4:] in _cpu_isa.levels(), f"no ttsearch._C_<isa> loaded: {impl}"
+    loaded = [name for name in sys.modules if name.startswith("ttsearch._C")]
+    assert loaded == [f"ttsearch._C_{impl[4:]}"], f"one ISA level's module per process, got {loaded}"
     missing = [name for name in ops._SCHEMAS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ttsearch::{name}", "CPU")]
-    assert not missing, f"ttsearch._C registers no CPU kernel for {missing}"
+    assert not missing, f"ttsearch._C_{impl[4:]} registers no CPU kernel for {missing}"

@@ -48,9 +48,15 @@ from test_ops import (  # noqa: E402  (tests/ is on sys.path under pytest)
 from ttsearch.kernels import cascade_decode_attention as cascade_module  # noqa: E402
 from ttsearch.kernels import copy_blocks as copy_blocks_module  # noqa: E402
 from ttsearch.kernels import decode_attention, extend_attention, prm_step_score, register_cuda, store_kv  # noqa: E402
+from ttsearch.kernels import split_kv  # noqa: E402
+from ttsearch.kernels import activation as activation_module  # noqa: E402
+from ttsearch.kernels import rms_norm as rms_norm_module  # noqa: E402
+from ttsearch.kernels import rotary as rotary_module  # noqa: E402
+from ttsearch.kernels import sampling as sampling_module  # noqa: E402
 from ttsearch.ops import reference  # noqa: E402
 
-KERNEL_MODULES = [store_kv, decode_attention, cascade_module, extend_attention, copy_blocks_module, prm_step_score]
+KERNEL_MODULES = [store_kv, decode_attention, cascade_module, extend_attention, copy_blocks_module, prm_step_score,
+                  split_kv]
 LAUNCHERS = {
     "store_kv": store_kv.store_kv,
     "paged_decode_attention": decode_attention.paged_decode_attention,
@@ -58,6 +64,11 @@ LAUNCHERS = {
     "paged_extend_attention": extend_attention.paged_extend_attention,
     "copy_blocks": copy_blocks_module.copy_blocks,
     "prm_step_score": prm_step_score.prm_step_score,
+    "rms_norm": rms_norm_module.rms_norm,
+    "fused_add_rms_norm": rms_norm_module.fused_add_rms_norm,
+    "rotary_embedding": rotary_module.rotary_embedding,
+    "silu_and_mul": activation_module.silu_and_mul,
+    "sample_tokens": sampling_module.sample_tokens,
 }
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
@@ -361,6 +372,94 @@ def test_cascade_without_groups_and_empty(device):
     for seq_group in (torch.full((3, 2), -1), torch.zeros(3, 0, dtype=torch.int32)):
         out = cascade_module.cascade_decode_attention(*args[:5], *one_group, seq_group.to(device), 0.125)
         assert_close(out, expected, TOL[torch.float32])
+
+
+# ----------------------------------------------------------------------------- split-KV
+
+# 1 token, exactly one block, a partial last block, three key tiles (BLOCK_N = 64): with
+# 5 splits the short contexts leave splits empty. Unused cache slots hold NaN throughout.
+SPLIT_CONTEXT_LENS = [1, 16, 17, 150]
+
+
+@pytest.mark.parametrize("splits,heads,dtype", [
+    pytest.param(1, "gqa4", torch.float32, id="1-gqa4-float32"),
+    pytest.param(2, "gqa4", torch.bfloat16, id="2-gqa4-bfloat16"),
+    pytest.param(5, "gqa8", torch.float32, id="5-gqa8-float32"),
+    pytest.param(5, "gqa1", torch.bfloat16, id="5-gqa1-bfloat16"),
+])
+def test_decode_split_kv(device, splits, heads, dtype):
+    num_heads, kv_heads = HEADS[heads]
+    k_cache, v_cache, tables, clean, lens = make_paged(SPLIT_CONTEXT_LENS, kv_heads, 64, dtype, seed=7)
+    poisoned = [poison_unused(c, clean, SPLIT_CONTEXT_LENS) for c in (k_cache, v_cache)]
+    query = torch.randn(len(SPLIT_CONTEXT_LENS), num_heads, 64).to(dtype)
+
+    out = decode_attention.paged_decode_attention_split(*on(device, query, *poisoned, tables, lens), 0.125,
+                                                        num_splits=splits)
+
+    expected = reference.paged_decode_attention(query, k_cache, v_cache, clean, lens, 0.125)
+    assert_close(out, expected, TOL[dtype])
+
+
+def test_choose_splits(monkeypatch):
+    cpu = torch.device("cpu")
+    target = 2 * split_kv.sm_count(cpu)
+    long = 1 << 20
+    assert split_kv.choose_splits(target, long, cpu) == 1  # the grid fills the GPU: no merge
+    assert split_kv.choose_splits(1, long, cpu) == target
+    assert split_kv.choose_splits(3, long, cpu) == triton.cdiv(target, 3)
+    assert split_kv.choose_splits(1, 3 * split_kv.MIN_SPLIT_TOKENS + 5, cpu) == 3  # splits stay long
+    assert split_kv.choose_splits(1, split_kv.MIN_SPLIT_TOKENS - 1, cpu) == 1
+    monkeypatch.setattr(split_kv, "INTERPRETER_SMS", 10_000)
+    assert split_kv.choose_splits(1, long, cpu) == split_kv.MAX_SPLITS
+    from ttsearch import batch_invariant
+
+    monkeypatch.setattr(batch_invariant, "_enabled", True)  # no count chosen from the batch
+    assert split_kv.choose_splits(1, long, cpu) == 1
+
+
+def test_decode_split_kv_by_default(device):
+    """One long sequence alone splits by default (under the interpreter and on a GPU)."""
+    k_cache, v_cache, tables, clean, lens = make_paged([600], 1, 64, torch.float32, seed=8)
+    query = torch.randn(1, 2, 64)
+    args = on(device, query, k_cache, v_cache, tables, lens)
+    assert split_kv.choose_splits(1, tables.shape[1] * BLOCK, torch.device(device)) > 1
+
+    out = decode_attention.paged_decode_attention(*args, 0.125)
+
+    assert_close(out, reference.paged_decode_attention(query, k_cache, v_cache, clean, lens, 0.125),
+                 TOL[torch.float32])
+
+
+# A 5-block root node (two key tiles) holding a sequence whose context ends with it, one
+# with 20 tokens of its own, and a 1-block child node with two members; a sequence in no
+# node. One level (each path flattened to one node) or two.
+SPLIT_TREE = ([(5, [0, 20, (1, [1, 16])])], [33])
+
+
+@pytest.mark.parametrize("splits,node_splits,one_level,dtype", [
+    pytest.param(1, 3, True, torch.float32, id="1x3-one-level-float32"),
+    pytest.param(3, 1, False, torch.bfloat16, id="3x1-two-levels-bfloat16"),
+    pytest.param(2, 2, False, torch.float32, id="2x2-two-levels-float32"),
+    pytest.param(4, 5, True, torch.bfloat16, id="4x5-one-level-bfloat16"),
+])
+def test_cascade_split_kv(device, splits, node_splits, one_level, dtype):
+    """Tails split ``splits`` ways and nodes ``node_splits`` ways (more than a node's tiles:
+    empty node splits) match the reference; a sequence in no node matches the split decode
+    kernel exactly."""
+    args, clean, ctx_lens, query = cascade_inputs(*SPLIT_TREE, 8, 2, 64, dtype, seed=9, one_level=one_level)
+    poisoned = dict(args, k_cache=poison_unused(args["k_cache"], clean, ctx_lens),
+                    v_cache=poison_unused(args["v_cache"], clean, ctx_lens))
+    on_device = dict(zip(poisoned, on(device, *poisoned.values())))
+
+    out = cascade_module.cascade_decode_attention_split(*cascade_args(on_device, query.to(device), 0.125),
+                                                        num_splits=splits, node_splits=node_splits)
+
+    assert_close(out, reference.cascade_decode_attention(*cascade_args(args, query, 0.125)), TOL[dtype])
+    no_node = (args["seq_group"] < 0).view(len(ctx_lens), -1).all(1)
+    decode = decode_attention.paged_decode_attention_split(
+        query[no_node].to(device), on_device["k_cache"], on_device["v_cache"], clean[no_node].to(device),
+        on_device["context_lens"][no_node.to(device)], 0.125, num_splits=splits)
+    assert torch.equal(out.cpu()[no_node], decode.cpu())
 
 
 # ----------------------------------------------------------------------------- data movement

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from ttsearch import batch_invariant
+
 DEFAULT_PROMPT = "What is 12 * 7 + 5? Think step by step."
 
 
@@ -234,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log one line per problem or request at info (default: warning)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import a module first, e.g. one that registers strategies or verifiers")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="a sequence's tokens do not depend on what else is in its batch, in any dtype "
+                        "(slower; see ttsearch/batch_invariant.py)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="search a dataset, one JSON line per problem (resumes)")
@@ -316,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.batch_invariant:
+        batch_invariant.set_enabled(True)
     for module in args.imports:
         try:
             importlib.import_module(module)

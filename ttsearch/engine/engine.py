@@ -19,7 +19,9 @@ from typing import Sequence
 import torch
 
 from ttsearch import ops
+from ttsearch.batch_invariant import set_enabled as set_batch_invariant
 from ttsearch.engine.block_manager import BlockManager
+from ttsearch.engine.cuda_graphs import CudaGraphRunner, use_cuda_graphs
 from ttsearch.engine.kv_cache import allocate_kv_cache, bytes_per_token
 from ttsearch.engine.model_runner import ModelRunner
 from ttsearch.engine.sampler import GREEDY, SamplingParams, derive_seed, sample
@@ -65,6 +67,8 @@ class Engine:
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
         max_model_len: int | None = None,
         progress: bool = True,
+        batch_invariant: bool | None = None,
+        cuda_graphs: bool | None = None,
     ):
         if not (isinstance(block_size, int) and block_size >= 1):
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
@@ -72,6 +76,12 @@ class Engine:
             raise ValueError(f"kv_cache_bytes must be a positive int, got {kv_cache_bytes!r}")
         if max_model_len is not None and not (isinstance(max_model_len, int) and max_model_len >= 1):
             raise ValueError(f"max_model_len must be a positive int, got {max_model_len!r}")
+        if batch_invariant not in (None, True, False):
+            raise ValueError(f"batch_invariant must be True, False or None, got {batch_invariant!r}")
+        # decode forwards replay CUDA graphs: None is on for CUDA (with the Triton kernels), off elsewhere
+        self.cuda_graphs = use_cuda_graphs(cuda_graphs, torch.device(device))
+        if batch_invariant is not None:  # None keeps the process's mode (TTSEARCH_BATCH_INVARIANT)
+            set_batch_invariant(batch_invariant)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.name = str(model)  # as given: an alias, a directory or a file
@@ -93,7 +103,11 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.blocks, self.device)
+        graphs = None
+        if self.cuda_graphs:
+            graphs = CudaGraphRunner(self.model, self.kv_cache, -(-self.max_model_len // block_size),
+                                     strict=cuda_graphs is True)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.blocks, self.device, graphs)
         self._live: dict[int, Seq] = {}
 
     @property

@@ -9,13 +9,17 @@ shared block once for all the sequences below it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ttsearch import ops
+from ttsearch import batch_invariant, ops
 from ttsearch.engine.block_manager import BlockManager
 from ttsearch.engine.sequence import Seq
 from ttsearch.models.llama import ForwardBatch, LlamaModel
+
+if TYPE_CHECKING:
+    from ttsearch.engine.cuda_graphs import CudaGraphRunner
 
 MIN_SHARERS = 2  # sequences that must share a run of blocks before decode reads it once for all
 
@@ -73,8 +77,10 @@ def shared_prefix_tree(tables: list[list[int]], shareable: list[int]) -> PrefixT
 class ModelRunner:
     """Runs the model on the paged cache for the engine; block counts live in ``blocks``."""
 
-    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, blocks: BlockManager, device: torch.device):
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, blocks: BlockManager, device: torch.device,
+                 graphs: CudaGraphRunner | None = None):
         self.model = model
+        self.graphs = graphs  # decode forwards that fit its buckets replay CUDA graphs (cuda_graphs.py)
         self.kv_cache = kv_cache
         self.blocks = blocks
         self.block_size = blocks.block_size
@@ -126,43 +132,67 @@ class ModelRunner:
             last_rows.append(len(input_ids) - 1)
         if copies:
             src, dst = zip(*copies)
-            ops.copy_blocks(self.kv_cache, self._ints(src, torch.int64), self._ints(dst, torch.int64))
+            src, dst = _host(src, torch.int64), _host(dst, torch.int64)
+            ops.check_block_copies(self.kv_cache.shape[2], src, dst)
+            ops.copy_blocks(self.kv_cache, src.to(self.device, non_blocking=True), dst.to(self.device, non_blocking=True),
+                            check_indices=False)
         for seq, tokens in zip(seqs, new_tokens):
             seq.token_ids += tokens
         width = max(len(s.block_table) for s in seqs)
         decode = all(len(t) == 1 for t in new_tokens)
-        batch = ForwardBatch(
-            positions=self._ints(positions, torch.int64),
-            slot_mapping=self._ints(slots, torch.int64),
-            block_tables=self._ints([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32),
-            context_lens=self._ints([len(s) for s in seqs], torch.int32),
-            query_start_loc=None if decode else self._ints(q_starts, torch.int32),
-            last_rows=self._ints(last_rows, torch.int64),
+        graphed = decode and self.graphs is not None and self.graphs.fits(len(seqs))
+        # Built and checked on the host, once per forward; the device copies are then never
+        # read back (on a GPU each read would stall it, once per layer).
+        host = ForwardBatch(
+            positions=_host(positions, torch.int64),
+            slot_mapping=_host(slots, torch.int64),
+            block_tables=_host([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32),
+            context_lens=_host([len(s) for s in seqs], torch.int32),
+            query_start_loc=None if decode else _host(q_starts, torch.int32),
+            last_rows=_host(last_rows, torch.int64),
         )
         if decode:
-            self._add_prefix_tree(batch, seqs)
-        hidden = self.model.forward(self._ints(input_ids, torch.int64), batch, self.kv_cache)
-        rows = self.model.compute_logits(hidden[batch.last_rows]) if logits else [None] * len(seqs)
+            self._add_prefix_tree(host, seqs, graphed)
+        ops.check_metadata(
+            self.kv_cache.shape[2], self.block_size, host.block_tables, host.context_lens, host.slot_mapping,
+            host.query_start_loc, host.prefix_tables, host.prefix_lens, host.seq_group,
+        )
+        if graphed:  # one row per sequence, in order
+            hidden = self.graphs.forward(_host(input_ids, torch.int64), host)
+        else:
+            batch = host.to(self.device)
+            hidden = self.model.forward(_host(input_ids, torch.int64).to(self.device, non_blocking=True), batch,
+                                        self.kv_cache)
+        if logits:
+            rows = self.model.compute_logits(hidden if graphed else hidden[batch.last_rows])
+        else:
+            rows = [None] * len(seqs)
         self.tokens_forwarded += len(input_ids)
         for seq, row in zip(seqs, rows):
             seq.last_logits = row
             self._register_full_blocks(seq)
         return hidden
 
-    def _add_prefix_tree(self, batch: ForwardBatch, seqs: list[Seq]) -> None:
+    def _add_prefix_tree(self, batch: ForwardBatch, seqs: list[Seq], graphed: bool = False) -> None:
         """Give a decode batch the tree of prefixes its sequences share (from their block
         tables, so beams of one problem and problems sharing a system prompt through the
-        prefix cache are found alike); decode attention then reads each node once."""
+        prefix cache are found alike); decode attention then reads each node once. A
+        ``graphed`` batch's tree is cut to the fixed maxima of its CUDA graph."""
         bs = self.block_size
-        tree = shared_prefix_tree([s.block_table for s in seqs], [(len(s) - 1) // bs for s in seqs])
+        tree = PrefixTree([], [[] for _ in seqs])
+        if not batch_invariant.enabled():  # reading a prefix once for many changes the order of its sums
+            tree = shared_prefix_tree([s.block_table for s in seqs], [(len(s) - 1) // bs for s in seqs])
+            if graphed:
+                tree = self.graphs.fit_tree(tree, len(seqs))
         self.last_prefix_tree = tree
         if not tree.nodes:
             return
         width = max(len(n) for n in tree.nodes)
         depth = max(len(p) for p in tree.paths)
-        batch.prefix_tables = self._ints([n + [0] * (width - len(n)) for n in tree.nodes], torch.int32)
-        batch.prefix_lens = self._ints([len(n) * bs for n in tree.nodes], torch.int32)
-        batch.seq_group = self._ints([p + [-1] * (depth - len(p)) for p in tree.paths], torch.int32)
+        batch.prefix_tables = _host([n + [0] * (width - len(n)) for n in tree.nodes], torch.int32)
+        batch.prefix_lens = _host([len(n) * bs for n in tree.nodes], torch.int32)
+        batch.seq_group = _host([p + [-1] * (depth - len(p)) for p in tree.paths], torch.int32)
 
-    def _ints(self, values, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
+
+def _host(values, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype)

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ttsearch import ops
+from ttsearch.ops import reference
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -41,7 +44,6 @@ class SamplingParams:
 
 
 GREEDY = SamplingParams()
-NUCLEUS_CANDIDATES = 512
 
 
 def derive_seed(seed: int, lineage: tuple[int, ...]) -> int:
@@ -54,47 +56,20 @@ def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:
     """One token per row of ``logits [B, V]`` (float32). ``generators[i]`` is used for the
-    sampled (non-greedy) rows."""
-    tokens = logits.argmax(dim=-1)
-    rows = [i for i, p in enumerate(params) if not p.greedy]
-    if rows:
-        idx = torch.tensor(rows, device=logits.device)
-        temperatures = [params[i].temperature for i in rows]
-        sub = logits if len(rows) == len(params) else logits[idx]  # no copy of a batch that all samples
-        if len(set(temperatures)) == 1:
-            sub = sub / temperatures[0]
-        else:
-            sub = sub / torch.tensor(temperatures, device=logits.device)[:, None]
-        sub = _filter_top_k(sub, [params[i].top_k for i in rows])
-        probs = torch.softmax(sub, dim=-1)
-        probs = _filter_top_p(probs, [params[i].top_p for i in rows])
-        u = torch.cat([torch.rand(1, generator=generators[i]) for i in rows]).to(logits.device)
-        cdf = probs.cumsum(dim=-1)
-        # right side: the first token whose cumulative mass exceeds the draw, never a zero-mass one
-        picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
-        tokens[idx] = picked.clamp(max=logits.shape[1] - 1)
+    sampled (non-greedy) rows: one uniform draw each, taken here so that every stream
+    advances by its own sequence's steps only. ``ops.sample_tokens`` does the rest."""
+    device = logits.device
+    u = [0.0 if p.greedy else torch.rand(1, generator=g).item() for p, g in zip(params, generators)]
+    tokens = ops.sample_tokens(
+        logits,
+        torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+        torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+        torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+        torch.tensor(u, dtype=torch.float32, device=device),
+    )
     return tokens.tolist()
 
 
-def _filter_top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
-    if not any(ks):
-        return logits
-    vocab = logits.shape[1]
-    k = torch.tensor([k if 0 < k < vocab else vocab for k in ks], device=logits.device)
-    kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
 def _filter_top_p(probs: torch.Tensor, ps: list[float]) -> torch.Tensor:
-    if all(p >= 1 for p in ps):
-        return probs
-    top_p = torch.tensor(ps, device=probs.device)[:, None]
-    # The nucleus almost always lies within the top few hundred tokens: sort only those,
-    # and the whole row only where they do not reach top_p.
-    k = min(NUCLEUS_CANDIDATES, probs.shape[1])
-    sorted_probs, order = probs.topk(k, dim=-1)
-    if k < probs.shape[1] and bool((sorted_probs.sum(-1, keepdim=True) < top_p).any()):
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly ahead of each token
-    sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # keeps at least the top token
-    return torch.zeros_like(probs).scatter(1, order, sorted_probs)
+    """``probs`` outside each row's nucleus set to 0 (the reference's filter)."""
+    return reference.top_p_filter(probs, torch.tensor(ps, device=probs.device))

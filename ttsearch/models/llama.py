@@ -8,18 +8,19 @@ plain tensors with q/k/v and gate/up fused so each layer runs four matmuls.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
-from ttsearch import ops
+from ttsearch import batch_invariant, ops
 from ttsearch.models.config import ModelConfig, rope_inv_freq
 
 
 @dataclass
 class ForwardBatch:
-    """Where each new token goes and what it attends to. Built by the engine."""
+    """Where each new token goes and what it attends to. Built and index-checked by the
+    engine's model runner (``ops.check_metadata``): the model's ops do not check it again."""
 
     positions: torch.Tensor  # [T] int64, position of each new token in its sequence
     slot_mapping: torch.Tensor  # [T] int64, cache slot of each new token (-1: already cached)
@@ -35,6 +36,12 @@ class ForwardBatch:
     @property
     def is_decode(self) -> bool:
         return self.query_start_loc is None
+
+    def to(self, device: torch.device) -> ForwardBatch:
+        """The same batch with every tensor on ``device``."""
+        # non_blocking: a copy from host memory need not wait for the device to drain
+        return ForwardBatch(**{f.name: None if (t := getattr(self, f.name)) is None else t.to(device, non_blocking=True)
+                               for f in fields(self)})
 
 
 class Linear:
@@ -58,9 +65,21 @@ class Linear:
         return self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if batch_invariant.enabled() and x.shape[0] != batch_invariant.MATMUL_ROWS:
+            return self._in_fixed_chunks(x)
+        return self._matmul(x)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None or x.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def _in_fixed_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """Every row through a GEMM of exactly ``MATMUL_ROWS`` rows (batch-invariant mode)."""
+        rows = batch_invariant.MATMUL_ROWS
+        padded = x.new_zeros(-(-x.shape[0] // rows) * rows, x.shape[1])
+        padded[: x.shape[0]] = x
+        return torch.cat([self._matmul(chunk) for chunk in padded.split(rows)])[: x.shape[0]]
 
 
 def _onednn_linear() -> bool:
@@ -69,16 +88,7 @@ def _onednn_linear() -> bool:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Normalize in float32 and scale in the model dtype, as the reference implementations do.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. ``x [T, heads, D]``, ``cos``/``sin`` ``[T, 1, D]``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return ops.rms_norm(x, weight, eps)
 
 
 class LlamaModel:
@@ -124,9 +134,8 @@ class LlamaModel:
         inv_freq = rope_inv_freq(c).to(self.device)
         t = torch.arange(max_len, device=self.device, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(dtype)
-        self.sin = emb.sin().to(dtype)
+        # row p: cos | sin of p * inv_freq, the layout ops.rotary_embedding reads
+        self.cos_sin_cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype).contiguous()
 
     @property
     def weight_bytes(self) -> int:
@@ -148,36 +157,42 @@ class LlamaModel:
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
         """Hidden states ``[T, hidden]`` (before the final norm) of the new tokens."""
         c = self.config
-        x = F.embedding(input_ids, self.embed)
-        cos = self.cos[batch.positions].unsqueeze(1)
-        sin = self.sin[batch.positions].unsqueeze(1)
+        # The hidden state: each sublayer's output is added into it in place, fused with the
+        # norm that follows (the first layer's input norm has nothing to add).
+        residual = F.embedding(input_ids, self.embed)
+        h = None
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = kv_cache[0, i], kv_cache[1, i]
-            h = rms_norm(x, layer["input_norm"], c.rms_norm_eps)
+            if h is None:
+                h = rms_norm(residual, layer["input_norm"], c.rms_norm_eps)
+            else:
+                ops.fused_add_rms_norm(h, residual, layer["input_norm"], c.rms_norm_eps)
             qkv = layer["qkv"](h)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = apply_rope(q.view(-1, c.num_heads, c.head_dim), cos, sin)
-            k = apply_rope(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
+            q = q.view(-1, c.num_heads, c.head_dim)
+            k = k.view(-1, c.num_kv_heads, c.head_dim)
+            # in place in qkv; the runner built the positions within the cache's max_len
+            ops.rotary_embedding(batch.positions, q, k, self.cos_sin_cache, check_indices=False)
             v = v.view(-1, c.num_kv_heads, c.head_dim)
-            ops.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+            ops.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, check_indices=False)
             if batch.prefix_tables is not None:
                 attn = ops.cascade_decode_attention(
                     q, k_cache, v_cache, batch.block_tables, batch.context_lens,
-                    batch.prefix_tables, batch.prefix_lens, batch.seq_group, self.scale,
+                    batch.prefix_tables, batch.prefix_lens, batch.seq_group, self.scale, check_indices=False,
                 )
             elif batch.is_decode:
                 attn = ops.paged_decode_attention(
-                    q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale
+                    q, k_cache, v_cache, batch.block_tables, batch.context_lens, self.scale, check_indices=False
                 )
             else:
                 attn = ops.paged_extend_attention(
-                    q, k_cache, v_cache, batch.block_tables, batch.query_start_loc, batch.context_lens, self.scale
+                    q, k_cache, v_cache, batch.block_tables, batch.query_start_loc, batch.context_lens, self.scale,
+                    check_indices=False,
                 )
-            x = x + layer["o"](attn.reshape(-1, self.q_size))
-            h = rms_norm(x, layer["post_norm"], c.rms_norm_eps)
-            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
-            x = x + layer["down"](F.silu(gate) * up)
-        return x
+            h = layer["o"](attn.reshape(-1, self.q_size))
+            ops.fused_add_rms_norm(h, residual, layer["post_norm"], c.rms_norm_eps)
+            h = layer["down"](ops.silu_and_mul(layer["gate_up"](h)))  # gate_up: [gate | up]
+        return residual if h is None else residual.add_(h)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,10 @@ never branch on the device.
   ``fast``            fast implementations required: failing to load one raises.
 
 The public functions below validate their arguments (shapes, dtypes, devices, index
-ranges) before dispatch, so no implementation ever sees a bad block table.
+ranges) before dispatch, so no implementation ever sees a bad block table. The index
+checks read tensor data; a model checks its host-side metadata once per forward with
+``check_metadata`` and calls the ops with ``check_indices=False``, so on a GPU no layer
+waits for a device-to-host copy.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ _SCHEMAS = {
     "paged_extend_attention": "paged_extend_attention(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor query_start_loc, Tensor context_lens, float scale) -> Tensor",
     "copy_blocks": "copy_blocks(Tensor(a!) kv_cache, Tensor src, Tensor dst) -> ()",
     "prm_step_score": "prm_step_score(Tensor hidden, Tensor? norm_weight, float eps, Tensor head_weight, Tensor? head_bias, int positive_index, Tensor prev_agg, Tensor prev_count, str aggregation) -> (Tensor, Tensor)",
+    "rms_norm": "rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float eps) -> ()",
+    "fused_add_rms_norm": "fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float eps) -> ()",
+    "rotary_embedding": "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()",
+    "silu_and_mul": "silu_and_mul(Tensor(a!) out, Tensor input) -> ()",
+    "sample_tokens": "sample_tokens(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor u) -> Tensor",
 }
 
 _LIB = torch.library.Library("ttsearch", "DEF")
@@ -72,6 +80,31 @@ def _(hidden, norm_weight, eps, head_weight, head_bias, positive_index, prev_agg
     return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
 
 
+@torch.library.register_fake("ttsearch::rms_norm")
+def _(out, input, weight, eps):
+    return None
+
+
+@torch.library.register_fake("ttsearch::fused_add_rms_norm")
+def _(input, residual, weight, eps):
+    return None
+
+
+@torch.library.register_fake("ttsearch::rotary_embedding")
+def _(positions, query, key, cos_sin_cache):
+    return None
+
+
+@torch.library.register_fake("ttsearch::silu_and_mul")
+def _(out, input):
+    return None
+
+
+@torch.library.register_fake("ttsearch::sample_tokens")
+def _(logits, temperature, top_k, top_p, u):
+    return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+
 #: attention ops take head_dim in multiples of one AVX-512 float vector
 HEAD_DIM_MULTIPLE = 16
 
@@ -87,14 +120,16 @@ def _load_fast_implementations() -> None:
     if MODE == "reference":
         return
     try:
-        from ttsearch import _C  # noqa: F401  (registers the CPU kernels on import)
+        from ttsearch import _cpu_isa
 
-        IMPLEMENTATIONS["cpu"] = "cpp"
+        # imports the one ttsearch._C_<level> for this CPU (or TTSEARCH_CPU_ISA), which
+        # registers its CPU kernels; a forced level it cannot load raises ValueError, never falls back
+        IMPLEMENTATIONS["cpu"] = f"cpp-{_cpu_isa.load()}"
     except ImportError as exc:
         if MODE == "fast":
-            raise ImportError(f"TTSEARCH_OPS=fast but the C++ extension ttsearch._C did not load: {exc}") from exc
+            raise ImportError(f"TTSEARCH_OPS=fast but the C++ extension ttsearch._C_<isa> did not load: {exc}") from exc
         warnings.warn(
-            f"ttsearch._C is not built ({exc}); CPU ops run on the pure-torch reference. "
+            f"the C++ extension ttsearch._C_<isa> is not built ({exc}); CPU ops run on the pure-torch reference. "
             "Reinstall with a C++ compiler to build it.",
             stacklevel=3,
         )
@@ -129,30 +164,8 @@ def _check_int(name: str, t: torch.Tensor, dim: int, device: torch.device) -> No
     _check(t.device == device, f"{name} is on {t.device}, the data on {device}")
 
 
-# A model calls each attention op once per layer with the same metadata tensors, so their
-# index checks run once: the last checked tensors are remembered with their in-place
-# version counters (any write to them invalidates the memo) and the pool's shape.
-_LAST_CHECKED: dict[str, tuple] = {}
-
-
-def _check_once(what: str, tensors: tuple, cache: torch.Tensor, check) -> None:
-    """Run ``check(*tensors, cache)`` unless these very tensors, unmodified, passed it last time."""
-    key = tuple((t, t._version) for t in tensors) + (tuple(cache.shape),)
-    last = _LAST_CHECKED.get(what)
-    if (last is not None and len(last) == len(key) and last[-1] == key[-1]
-            and all(a is b and va == vb for (a, va), (b, vb) in zip(last[:-1], key[:-1]))):
-        return
-    _LAST_CHECKED.pop(what, None)
-    check(*tensors, cache)
-    _LAST_CHECKED[what] = key
-
-
-def _check_block_tables(block_tables: torch.Tensor, context_lens: torch.Tensor, k_cache: torch.Tensor) -> None:
-    _check_once("block_tables", (block_tables, context_lens), k_cache, _check_block_tables_now)
-
-
-def _check_block_tables_now(block_tables: torch.Tensor, context_lens: torch.Tensor, k_cache: torch.Tensor) -> None:
-    num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+def _check_block_table_indices(block_tables: torch.Tensor, context_lens: torch.Tensor, num_blocks: int,
+                               block_size: int) -> None:
     _check(block_tables.shape[0] == context_lens.shape[0],
            f"block_tables has {block_tables.shape[0]} rows but context_lens has {context_lens.shape[0]}")
     if context_lens.numel() == 0:
@@ -167,6 +180,61 @@ def _check_block_tables_now(block_tables: torch.Tensor, context_lens: torch.Tens
     bad = (ids < 0) | (ids >= num_blocks)
     if bool(bad.any()):
         raise ValueError(f"block id {int(ids[bad][0])} out of range [0, {num_blocks}) in block_tables")
+
+
+def _check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
+    if slot_mapping.numel():
+        lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+        _check(lo >= -1 and hi < num_slots, f"slot out of range: slots span [{lo}, {hi}], the pool has {num_slots}")
+
+
+def _check_query_starts(query_start_loc: torch.Tensor, context_lens: torch.Tensor, num_tokens: int) -> None:
+    q_lens = query_start_loc.diff()
+    _check(int(query_start_loc[0]) == 0 and int(query_start_loc[-1]) == num_tokens and bool((q_lens >= 0).all()),
+           f"query_start_loc must rise from 0 to {num_tokens}, got {query_start_loc.tolist()[:8]}...")
+    _check(bool((q_lens <= context_lens).all()), "a sequence has more new tokens than its context length")
+
+
+def check_metadata(
+    num_blocks: int,
+    block_size: int,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    slot_mapping: torch.Tensor | None = None,
+    query_start_loc: torch.Tensor | None = None,
+    prefix_tables: torch.Tensor | None = None,
+    prefix_lens: torch.Tensor | None = None,
+    seq_group: torch.Tensor | None = None,
+) -> None:
+    """Check the index metadata of one forward against a pool of ``num_blocks`` blocks of
+    ``block_size`` tokens: the range checks that the ops skip with ``check_indices=False``.
+
+    Pass host (CPU) tensors: they are read here, once, and a model then runs every layer's
+    ops on their device copies without reading them back (on CUDA each read would be a
+    host sync). ``query_start_loc`` describes an extend batch, the prefix tensors a
+    cascade decode batch (see ``cascade_decode_attention``)."""
+    for name, t, dim in (("block_tables", block_tables, 2), ("context_lens", context_lens, 1)):
+        _check_int(name, t, dim, block_tables.device)
+    _check_block_table_indices(block_tables, context_lens, num_blocks, block_size)
+    if slot_mapping is not None:
+        _check_int("slot_mapping", slot_mapping, 1, block_tables.device)
+        _check_slots(slot_mapping, num_blocks * block_size)
+    if query_start_loc is not None:
+        _check_int("query_start_loc", query_start_loc, 1, block_tables.device)
+        _check(query_start_loc.shape[0] == context_lens.shape[0] + 1,
+               f"query_start_loc needs {context_lens.shape[0] + 1} entries, got {query_start_loc.shape[0]}")
+        num_tokens = slot_mapping.shape[0] if slot_mapping is not None else int(query_start_loc[-1])
+        _check_query_starts(query_start_loc, context_lens, num_tokens)
+    if prefix_tables is not None:
+        for name, t, dim in (("prefix_tables", prefix_tables, 2), ("prefix_lens", prefix_lens, 1),
+                             ("seq_group", seq_group, seq_group.dim() if seq_group is not None else 1)):
+            _check(t is not None, f"{name} is missing: a cascade batch needs prefix_tables, prefix_lens and seq_group")
+            _check_int(name, t, dim, block_tables.device)
+        _check(prefix_tables.shape[0] == prefix_lens.shape[0],
+               f"prefix_tables has {prefix_tables.shape[0]} rows but prefix_lens has {prefix_lens.shape[0]} groups")
+        _check(seq_group.shape[0] == context_lens.shape[0],
+               f"seq_group has {seq_group.shape[0]} entries for {context_lens.shape[0]} sequences")
+        _check_prefix_groups(block_tables, context_lens, prefix_tables, prefix_lens, seq_group, num_blocks, block_size)
 
 
 def _check_attention(query, k_cache, v_cache, scale) -> None:
@@ -186,38 +254,43 @@ def _check_attention(query, k_cache, v_cache, scale) -> None:
 # ----------------------------------------------------------------------------- public ops
 
 
-def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
-    """Write ``key``/``value`` ``[T, Hkv, D]`` into their slots; slot -1 is skipped."""
+def store_kv(key, value, k_cache, v_cache, slot_mapping, *, check_indices: bool = True) -> None:
+    """Write ``key``/``value`` ``[T, Hkv, D]`` into their slots; slot -1 is skipped.
+
+    ``check_indices=False`` (here and in every attention op): the caller checked the index
+    tensors with ``check_metadata`` on the host; the op then reads no tensor data."""
     _check_cache("k_cache", k_cache, key.device)
     _check(k_cache.shape == v_cache.shape, f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
     _check(key.shape == value.shape and key.dim() == 3 and key.shape[1:] == k_cache.shape[2:],
            f"key {tuple(key.shape)} / value {tuple(value.shape)} do not match the cache's [*, {k_cache.shape[2]}, {k_cache.shape[3]}]")
     _check_int("slot_mapping", slot_mapping, 1, key.device)
     _check(slot_mapping.shape[0] == key.shape[0], f"slot_mapping has {slot_mapping.shape[0]} slots for {key.shape[0]} tokens")
-    if slot_mapping.numel():
-        num_slots = k_cache.shape[0] * k_cache.shape[1]
-        lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
-        _check(lo >= -1 and hi < num_slots, f"slot out of range: slots span [{lo}, {hi}], the pool has {num_slots}")
+    if check_indices:
+        _check_slots(slot_mapping, k_cache.shape[0] * k_cache.shape[1])
     torch.ops.ttsearch.store_kv(key, value, k_cache, v_cache, slot_mapping)
 
 
-def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale: float):
+def paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale: float, *,
+                           check_indices: bool = True):
     """``query [B, H, D]`` (one token per sequence) against each sequence's paged context."""
     _check_attention(query, k_cache, v_cache, scale)
     _check_int("block_tables", block_tables, 2, query.device)
     _check_int("context_lens", context_lens, 1, query.device)
     _check(query.shape[0] == context_lens.shape[0], f"{query.shape[0]} queries but {context_lens.shape[0]} context lengths")
-    _check_block_tables(block_tables, context_lens, k_cache)
+    _check(block_tables.shape[0] == context_lens.shape[0],
+           f"block_tables has {block_tables.shape[0]} rows but context_lens has {context_lens.shape[0]}")
+    if check_indices:
+        _check_block_table_indices(block_tables, context_lens, *k_cache.shape[:2])
     return torch.ops.ttsearch.paged_decode_attention(query, k_cache, v_cache, block_tables, context_lens, scale)
 
 
-def _check_prefix_groups(block_tables, context_lens, prefix_tables, prefix_lens, seq_group, k_cache) -> None:
+def _check_prefix_groups(block_tables, context_lens, prefix_tables, prefix_lens, seq_group, num_blocks: int,
+                         block_size: int) -> None:
     """The nodes are whole, in-range blocks; each sequence's path is -1-padded, keeps every
     node at one level, fits its context, and its block table holds each node's blocks at
     the node's columns."""
     device = block_tables.device
     num_groups = prefix_lens.shape[0]
-    num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
     if num_groups:
         bad = (prefix_lens < block_size) | (prefix_lens % block_size != 0)
         if bool(bad.any()):
@@ -303,7 +376,8 @@ def _check_prefix_groups(block_tables, context_lens, prefix_tables, prefix_lens,
 
 
 def cascade_decode_attention(
-    query, k_cache, v_cache, block_tables, context_lens, prefix_tables, prefix_lens, seq_group, scale: float
+    query, k_cache, v_cache, block_tables, context_lens, prefix_tables, prefix_lens, seq_group, scale: float, *,
+    check_indices: bool = True,
 ):
     """Decode attention that reads each shared prefix node once for all the sequences below it.
 
@@ -338,19 +412,18 @@ def cascade_decode_attention(
     _check(seq_group.shape[0] == batch, f"seq_group has {seq_group.shape[0]} entries for {batch} sequences")
     _check(prefix_tables.shape[0] == num_groups,
            f"prefix_tables has {prefix_tables.shape[0]} rows but prefix_lens has {num_groups} groups")
-    _check_block_tables(block_tables, context_lens, k_cache)
-    if batch == 0:
-        return torch.ops.ttsearch.cascade_decode_attention(
-            query, k_cache, v_cache, block_tables, context_lens, prefix_tables, prefix_lens, seq_group, scale)
-
-    _check_once("prefix_groups", (block_tables, context_lens, prefix_tables, prefix_lens, seq_group), k_cache,
-                _check_prefix_groups)
+    _check(block_tables.shape[0] == batch, f"block_tables has {block_tables.shape[0]} rows for {batch} sequences")
+    if check_indices:
+        _check_block_table_indices(block_tables, context_lens, *k_cache.shape[:2])
+        if batch:
+            _check_prefix_groups(block_tables, context_lens, prefix_tables, prefix_lens, seq_group, *k_cache.shape[:2])
     return torch.ops.ttsearch.cascade_decode_attention(
         query, k_cache, v_cache, block_tables, context_lens, prefix_tables, prefix_lens, seq_group, scale
     )
 
 
-def paged_extend_attention(query, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale: float):
+def paged_extend_attention(query, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale: float, *,
+                           check_indices: bool = True):
     """New tokens ``query [T, H, D]`` of several sequences, causal among themselves, against
     each sequence's paged context (which already holds their keys and values)."""
     _check_attention(query, k_cache, v_cache, scale)
@@ -359,27 +432,34 @@ def paged_extend_attention(query, k_cache, v_cache, block_tables, query_start_lo
     _check_int("query_start_loc", query_start_loc, 1, query.device)
     _check(query_start_loc.shape[0] == context_lens.shape[0] + 1,
            f"query_start_loc needs {context_lens.shape[0] + 1} entries, got {query_start_loc.shape[0]}")
-    q_lens = query_start_loc.diff()
-    _check(int(query_start_loc[0]) == 0 and int(query_start_loc[-1]) == query.shape[0] and bool((q_lens >= 0).all()),
-           f"query_start_loc must rise from 0 to {query.shape[0]}, got {query_start_loc.tolist()[:8]}...")
-    _check(bool((q_lens <= context_lens).all()), "a sequence has more new tokens than its context length")
-    _check_block_tables(block_tables, context_lens, k_cache)
+    _check(block_tables.shape[0] == context_lens.shape[0],
+           f"block_tables has {block_tables.shape[0]} rows but context_lens has {context_lens.shape[0]}")
+    if check_indices:
+        _check_query_starts(query_start_loc, context_lens, query.shape[0])
+        _check_block_table_indices(block_tables, context_lens, *k_cache.shape[:2])
     return torch.ops.ttsearch.paged_extend_attention(
         query, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale
     )
 
 
-def copy_blocks(kv_cache, src, dst) -> None:
+def check_block_copies(num_blocks: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """The range checks ``copy_blocks`` skips with ``check_indices=False``; pass host tensors."""
+    _check(src.shape == dst.shape, f"src has {src.numel()} blocks, dst {dst.numel()}")
+    if src.numel():
+        both = torch.cat([src, dst])
+        _check(int(both.min()) >= 0 and int(both.max()) < num_blocks,
+               f"block id out of range [0, {num_blocks}) in copy_blocks")
+        _check(len(set(dst.tolist())) == dst.numel(), "copy_blocks: a destination block appears twice")
+
+
+def copy_blocks(kv_cache, src, dst, *, check_indices: bool = True) -> None:
     """Copy whole blocks ``src[i] -> dst[i]`` in every layer of ``kv_cache [2, L, NB, BS, Hkv, D]``."""
     _check(kv_cache.dim() == 6, f"kv_cache: expected [2, layers, blocks, block_size, kv_heads, head_dim], got {tuple(kv_cache.shape)}")
     _check_int("src", src, 1, kv_cache.device)
     _check_int("dst", dst, 1, kv_cache.device)
     _check(src.shape == dst.shape, f"src has {src.numel()} blocks, dst {dst.numel()}")
-    if src.numel():
-        n = kv_cache.shape[2]
-        both = torch.cat([src, dst])
-        _check(int(both.min()) >= 0 and int(both.max()) < n, f"block id out of range [0, {n}) in copy_blocks")
-        _check(len(set(dst.tolist())) == dst.numel(), "copy_blocks: a destination block appears twice")
+    if check_indices:
+        check_block_copies(kv_cache.shape[2], src, dst)
     torch.ops.ttsearch.copy_blocks(kv_cache, src, dst)
 
 
@@ -409,6 +489,123 @@ def prm_step_score(
     )
 
 
+# ----------------------------------------------------------------------------- fused elementwise ops
+# These run several times per layer, so their checks compare shapes, dtypes and devices
+# only; tensor data is read only for rotary positions (check_indices) and in sampling.
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_like(name: str, t: torch.Tensor, shape: tuple, like: torch.Tensor) -> None:
+    _check(tuple(t.shape) == tuple(shape), f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    _check(t.dtype == like.dtype and t.device == like.device,
+           f"{name}: {t.dtype} on {t.device}, expected {like.dtype} on {like.device}")
+
+
+def _rows(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t [..., width]`` as a 2-D view ``[rows, width]`` with a unit last stride; never a copy,
+    since the in-place ops write through it."""
+    try:
+        rows = t.view(-1, t.shape[-1])
+    except RuntimeError as exc:
+        raise ValueError(f"{name}: shape {tuple(t.shape)} with strides {t.stride()} is not viewable as rows") from exc
+    _check(rows.shape[1] <= 1 or rows.stride(1) == 1,
+           f"{name}: the last dim must be contiguous, got strides {t.stride()}")
+    return rows
+
+
+def _check_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    _check(x.dtype in _FLOAT_DTYPES, f"expected a float32, bfloat16 or float16 input, got {x.dtype}")
+    _check(x.dim() >= 1, "x: expected [..., hidden], got a scalar")
+    _check_like("weight", weight, (x.shape[-1],), x)
+    _check(weight.is_contiguous(), "weight must be contiguous")
+    _check(eps >= 0, f"eps must be >= 0, got {eps}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``rms_norm(x) * weight`` over the last dim (normalized in float32, rounded to x's dtype,
+    then scaled), into ``out`` (new if None); returns ``out``."""
+    _check_norm(x, weight, eps)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _check_like("out", out, x.shape, x)
+    x_rows = x.reshape(-1, x.shape[-1])
+    if x_rows.shape[1] > 1 and x_rows.stride(1) != 1:
+        x_rows = x_rows.contiguous()
+    torch.ops.ttsearch.rms_norm(_rows("out", out), x_rows, weight, eps)
+    return out
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """In place, in one pass: ``residual += x``, then ``x = rms_norm(residual) * weight``."""
+    _check_norm(x, weight, eps)
+    _check_like("residual", residual, x.shape, x)
+    torch.ops.ttsearch.fused_add_rms_norm(_rows("x", x), _rows("residual", residual), weight, eps)
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor,
+                     *, check_indices: bool = True) -> None:
+    """Rotate-half (GPT-NeoX) RoPE in place on ``query [T, H, D]`` and ``key [T, Hkv, D]``
+    (views into a fused qkv output are fine: any token stride, each token's heads
+    contiguous). Row ``p`` of ``cos_sin_cache [max_pos, D]`` is cos, then sin, of
+    ``p * inv_freq`` (D/2 each), in the query's dtype."""
+    _check(query.dim() == 3 and key.dim() == 3,
+           f"query {tuple(query.shape)} and key {tuple(key.shape)}: expected [tokens, heads, head_dim]")
+    tokens, _, dim = query.shape
+    _check(query.dtype in _FLOAT_DTYPES, f"expected a float32, bfloat16 or float16 query, got {query.dtype}")
+    _check(dim % 2 == 0, f"head_dim {dim} is odd")
+    _check_like("key", key, (tokens, key.shape[1], dim), query)
+    for name, t in (("query", query), ("key", key)):
+        _check(t.numel() == 0 or (t.stride(2) == 1 and t.stride(1) == dim),
+               f"{name}: each token's heads must be contiguous, got strides {t.stride()}")
+    _check_like("cos_sin_cache", cos_sin_cache, (cos_sin_cache.shape[0], dim), query)
+    _check(cos_sin_cache.is_contiguous(), "cos_sin_cache must be contiguous")
+    _check_int("positions", positions, 1, query.device)
+    _check(positions.shape[0] == tokens, f"{positions.shape[0]} positions for {tokens} tokens")
+    if check_indices and tokens:
+        lo, hi = int(positions.min()), int(positions.max())
+        _check(lo >= 0 and hi < cos_sin_cache.shape[0],
+               f"positions span [{lo}, {hi}]; cos_sin_cache has {cos_sin_cache.shape[0]} rows")
+    torch.ops.ttsearch.rotary_embedding(positions, query, key, cos_sin_cache)
+
+
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` for ``x [..., 2d]`` (gate, then up), into ``out``
+    (new if None); returns ``out``."""
+    _check(x.dtype in _FLOAT_DTYPES, f"expected a float32, bfloat16 or float16 input, got {x.dtype}")
+    _check(x.dim() >= 1 and x.shape[-1] % 2 == 0, f"x: expected [..., 2d], got shape {tuple(x.shape)}")
+    shape = (*x.shape[:-1], x.shape[-1] // 2)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    _check_like("out", out, shape, x)
+    x_rows = x.reshape(-1, x.shape[-1])
+    if x_rows.shape[1] > 1 and x_rows.stride(1) != 1:
+        x_rows = x_rows.contiguous()
+    torch.ops.ttsearch.silu_and_mul(_rows("out", out), x_rows)
+    return out
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  u: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``logits [B, V]`` (float32) -> int64 ``[B]``: per row a temperature
+    (0: greedy), ``top_k`` (0: off, 1: greedy), ``top_p`` in (0, 1] (1: off) and one uniform
+    draw ``u`` in [0, 1). ``reference.sample_tokens`` states the rule exactly."""
+    _check(logits.dim() == 2 and logits.dtype == torch.float32,
+           f"logits: expected float32 [batch, vocab], got {logits.dtype} {tuple(logits.shape)}")
+    _check(logits.shape[1] > 0, "logits: the vocabulary is empty")
+    batch = logits.shape[0]
+    for name, t in (("temperature", temperature), ("top_p", top_p), ("u", u)):
+        _check(tuple(t.shape) == (batch,) and t.dtype == torch.float32,
+               f"{name}: expected float32 [{batch}], got {t.dtype} {tuple(t.shape)}")
+        _check(t.device == logits.device, f"{name} is on {t.device}, logits on {logits.device}")
+    _check_int("top_k", top_k, 1, logits.device)
+    _check(top_k.shape[0] == batch, f"top_k has {top_k.shape[0]} entries for {batch} rows")
+    if batch:  # one read per decode step
+        _check(bool(((temperature >= 0) & (top_k >= 0) & (top_p > 0) & (top_p <= 1) & (u >= 0) & (u < 1)).all()),
+               "expected temperature >= 0, top_k >= 0, 0 < top_p <= 1 and 0 <= u < 1 in every row")
+    return torch.ops.ttsearch.sample_tokens(logits, temperature, top_k, top_p, u)
+
+
 _load_fast_implementations()
 
 __all__ = [
@@ -418,6 +615,13 @@ __all__ = [
     "cascade_decode_attention",
     "copy_blocks",
     "prm_step_score",
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "sample_tokens",
+    "check_metadata",
+    "check_block_copies",
     "reference",
     "IMPLEMENTATIONS",
     "MODE",

@@ -265,3 +265,118 @@ def update_aggregate(prev_agg: torch.Tensor, prev_count: torch.Tensor, scores: t
         return torch.where(first, scores, prev_agg * scores)
     count = prev_count.float()
     return torch.where(first, scores, (prev_agg * count + scores) / (count + 1))
+
+
+# ----------------------------------------------------------------------------- fused elementwise ops
+# The model's own arithmetic (models/llama.py before these ops existed), rounding to the
+# tensors' dtype at the same points, so swapping an op in changes no result.
+
+
+def _rms_normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalize in float32, round to the input dtype, then scale in that dtype (as HF's Llama).
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rms_norm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """``out = rms_norm(input) * weight`` over the last dim."""
+    out.copy_(_rms_normalize(input, weight, eps))
+
+
+def fused_add_rms_norm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """In place: ``residual += input``, then ``input = rms_norm(residual) * weight``."""
+    residual.add_(input)
+    input.copy_(_rms_normalize(residual, weight, eps))
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """Rotate-half (GPT-NeoX) RoPE in place on ``query [T, H, D]`` and ``key [T, Hkv, D]``.
+    Row ``p`` of ``cos_sin_cache [max_pos, D]`` is ``cos(p * inv_freq) | sin(p * inv_freq)``
+    (D/2 each) in the query's dtype."""
+    half = query.shape[-1] // 2
+    cs = cos_sin_cache[positions.long()]
+    cos = torch.cat((cs[:, :half], cs[:, :half]), dim=-1).unsqueeze(1)
+    sin = torch.cat((cs[:, half:], cs[:, half:]), dim=-1).unsqueeze(1)
+    for x in (query, key):
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        x.copy_(x * cos + rotated * sin)
+
+
+def silu_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
+    """``out = silu(input[..., :d]) * input[..., d:]`` (gate, then up: the model's gate_up)."""
+    d = input.shape[-1] // 2
+    out.copy_(F.silu(input[..., :d]) * input[..., d:])
+
+
+#: the nucleus almost always lies within the top few hundred tokens: sort only those first
+NUCLEUS_CANDIDATES = 512
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
+    """One token per row of ``logits [B, V]`` (float32) -> int64 ``[B]``.
+
+    A row with ``temperature == 0`` or ``top_k == 1`` takes the argmax (the first, on ties).
+    Every other row divides by its temperature, keeps its ``top_k`` largest logits (0 or
+    >= V: all; ties with the k-th all stay), softmaxes, keeps the nucleus (the tokens whose
+    mass strictly ahead of them, in order of falling probability, is below ``top_p``;
+    among equal probabilities the lower token id comes first; ``top_p >= 1``: all), and
+    draws by inverse CDF in token-id order: the first token whose cumulative mass exceeds
+    ``u * total``, ``u [B]`` uniform in [0, 1)."""
+    tokens = logits.argmax(dim=-1)
+    rows = ((temperature != 0) & (top_k != 1)).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return tokens
+    vocab = logits.shape[1]
+    all_rows = rows.numel() == logits.shape[0]
+    sub = logits if all_rows else logits[rows]  # no copy of a batch that all samples
+    sub = sub / temperature[rows].to(logits.dtype)[:, None]
+    sub = top_k_filter(sub, top_k[rows])
+    probs = torch.softmax(sub, dim=-1)
+    probs = top_p_filter(probs, top_p[rows].to(probs.dtype))
+    cdf = probs.cumsum(dim=-1)
+    # right side: the first token whose cumulative mass exceeds the draw, never a zero-mass one
+    draw = (u[rows].to(cdf.dtype) * cdf[:, -1])[:, None]
+    picked = torch.searchsorted(cdf, draw, right=True).squeeze(1)
+    tokens[rows] = picked.clamp(max=vocab - 1)
+    return tokens
+
+
+def top_k_filter(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """``logits`` below each row's k-th largest set to -inf (k = 0 or >= V: none)."""
+    vocab = logits.shape[1]
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k.long(), vocab)
+    if bool((k == vocab).all()):
+        return logits
+    kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``probs`` outside each row's nucleus set to 0 (``top_p >= 1``: the row is kept whole)."""
+    active = top_p < 1
+    if not bool(active.any()):
+        return probs
+    top_p = top_p[:, None]
+    k = min(NUCLEUS_CANDIDATES, probs.shape[1])
+    sorted_probs, order = _by_falling_probability(probs, probs.topk(k, dim=-1).indices)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass strictly ahead of each token
+    if k < probs.shape[1]:
+        # The candidates hold every token the nucleus keeps unless it reaches their lowest
+        # probability, whose ties may continue outside them: then sort the whole row.
+        first_lowest = (sorted_probs > sorted_probs[:, -1:]).sum(-1, keepdim=True)
+        if bool((before.gather(1, first_lowest) < top_p)[active].any()):
+            sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+            before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    kept = sorted_probs.masked_fill(before >= top_p, 0.0)  # the top token always: 0 mass ahead
+    return torch.where(active[:, None], torch.zeros_like(probs).scatter(1, order, kept), probs)
+
+
+def _by_falling_probability(probs: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates ``order`` (from topk) by falling probability, equal ones by token id
+    (topk leaves the order of ties unspecified): ``(probabilities, token ids)``."""
+    order = order.sort(dim=-1).values
+    values, perm = probs.gather(1, order).sort(dim=-1, descending=True, stable=True)
+    return values, order.gather(1, perm)

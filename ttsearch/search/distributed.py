@@ -21,6 +21,7 @@ from dataclasses import asdict
 
 from tqdm import tqdm
 
+from ttsearch import batch_invariant
 from ttsearch.errors import TTSearchError
 from ttsearch.eval.datasets import Problem
 from ttsearch.search.config import ConfigError, SearchConfig
@@ -74,11 +75,14 @@ def probe(address: str) -> None:
 class SearchWorker:
     """One worker: a Searcher, and a method that searches a chunk of problems as one batch."""
 
-    def __init__(self, searcher_args: dict, threads: int | None, imports: list[str]):
+    def __init__(self, searcher_args: dict, threads: int | None, imports: list[str], batch_invariant: bool = False):
         import importlib
 
         import torch
 
+        from ttsearch.batch_invariant import set_enabled
+
+        set_enabled(batch_invariant)  # the driver's mode, whatever the worker's environment says
         if threads:
             torch.set_num_threads(threads)
         for module in imports:  # strategies and verifiers registered by the user's modules
@@ -141,7 +145,8 @@ def _drive(ray, todo, on_record, settings, searcher_args, workers, imports, prog
         options = {"num_cpus": min(threads, cpus)}
     actor = ray.remote(SearchWorker)
     # a worker that dies is not restarted: its problems go to the others
-    pool = {i: actor.options(**options, max_restarts=0).remote(searcher_args, threads, imports) for i in range(count)}
+    pool = {i: actor.options(**options, max_restarts=0).remote(searcher_args, threads, imports, batch_invariant.enabled())
+            for i in range(count)}
     for i, info in zip(pool, ray.get([w.describe.remote() for w in pool.values()])):
         log.info("worker %d: pid %d on %s", i, info["pid"], info["host"])
 

@@ -1,0 +1,168 @@
+// Token sampling without sorting the vocabulary: per row temperature, top-k, top-p and an
+// inverse-CDF draw, the rule of reference.sample_tokens (ttsearch/ops/reference.py).
+//
+// Per sampled row: the k-th largest scaled logit by selection (nth_element); the softmax
+// exactly as torch's CPU kernel computes it (the same vector max, exp, sum and 1/sum), so
+// the probabilities are the reference's own; the nucleus by a three-way quickselect on
+// probability that tracks the mass above the pivot; the draw by one scan in token-id order.
+// Where the reference rounds a float32 cumsum (torch accumulates it in double), this does
+// the same, so the token differs from the reference's only where a sum lands within double
+// rounding of a float32 rounding boundary.
+#include "cpu_utils.h"  // first: selects ATen's vector ISA
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <vector>
+
+#include "ops.h"
+
+namespace ttsearch {
+namespace {
+
+using cpu::Vec;
+
+// Below this many logits a parallel region costs more than it buys.
+constexpr int64_t kParallelValues = 1 << 16;
+
+// torch.argmax: the first index of the largest value (NaN counts as the largest).
+int64_t argmax(const float* x, int64_t n) {
+  const float best = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (x[i] == best || (std::isnan(best) && std::isnan(x[i]))) return i;
+  }
+  return 0;
+}
+
+// torch.softmax on the CPU, step for step (aten/src/ATen/native/cpu/SoftMaxKernel.cpp).
+void softmax_inplace(float* x, int64_t n) {
+  const float max = at::vec::reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, n);
+  at::vec::map([max](Vec v) { return (v - Vec(max)).exp(); }, x, x, n);
+  const float inv = 1 / at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, x, n);
+  at::vec::map([inv](Vec v) { return v * Vec(inv); }, x, x, n);
+}
+
+// Is the first token of probability p, after `ahead` mass of larger ones, in the nucleus?
+// As the reference decides: its float32 cumsum (accumulated in double) minus p, below top_p.
+inline bool kept(double ahead, float p, float top_p) { return static_cast<float>(ahead + p) - p < top_p; }
+
+struct Nucleus {
+  float lowest;       // the smallest probability it keeps
+  int64_t ties_kept;  // how many tokens of that probability it keeps, lowest ids first
+};
+
+// The nucleus of probs[0, n) by quickselect: buf[lo, hi) holds the candidates for its lowest
+// probability, `ahead` the mass of the tokens above them. The top token is always kept.
+Nucleus find_nucleus(const float* probs, int64_t n, float top_p, float* buf) {
+  std::copy(probs, probs + n, buf);
+  double ahead = 0;
+  Nucleus best{probs[0], 0};
+  double best_ahead = 0;
+  int64_t best_count = 0;
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    float a = buf[lo], b = buf[lo + (hi - lo) / 2], c = buf[hi - 1];
+    const float pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));  // median of three
+    // three-way partition: [lo, gt) > pivot, [gt, lt) == pivot, [lt, hi) < pivot
+    int64_t gt = lo, i = lo, lt = hi;
+    double above = 0;
+    while (i < lt) {
+      const float v = buf[i];
+      if (v > pivot) {
+        above += v;
+        std::swap(buf[gt++], buf[i++]);
+      } else if (v < pivot) {
+        std::swap(buf[i], buf[--lt]);
+      } else {
+        ++i;
+      }
+    }
+    if (kept(ahead + above, pivot, top_p)) {  // the lowest kept is the pivot or below it
+      best = {pivot, 0};
+      best_ahead = ahead + above;
+      best_count = lt - gt;
+      ahead = best_ahead + static_cast<double>(best_count) * pivot;
+      lo = lt;
+    } else {  // above it
+      hi = gt;
+    }
+  }
+  // Ties of the lowest kept probability follow one another in id order.
+  double cum = best_ahead;
+  for (; best.ties_kept < best_count; ++best.ties_kept) {
+    cum += best.lowest;
+    if (!(static_cast<float>(cum) - best.lowest < top_p)) break;
+  }
+  return best;
+}
+
+int64_t sample_row(const float* logits, int64_t n, float temperature, int64_t top_k, float top_p, float u,
+                   float* probs, float* buf) {
+  at::vec::map([temperature](Vec v) { return v / Vec(temperature); }, probs, logits, n);
+  if (top_k > 0 && top_k < n) {
+    std::copy(probs, probs + n, buf);
+    std::nth_element(buf, buf + top_k - 1, buf + n, std::greater<float>());
+    const float kth = buf[top_k - 1];
+    for (int64_t i = 0; i < n; ++i) {
+      if (probs[i] < kth) probs[i] = -std::numeric_limits<float>::infinity();
+    }
+  }
+  softmax_inplace(probs, n);
+  Nucleus nucleus{0.f, n};  // top_p >= 1: every token
+  if (top_p < 1) nucleus = find_nucleus(probs, n, top_p, buf);
+  // The nucleus as a mask: above its lowest probability, or the first ties of it.
+  int64_t ties = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (probs[i] < nucleus.lowest || (probs[i] == nucleus.lowest && ties++ >= nucleus.ties_kept)) probs[i] = 0.f;
+  }
+  // Inverse CDF: the first token whose cumulative mass exceeds u * total.
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) total += probs[i];
+  const float draw = u * static_cast<float>(total);
+  double cum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    cum += probs[i];
+    if (static_cast<float>(cum) > draw) return i;
+  }
+  return n - 1;
+}
+
+}  // namespace
+
+at::Tensor sample_tokens(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                         const at::Tensor& top_p, const at::Tensor& u) {
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "sample_tokens: expected float32 logits [B, V]");
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor temp = temperature.to(at::kFloat).contiguous();
+  const at::Tensor ks = top_k.to(at::kLong).contiguous();
+  const at::Tensor ps = top_p.to(at::kFloat).contiguous();
+  const at::Tensor us = u.to(at::kFloat).contiguous();
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor tokens = at::empty({rows}, logits.options().dtype(at::kLong));
+  const float* data = x.const_data_ptr<float>();
+  const float* t = temp.const_data_ptr<float>();
+  const int64_t* k = ks.const_data_ptr<int64_t>();
+  const float* p = ps.const_data_ptr<float>();
+  const float* r = us.const_data_ptr<float>();
+  int64_t* out = tokens.data_ptr<int64_t>();
+#pragma omp parallel if (rows * n > kParallelValues)
+  {
+    std::vector<float> probs, buf;  // per thread, sized at the first sampled row
+#pragma omp for schedule(dynamic)
+    for (int64_t b = 0; b < rows; ++b) {
+      const float* row = data + b * n;
+      if (t[b] == 0 || k[b] == 1) {
+        out[b] = argmax(row, n);
+        continue;
+      }
+      probs.resize(n);
+      buf.resize(n);
+      out[b] = sample_row(row, n, t[b], k[b], p[b], r[b], probs.data(), buf.data());
+    }
+  }
+  return tokens;
+}
+
+}  // namespace ttsearch

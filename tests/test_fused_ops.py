@@ -1,0 +1,413 @@
+"""The fused elementwise ops and the sampler, each implementation against the reference bodies.
+
+``cpp``: the public op on CPU tensors, dispatched to ttsearch._C (skipped when it is not
+loaded; TTSEARCH_OPS=fast makes a missing extension an error instead). ``triton``: the
+launchers called directly, on CPU tensors through Triton's interpreter (kept small: it is
+slow) and natively on a CUDA machine. float32 within 1e-5, bf16/fp16 within a rounding
+step of the dtype (the rounding points are the reference's, the float32 sums' order is not).
+
+Sampling is compared token for token. A fast sampler may pick another token than the
+reference only where float rounding decides: the draw within 1e-6 of a CDF boundary between
+the two tokens, or a token whose mass ahead lies within 1e-6 of top_p (in or out of the
+nucleus by rounding). Every differing row must be explained so, by recomputing the
+reference's distribution in float64; the counts are printed (-s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+# Triton fixes a function's mode when it is decorated: the interpreter must be on before the
+# first import of triton (the ``impl`` fixture swaps in interpreted twins if it was not).
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import ttsearch.ops as ops  # noqa: E402
+from ttsearch.ops import reference  # noqa: E402
+
+HAS_CPP = ops.IMPLEMENTATIONS["cpu"].startswith("cpp")  # "cpp-<isa level>"
+try:
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    with contextlib.suppress(ImportError):  # imported by Triton's first launch; needs compiled functions
+        import triton.experimental.gluon  # noqa: F401
+    from ttsearch.kernels import activation, rms_norm, rotary, sampling
+
+    KERNEL_MODULES = [activation, rms_norm, rotary, sampling]
+except ImportError:
+    KERNEL_MODULES = None
+
+IMPLS = [
+    pytest.param("cpp", marks=pytest.mark.skipif(not HAS_CPP, reason="ttsearch._C is not loaded")),
+    pytest.param("triton", marks=pytest.mark.skipif(KERNEL_MODULES is None, reason="triton is not importable")),
+]
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1.6e-2), torch.float16: (2e-3, 2e-3)}  # (atol, rtol)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request, monkeypatch):
+    """The implementation under test: "cpp", or "triton" (interpreted on a CPU-only machine)."""
+    if request.param == "triton" and not HAS_CUDA:
+        for module in (tl, tl.standard, *KERNEL_MODULES):
+            for name, fn in list(vars(module).items()):
+                if isinstance(fn, JITFunction):
+                    monkeypatch.setattr(module, name, InterpretedFunction(fn.fn))
+    return request.param
+
+
+def run(impl: str, name: str, *args):
+    """Op ``name`` on copies of ``args``: the C++ kernel through the dispatcher, or the Triton
+    launcher directly (on the GPU where there is one). Returns the args (mutated) and the result."""
+    device = "cpu" if impl == "cpp" else DEVICE
+    args = [a.to(device, copy=True) if isinstance(a, torch.Tensor) else a for a in args]
+    if impl == "cpp":
+        out = getattr(torch.ops.ttsearch, name)(*args)
+    else:
+        module = {"rms_norm": rms_norm, "fused_add_rms_norm": rms_norm, "rotary_embedding": rotary,
+                  "silu_and_mul": activation, "sample_tokens": sampling}[name]
+        out = getattr(module, name)(*args)
+    back = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return [back(a) for a in args], back(out)
+
+
+def assert_close(actual, expected):
+    atol, rtol = TOL[expected.dtype]
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+def randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+# ----------------------------------------------------------------------------- norms
+
+# (rows, hidden, row stride): a decode batch at SmolLM2's width, widths off the vector size,
+# a single row, no rows, and rows that are a strided slice of a wider buffer.
+NORM_SHAPES = [(64, 576, 576), (5, 100, 100), (1, 8, 8), (0, 64, 64), (3, 72, 96)]
+TRITON_NORM_SHAPES = [(5, 100, 100), (3, 72, 96)]
+
+
+def norm_inputs(rows, hidden, stride, dtype, seed=0):
+    x = randn(rows, stride, dtype=dtype, seed=seed, scale=2.0)[:, :hidden]
+    residual = randn(rows, stride, dtype=dtype, seed=seed + 1)[:, :hidden]
+    weight = (torch.rand(hidden, generator=torch.Generator().manual_seed(seed + 2)) + 0.5).to(dtype)
+    return x, residual, weight
+
+
+def norm_cases(impl):
+    return TRITON_NORM_SHAPES if impl == "triton" else NORM_SHAPES
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm(impl, dtype):
+    for rows, hidden, stride in norm_cases(impl):
+        x, _, weight = norm_inputs(rows, hidden, stride, dtype)
+        out = torch.empty(rows, hidden, dtype=dtype)
+        (got, *_), _ = run(impl, "rms_norm", out, x, weight, 1e-6)
+        expected = torch.empty_like(out)
+        reference.rms_norm(expected, x, weight, 1e-6)
+        assert_close(got, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rms_norm(impl, dtype):
+    for rows, hidden, stride in norm_cases(impl):
+        x, residual, weight = norm_inputs(rows, hidden, stride, dtype)
+        (got_x, got_res, *_), _ = run(impl, "fused_add_rms_norm", x, residual, weight, 1e-5)
+        want_x, want_res = x.clone(), residual.clone()
+        reference.fused_add_rms_norm(want_x, want_res, weight, 1e-5)
+        if impl == "cpp" or HAS_CUDA or dtype != torch.bfloat16:
+            assert torch.equal(got_res, want_res), "the residual add rounds once, as the reference's"
+        else:  # the interpreter truncates float32 -> bf16 (triton/runtime/interpreter.py, _convert_float)
+            assert_close(got_res, want_res)
+        assert_close(got_x, want_x)
+
+
+def test_norm_public_ops_check_and_keep_shape():
+    x = randn(2, 3, 64)
+    weight = torch.ones(64)
+    assert ops.rms_norm(x, weight, 1e-6).shape == (2, 3, 64)
+    with pytest.raises(ValueError, match="weight"):
+        ops.rms_norm(x, torch.ones(63), 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        ops.fused_add_rms_norm(x, x[..., :32].clone(), weight, 1e-6)
+    with pytest.raises(ValueError, match="not viewable as rows"):
+        ops.fused_add_rms_norm(x.transpose(0, 1), x.transpose(0, 1).clone(), weight, 1e-6)
+
+
+# ----------------------------------------------------------------------------- rotary
+
+# (tokens, heads, kv heads, head_dim): SmolLM2's 9/3 x 64, GQA 4/1 x 128, a head_dim whose
+# half is no multiple of the vector width, one token.
+ROPE_SHAPES = [(37, 9, 3, 64), (5, 4, 1, 128), (6, 2, 2, 40), (1, 3, 1, 64)]
+TRITON_ROPE_SHAPES = [(5, 4, 1, 128), (6, 2, 2, 40)]
+
+
+def rope_inputs(tokens, heads, kv_heads, dim, dtype, max_pos=300):
+    """q and k as views into one fused qkv output, as the model has them, and the cache."""
+    qkv = randn(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype, seed=3)
+    q = qkv[:, : heads * dim].view(tokens, heads, dim)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    freqs = torch.outer(torch.arange(max_pos).float(), inv_freq)
+    cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype)
+    positions = torch.randint(0, max_pos, (tokens,), generator=torch.Generator().manual_seed(4))
+    return qkv, q, k, positions, cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_embedding(impl, dtype):
+    for tokens, heads, kv_heads, dim in TRITON_ROPE_SHAPES if impl == "triton" else ROPE_SHAPES:
+        qkv, q, k, positions, cache = rope_inputs(tokens, heads, kv_heads, dim, dtype)
+        device = "cpu" if impl == "cpp" else DEVICE
+        got = qkv.to(device, copy=True)
+        q_dev = got[:, : heads * dim].view(tokens, heads, dim)
+        k_dev = got[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+        if impl == "cpp":
+            ops.rotary_embedding(positions, q_dev, k_dev, cache)
+        else:
+            rotary.rotary_embedding(positions.to(device), q_dev, k_dev, cache.to(device))
+        reference.rotary_embedding(positions, q, k, cache)  # in place in qkv
+        got = got.cpu()
+        assert_close(got, qkv)
+        v_cols = slice((heads + kv_heads) * dim, None)
+        assert torch.equal(got[:, v_cols], qkv[:, v_cols]), "values are not rotated"
+
+
+def test_rotary_reference_is_the_models_rope():
+    """The reference body is llama.py's rotate-half RoPE with a cos | sin cache."""
+    qkv, q, k, positions, cache = rope_inputs(7, 4, 2, 64, torch.float32)
+    half = 32
+    emb = torch.cat((cache[:, :half], cache[:, :half]), -1), torch.cat((cache[:, half:], cache[:, half:]), -1)
+    cos, sin = emb[0][positions].unsqueeze(1), emb[1][positions].unsqueeze(1)
+    expected = [x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin for x in (q, k)]
+    reference.rotary_embedding(positions, q, k, cache)
+    assert torch.equal(q, expected[0]) and torch.equal(k, expected[1])
+
+
+def test_rotary_checks_positions():
+    _, q, k, positions, cache = rope_inputs(3, 2, 1, 64, torch.float32, max_pos=10)
+    with pytest.raises(ValueError, match="positions span"):
+        ops.rotary_embedding(positions + 10, q, k, cache)
+    with pytest.raises(ValueError, match="heads must be contiguous"):
+        ops.rotary_embedding(positions, torch.randn(3, 64, 2).transpose(1, 2), k, cache)
+
+
+# ----------------------------------------------------------------------------- silu_and_mul
+
+ACT_SHAPES = [(64, 1536), (3, 200), (1, 16), (0, 32)]
+TRITON_ACT_SHAPES = [(3, 200), (2, 48)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul(impl, dtype):
+    for rows, width in TRITON_ACT_SHAPES if impl == "triton" else ACT_SHAPES:
+        x = randn(rows, width, dtype=dtype, seed=5, scale=3.0)
+        out = torch.empty(rows, width // 2, dtype=dtype)
+        (got, _), _ = run(impl, "silu_and_mul", out, x)
+        expected = torch.empty_like(out)
+        reference.silu_and_mul(expected, x)
+        assert_close(got, expected)
+
+
+def test_silu_and_mul_public_op():
+    x = randn(2, 3, 64)
+    torch.testing.assert_close(ops.silu_and_mul(x), torch.nn.functional.silu(x[..., :32]) * x[..., 32:])
+
+
+# ----------------------------------------------------------------------------- sampling
+
+SMOLLM2_VOCAB = 49152
+BOUNDARY = 1e-6  # how close to a boundary float rounding may decide
+
+
+def sampling_batch(rows: int, vocab: int, seed: int, ties: bool = False):
+    """Random logits and per-row settings: top-k and top-p off and on, greedy rows, and the
+    draw over [0, 1). ``ties``: logits on a coarse grid (ties everywhere, at the k-th logit,
+    the nucleus edge and the argmax)."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([0.5, 2.0, 4.0, 8.0])[torch.randint(0, 4, (rows, 1), generator=gen)]
+    logits = torch.randn(rows, vocab, generator=gen) * scale
+    if ties:
+        logits = (logits * 2).round() / 2
+    temperature = torch.tensor([0.0, 0.3, 0.7, 1.0, 1.5])[torch.randint(0, 5, (rows,), generator=gen)]
+    top_k = torch.tensor([0, 0, 1, 5, 50, vocab // 2, vocab + 3])[torch.randint(0, 7, (rows,), generator=gen)]
+    top_p = torch.tensor([1.0, 1.0, 0.95, 0.9, 0.6, 0.3])[torch.randint(0, 6, (rows,), generator=gen)]
+    u = torch.rand(rows, generator=gen)
+    return logits, temperature, top_k, top_p, u
+
+
+def special_rows(vocab: int):
+    """A row with all mass on one token, a flat row, and draws at the ends of [0, 1)."""
+    one_hot = torch.full((vocab,), -1e4)
+    one_hot[vocab // 3] = 5.0
+    flat = torch.zeros(vocab)
+    rows = [one_hot, one_hot, flat, flat, flat]
+    temperature = torch.tensor([1.0, 0.5, 1.0, 1.0, 2.0])
+    top_k = torch.tensor([0, 3, 0, 0, 7])
+    top_p = torch.tensor([0.5, 1.0, 0.5, 1.0, 0.999])
+    u = torch.tensor([0.3, 0.9999999, 0.0, 0.9999999, 0.5])
+    return torch.stack(rows), temperature, top_k, top_p, u
+
+
+def reference_distribution(logits, temperature, top_k, top_p, toggle=()):
+    """The reference's kept probabilities for one sampled row in float64, and each token's
+    mass ahead in the nucleus order (float64). ``toggle``: tokens moved in/out of the nucleus."""
+    scaled = logits / temperature
+    scaled = reference.top_k_filter(scaled[None], top_k[None])[0]
+    probs = torch.softmax(scaled, -1).double()
+    order = torch.sort(-probs, stable=True).indices
+    ahead = torch.empty_like(probs)
+    ahead[order] = probs[order].cumsum(0) - probs[order]
+    kept = (ahead < top_p) if top_p < 1 else torch.ones_like(probs, dtype=torch.bool)
+    for t in toggle:
+        kept[t] = ~kept[t]
+    return torch.where(kept, probs, 0.0), ahead
+
+
+def explain(row: int, got: int, want: int, batch) -> str | None:
+    """Why a fast sampler may pick ``got`` where the reference picks ``want`` in ``row``: the
+    draw within BOUNDARY of a CDF boundary between them, possibly after moving tokens whose
+    mass ahead is within BOUNDARY of top_p in or out of the nucleus. None: unexplained."""
+    logits, temperature, top_k, top_p, u = (t[row] for t in batch)
+    if temperature == 0 or top_k == 1:
+        return None  # greedy: exact
+    kept, ahead = reference_distribution(logits, temperature, top_k, float(top_p))
+    borderline = ((ahead - float(top_p)).abs() <= BOUNDARY).nonzero().flatten().tolist() if top_p < 1 else []
+    for toggle in [[]] + ([borderline] if borderline else []):
+        probs, _ = reference_distribution(logits, temperature, top_k, float(top_p), toggle)
+        cdf = probs.cumsum(0) / probs.sum()
+        lo, hi = min(got, want), max(got, want)
+        if ((cdf[lo:hi] - float(u)).abs() <= BOUNDARY).any():
+            return "draw at a CDF boundary" + (" after a nucleus edge moved" if toggle else "")
+    return None
+
+
+def test_explain_accepts_only_rounding_at_a_boundary():
+    """The allowance above is no blanket: a draw on a CDF boundary explains the neighbouring
+    token, a draw inside a token's interval explains nothing else."""
+    logits = randn(1, 100, seed=9)
+    settings = [torch.tensor([1.0]), torch.tensor([0]), torch.tensor([1.0])]
+    probs, _ = reference_distribution(logits[0], settings[0][0], settings[1][0], 1.0)
+    cdf = probs.cumsum(0) / probs.sum()
+    on_edge = (logits, *settings, cdf[40:41].float())
+    inside = (logits, *settings, ((cdf[40:41] + cdf[41:42]) / 2).float())
+    assert explain(0, 41, 40, on_edge) is not None
+    assert explain(0, 42, 41, inside) is None and explain(0, 40, 41, inside) is None
+
+
+def check_sampling(impl, batch):
+    _, got = run(impl, "sample_tokens", *batch)
+    want = reference.sample_tokens(*batch)
+    assert got.dtype == torch.int64 and got.shape == want.shape
+    differ = (got != want).nonzero().flatten().tolist()
+    reasons = {r: explain(r, int(got[r]), int(want[r]), batch) for r in differ}
+    unexplained = [r for r, why in reasons.items() if why is None]
+    print(f"{impl}: {len(differ)} of {len(got)} rows differ from the reference, {len(unexplained)} unexplained: {reasons}")
+    assert not unexplained, f"rows {unexplained}: got {got[unexplained].tolist()}, want {want[unexplained].tolist()}"
+    return got
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("vocab", [7, 320])
+def test_sample_tokens_small_vocab(impl, vocab, ties):
+    rows = 400 if impl == "cpp" or HAS_CUDA else 16
+    check_sampling(impl, sampling_batch(rows, vocab, seed=vocab, ties=ties))
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_sample_tokens_smollm2_vocab(impl, ties):
+    if impl == "cpp" or HAS_CUDA:
+        batch = sampling_batch(256, SMOLLM2_VOCAB, seed=11, ties=ties)
+    else:  # a few rows through the interpreter: top-k and top-p each alone and together, and greedy
+        logits, *_, u = sampling_batch(4, SMOLLM2_VOCAB, seed=11, ties=ties)
+        batch = (logits, torch.tensor([0.7, 1.0, 1.5, 0.0]), torch.tensor([50, 0, SMOLLM2_VOCAB // 2, 0]),
+                 torch.tensor([1.0, 0.6, 0.95, 1.0]), u)
+    check_sampling(impl, batch)
+
+
+def test_sample_tokens_nucleus_within_the_candidates(impl):
+    """Peaked rows whose nuclei lie within the reference's top-512 candidates (so it sorts no
+    whole row) beside flat rows without top-p, which keep every token."""
+    logits, temperature, top_k, top_p, u = sampling_batch(8, 2000, seed=5)
+    logits[:4] *= 20 / logits[:4].std(-1, keepdim=True)
+    logits[4:] *= 0.1
+    temperature, top_k = torch.tensor([1.0, 0.7, 1.0, 1.2] * 2), torch.tensor([0, 0, 100, 0, 0, 0, 1500, 0])
+    top_p = torch.tensor([0.9, 0.5, 0.95, 0.99, 1.0, 1.0, 1.0, 1.0])
+    batch = logits, temperature, top_k, top_p, u
+    assert reference.sample_tokens(*batch).tolist() == old_sample(*batch)
+    check_sampling(impl, batch)
+
+
+def test_sample_tokens_special_rows(impl):
+    batch = special_rows(SMOLLM2_VOCAB if impl == "cpp" else 300)
+    got = check_sampling(impl, batch)
+    assert got[:2].tolist() == [batch[0].shape[1] // 3] * 2  # all the mass on one token
+    assert got[2] == 0 and got[3] == batch[0].shape[1] - 1  # flat: the draw's ends
+
+
+def test_sample_tokens_reference_is_the_old_sampler():
+    """The reference body is the engine's sampler as it was (ttsearch/engine/sampler.py before
+    the op), token for token on batches without ties (whose order torch.topk left open)."""
+    for seed, vocab in [(1, SMOLLM2_VOCAB), (2, 320), (3, 1000)]:
+        logits, temperature, top_k, top_p, u = sampling_batch(32, vocab, seed=seed)
+        assert reference.sample_tokens(logits, temperature, top_k, top_p, u).tolist() == old_sample(
+            logits, temperature, top_k, top_p, u)
+        # every row samples, at one temperature (the old sampler divided by a Python float)
+        temperature, top_k = torch.full_like(temperature, 0.8), torch.where(top_k == 1, 0, top_k)
+        assert reference.sample_tokens(logits, temperature, top_k, top_p, u).tolist() == old_sample(
+            logits, temperature, top_k, top_p, u)
+
+
+def old_sample(logits, temperature, top_k, top_p, u):
+    """ttsearch/engine/sampler.py's sample() before the op, on tensors (the draws given)."""
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i in range(len(logits)) if not (temperature[i] == 0 or top_k[i] == 1)]
+    if rows:
+        idx = torch.tensor(rows)
+        temperatures = [float(temperature[i]) for i in rows]
+        sub = logits if len(rows) == len(logits) else logits[idx]
+        if len(set(temperatures)) == 1:
+            sub = sub / temperatures[0]
+        else:
+            sub = sub / torch.tensor(temperatures)[:, None]
+        ks = [int(top_k[i]) for i in rows]
+        if any(ks):
+            vocab = sub.shape[1]
+            k = torch.tensor([k if 0 < k < vocab else vocab for k in ks])
+            kth = sub.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])
+            sub = sub.masked_fill(sub < kth, float("-inf"))
+        probs = torch.softmax(sub, dim=-1)
+        ps = [float(top_p[i]) for i in rows]
+        if not all(p >= 1 for p in ps):
+            p_col = torch.tensor(ps)[:, None]
+            k = min(512, probs.shape[1])
+            sorted_probs, order = probs.topk(k, dim=-1)
+            if k < probs.shape[1] and bool((sorted_probs.sum(-1, keepdim=True) < p_col).any()):
+                sorted_probs, order = probs.sort(dim=-1, descending=True)
+            before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            sorted_probs = sorted_probs.masked_fill(before >= p_col, 0.0)
+            probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
+        cdf = probs.cumsum(dim=-1)
+        picked = torch.searchsorted(cdf, (u[idx] * cdf[:, -1])[:, None], right=True).squeeze(1)
+        tokens[idx] = picked.clamp(max=logits.shape[1] - 1)
+    return tokens.tolist()
+
+
+def test_sample_tokens_checks_its_arguments():
+    logits, temperature, top_k, top_p, u = sampling_batch(4, 50, seed=0)
+    with pytest.raises(ValueError, match="top_p"):
+        ops.sample_tokens(logits, temperature, top_k, top_p * 0, u)
+    with pytest.raises(ValueError, match="logits"):
+        ops.sample_tokens(logits.double(), temperature, top_k, top_p, u)
+    assert ops.sample_tokens(logits, temperature, top_k, top_p, u).shape == (4,)
