@@ -246,10 +246,12 @@ def _unwrap(side: list[_Tok], front: bool) -> list[_Tok]:
 
 
 def _judge(left: list[_Tok], right: list[_Tok]) -> Equation:
-    operands = tuple(_number(t.text) for t in left if t.kind == "num")
     try:
         lhs, rhs = _Parser(left).parse(), _Parser(right).parse()
     except _Undefined:
+        lhs = rhs = None
+    operands = tuple(_number(t.text) for t in left if t.kind == "num")  # after the bounds checks
+    if lhs is None:
         return Equation(_text(left), _text(right), False, operands)
     holds = abs(lhs - rhs) <= max(_tolerance(left), _tolerance(right))
     return Equation(_text(left), _text(right), holds, operands, rhs)
