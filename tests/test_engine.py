@@ -338,12 +338,12 @@ def test_append_batch_returns_hidden_states_at_the_asked_tokens(engine, fresh):
 
 
 def test_top_p_keeps_exactly_the_nucleus():
-    from ttsearch.engine import sampler
+    from ttsearch.ops import reference
 
     probs = torch.softmax(torch.randn(3, 2000, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
     probs[2] = 1 / 2000  # flat: the nucleus is wider than the candidates the fast path sorts
     for p in (0.5, 0.9):
-        kept = sampler._filter_top_p(probs, [p] * 3)
+        kept = reference.top_p_filter(probs, torch.tensor([p] * 3))
         for row in range(3):
             ordered = probs[row].sort(descending=True).values
             expected = int(((ordered.cumsum(0) - ordered) < p).sum())

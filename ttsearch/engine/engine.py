@@ -78,11 +78,11 @@ class Engine:
             raise ValueError(f"max_model_len must be a positive int, got {max_model_len!r}")
         if batch_invariant not in (None, True, False):
             raise ValueError(f"batch_invariant must be True, False or None, got {batch_invariant!r}")
+        self.device = torch.device(device)
         # decode forwards replay CUDA graphs: None is on for CUDA (with the Triton kernels), off elsewhere
-        self.cuda_graphs = use_cuda_graphs(cuda_graphs, torch.device(device))
+        self.cuda_graphs = use_cuda_graphs(cuda_graphs, self.device)
         if batch_invariant is not None:  # None keeps the process's mode (TTSEARCH_BATCH_INVARIANT)
             set_batch_invariant(batch_invariant)
-        self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.name = str(model)  # as given: an alias, a directory or a file
         checkpoint = load_checkpoint(self.name, progress=progress)

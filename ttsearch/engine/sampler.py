@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from ttsearch import ops
-from ttsearch.ops import reference
 
 
 @dataclass(frozen=True)
@@ -68,8 +67,3 @@ def sample(
         torch.tensor(u, dtype=torch.float32, device=device),
     )
     return tokens.tolist()
-
-
-def _filter_top_p(probs: torch.Tensor, ps: list[float]) -> torch.Tensor:
-    """``probs`` outside each row's nucleus set to 0 (the reference's filter)."""
-    return reference.top_p_filter(probs, torch.tensor(ps, device=probs.device))

@@ -86,11 +86,6 @@ def _onednn_linear() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Normalize in float32 and scale in the model dtype, as the reference implementations do.
-    return ops.rms_norm(x, weight, eps)
-
-
 class LlamaModel:
     def __init__(
         self,
@@ -164,7 +159,7 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = kv_cache[0, i], kv_cache[1, i]
             if h is None:
-                h = rms_norm(residual, layer["input_norm"], c.rms_norm_eps)
+                h = ops.rms_norm(residual, layer["input_norm"], c.rms_norm_eps)
             else:
                 ops.fused_add_rms_norm(h, residual, layer["input_norm"], c.rms_norm_eps)
             qkv = layer["qkv"](h)
@@ -197,5 +192,5 @@ class LlamaModel:
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[n, vocab]`` from pre-norm hidden states ``[n, hidden]``."""
-        h = rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
+        h = ops.rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
         return self.lm_head_linear(h).float()

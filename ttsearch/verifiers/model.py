@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from ttsearch import ops
 from ttsearch.engine.engine import Engine
-from ttsearch.models.llama import rms_norm
 from ttsearch.verifiers.base import Verifier
 from ttsearch.verifiers.formats import StepFormat
 
@@ -35,7 +34,7 @@ class Readout:
     def __call__(self, hidden, prev_agg, prev_count, aggregation) -> tuple[torch.Tensor, torch.Tensor]:
         norm_weight = self.norm_weight
         if self.mlp is not None:
-            hidden = F.relu(F.linear(rms_norm(hidden, norm_weight, self.eps).float(), *self.mlp))
+            hidden = F.relu(F.linear(ops.rms_norm(hidden, norm_weight, self.eps).float(), *self.mlp))
             norm_weight = None  # already applied
         device = hidden.device
         scores, aggregates = ops.prm_step_score(
