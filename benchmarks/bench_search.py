@@ -7,8 +7,8 @@
 - ``test_beam_search_with_prm``: beam search with SmolLM2 as a Math-Shepherd-format PRM, ours
   with every problem in flight and with one in flight, against search-and-learn's beam search
   written plainly on transformers with its batching: one problem at a time, its n beams in
-  one ``generate`` per step (text in, text out), the PRM re-reading every path's whole text
-  every iteration in batches of ``prm_batch_size``. Both sides follow the same rules (refill
+  one ``generate`` per step, the PRM re-reading every path whole every iteration in batches
+  of ``prm_batch_size``. Both sides follow the same rules (refill
   to n, the last iteration to EOS, completions at EOS / a length cut / an empty step, the n
   best completions), the same prompt, PRM format and settings, so their tokens per problem
   should agree within sampling noise; both are reported beside the time.
@@ -106,6 +106,7 @@ def run_ours(config: SearchConfig, verifier) -> dict:
     return {
         "seconds_per_problem": seconds / len(records),
         "generated_tokens_per_problem": sum(r["tokens_generated"] for r in records) / len(records),
+        "generated_tokens_by_problem": {r["id"]: r["tokens_generated"] for r in sorted(records, key=lambda r: r["id"])},
         "verified_tokens_per_problem": sum(r["tokens_verified"] for r in records) / len(records),
         "accuracy_naive_at_n": sum(r["selections"]["naive"][str(config.n)]["correct"] for r in records) / len(records),
         "decode_batch_occupancy": stats.occupancy,
@@ -142,19 +143,30 @@ def hf_model():
 @dataclass
 class PlainBeam:
     steps: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # the tokens its steps sampled
     score: float = 0.0
     completed: bool = False
 
 
+def padded(rows: list[list[int]], pad: int, left: bool) -> dict:
+    """A batch of token rows, padded to one length, with its attention mask."""
+    width = max(map(len, rows))
+    fill = [[pad] * (width - len(r)) for r in rows]
+    ids = [f + r if left else r + f for f, r in zip(fill, rows)]
+    mask = [[0] * len(f) + [1] * len(r) if left else [1] * len(r) + [0] * len(f) for f, r in zip(fill, rows)]
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+
+
 def plain_beam_search(question: str, config: SearchConfig, prm, seed: int) -> tuple[str, int, int, int]:
     """search-and-learn's ``_beam_search`` for one problem, on transformers: every iteration
-    re-encodes each beam's whole text for the policy and the PRM. Returns the answer text
-    (the best completion), generated tokens, PRM tokens and the prompt tokens each
-    ``generate`` prefilled again."""
+    prefills each beam's whole path again for the policy and for the PRM. A path continues
+    from the tokens it sampled, as ours does: re-encoding its text would change them (a step
+    ending in a sampled "\n", "\n" re-encodes as the single "\n\n" token, after which
+    SmolLM2 writes different, longer steps), and the two sides would not do the same work.
+    Returns the answer text (the best completion), generated tokens, PRM tokens and the
+    prompt tokens each ``generate`` prefilled again."""
     model, tok = hf_model()
-    tok.padding_side = "left"
-    prompt = tok.decode(build_prompt(tok, question, config))
-    tag_id = prm.format.tag_id
+    prompt = build_prompt(tok, question, config)
     good, bad = prm.format.candidates
     torch.manual_seed(seed)
     beams = [PlainBeam() for _ in range(config.n)]
@@ -165,8 +177,7 @@ def plain_beam_search(question: str, config: SearchConfig, prm, seed: int) -> tu
         if len(active) != config.n:  # duplicate the survivors to refill n, in their order
             active = [copy.deepcopy(b) for b in (active * (config.n // len(active) + 1))[: config.n]]
         last = i == config.max_iterations - 1  # the last iteration writes to EOS
-        enc = tok([prompt + "".join(b.steps) for b in active], return_tensors="pt", padding=True,
-                  add_special_tokens=False)
+        enc = padded([prompt + b.ids for b in active], tok.pad_token_id, left=True)
         prefilled += int(enc["attention_mask"].sum())
         with torch.no_grad():
             # top_k=0: off, as in vLLM and ours; transformers would otherwise keep only the top 50
@@ -180,23 +191,22 @@ def plain_beam_search(question: str, config: SearchConfig, prm, seed: int) -> tu
             # rows that ended are padded with pad_token_id, which for SmolLM2 is EOS itself:
             # a row ended by the stop string is not an answer that ended at EOS
             end = ids.index(tok.eos_token_id) if tok.eos_token_id in ids else len(ids)
-            text = tok.decode(ids[:end], skip_special_tokens=True)
+            text = tok.decode(ids[:end], skip_special_tokens=True)  # the whole last token, as ours keeps it
             stopped = not last and config.stop in text
-            if stopped:
-                text = text[: text.index(config.stop) + len(config.stop)]
             generated += end + (not stopped and end < len(ids))  # an EOS that ended the row is generated too
             beam.steps.append(text)
+            beam.ids += ids[:end]
             beam.completed = not stopped or not text  # EOS, a length cut, or an empty step
-        # the PRM re-reads every beam's whole text, a tag after each step, full logits, in batches
-        texts = [tok.decode(prm.token_ids(question, b.steps)[0]) for b in active]
-        for start in range(0, len(texts), PRM_BATCH_SIZE):
-            enc = tok(texts[start:start + PRM_BATCH_SIZE], return_tensors="pt", padding=True, add_special_tokens=False)
+        # the PRM re-reads every beam's whole path, a tag after each step, full logits, in batches
+        paths = [prm.token_ids(question, b.steps) for b in active]
+        for start in range(0, len(paths), PRM_BATCH_SIZE):
+            batch = paths[start:start + PRM_BATCH_SIZE]
+            enc = padded([ids for ids, _ in batch], tok.pad_token_id, left=False)
             verified += int(enc["attention_mask"].sum())
             with torch.no_grad():
                 logits = model(**enc).logits.float()
-            for beam, row, ids in zip(active[start:start + PRM_BATCH_SIZE], logits, enc["input_ids"]):
-                last_tag = (ids == tag_id).nonzero()[-1].item()
-                beam.score = row[last_tag, [good, bad]].softmax(-1)[0].item()
+            for beam, row, (_, reads) in zip(active[start:start + PRM_BATCH_SIZE], logits, batch):
+                beam.score = row[reads[-1], [good, bad]].softmax(-1)[0].item()
         completed += [b for b in active if b.completed]
         open_ = [b for b in active if not b.completed]
         if not open_:
@@ -231,10 +241,13 @@ def test_beam_search_with_prm(benchmark):
     all_in_flight = run_ours(config, prm)
     one_in_flight = run_ours(replace(config, problems_in_flight=1), prm)
 
+    plain_generated = {}
+
     def plain():
         totals = [0, 0, 0, 0]
         for i, problem in enumerate(problems()):
             answer_text, generated, verified, prefilled = plain_beam_search(problem.question, config, prm, seed=i)
+            plain_generated[problem.id] = generated
             totals[0] += is_equivalent(extract_answer(answer_text) or "", problem.answer)
             totals[1] += generated
             totals[2] += verified
@@ -259,6 +272,7 @@ def test_beam_search_with_prm(benchmark):
             "dtype": str(engine.dtype),
             "plain_transformers_seconds_per_problem": theirs,
             "plain_generated_tokens_per_problem": generated / PROBLEMS,
+            "plain_generated_tokens_by_problem": plain_generated,
             "plain_prm_tokens_per_problem": verified / PROBLEMS,
             "plain_prefilled_tokens_per_problem": prefilled / PROBLEMS,
             "plain_accuracy": correct / PROBLEMS,
