@@ -148,15 +148,6 @@ class PlainBeam:
     completed: bool = False
 
 
-def padded(rows: list[list[int]], pad: int, left: bool) -> dict:
-    """A batch of token rows, padded to one length, with its attention mask."""
-    width = max(map(len, rows))
-    fill = [[pad] * (width - len(r)) for r in rows]
-    ids = [f + r if left else r + f for f, r in zip(fill, rows)]
-    mask = [[0] * len(f) + [1] * len(r) if left else [1] * len(r) + [0] * len(f) for f, r in zip(fill, rows)]
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
-
-
 def plain_beam_search(question: str, config: SearchConfig, prm, seed: int) -> tuple[str, int, int, int]:
     """search-and-learn's ``_beam_search`` for one problem, on transformers: every iteration
     prefills each beam's whole path again for the policy and for the PRM. A path continues
@@ -177,7 +168,7 @@ def plain_beam_search(question: str, config: SearchConfig, prm, seed: int) -> tu
         if len(active) != config.n:  # duplicate the survivors to refill n, in their order
             active = [copy.deepcopy(b) for b in (active * (config.n // len(active) + 1))[: config.n]]
         last = i == config.max_iterations - 1  # the last iteration writes to EOS
-        enc = padded([prompt + b.ids for b in active], tok.pad_token_id, left=True)
+        enc = tok.pad({"input_ids": [prompt + b.ids for b in active]}, padding_side="left", return_tensors="pt")
         prefilled += int(enc["attention_mask"].sum())
         with torch.no_grad():
             # top_k=0: off, as in vLLM and ours; transformers would otherwise keep only the top 50
@@ -201,7 +192,7 @@ def plain_beam_search(question: str, config: SearchConfig, prm, seed: int) -> tu
         paths = [prm.token_ids(question, b.steps) for b in active]
         for start in range(0, len(paths), PRM_BATCH_SIZE):
             batch = paths[start:start + PRM_BATCH_SIZE]
-            enc = padded([ids for ids, _ in batch], tok.pad_token_id, left=False)
+            enc = tok.pad({"input_ids": [ids for ids, _ in batch]}, padding_side="right", return_tensors="pt")
             verified += int(enc["attention_mask"].sum())
             with torch.no_grad():
                 logits = model(**enc).logits.float()

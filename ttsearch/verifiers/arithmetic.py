@@ -249,12 +249,14 @@ def _judge(left: list[_Tok], right: list[_Tok]) -> Equation:
     try:
         lhs, rhs = _Parser(left).parse(), _Parser(right).parse()
     except _Undefined:
-        lhs = rhs = None
-    operands = tuple(_number(t.text) for t in left if t.kind == "num")  # after the bounds checks
-    if lhs is None:
-        return Equation(_text(left), _text(right), False, operands)
+        return Equation(_text(left), _text(right), False, _operands(left))
     holds = abs(lhs - rhs) <= max(_tolerance(left), _tolerance(right))
-    return Equation(_text(left), _text(right), holds, operands, rhs)
+    return Equation(_text(left), _text(right), holds, _operands(left), rhs)
+
+
+def _operands(side: list[_Tok]) -> tuple[Fraction, ...]:
+    """The numbers written on a side, read once the parser has bounded it."""
+    return tuple(_number(t.text) for t in side if t.kind == "num")
 
 
 def _text(toks: list[_Tok]) -> str:
