@@ -26,12 +26,16 @@ constexpr int64_t kParallelValues = 1 << 15;
 inline Vec load_n(const float* p, int64_t n) { return n == kVec ? Vec::loadu(p) : Vec::loadu(p, n); }
 template <typename T>
 inline Vec load_n(const T* p, int64_t n) {
-  return at::vec::convert<float>(at::vec::Vectorized<T>::loadu(p, n));
+  return n == kVec ? cpu::load_float(p) : at::vec::convert<float>(at::vec::Vectorized<T>::loadu(p, n));
 }
 inline void store_n(float* p, const Vec& v, int64_t n) { n == kVec ? v.store(p) : v.store(p, n); }
 template <typename T>
 inline void store_n(T* p, const Vec& v, int64_t n) {
-  at::vec::convert<T>(v).store(p, n);
+  if (n == kVec) {
+    cpu::store_float(p, v);
+  } else {
+    at::vec::convert<T>(v).store(p, n);
+  }
 }
 
 // float32 values rounded to T and back, as a torch op returning a T tensor rounds them.

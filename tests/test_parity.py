@@ -76,20 +76,24 @@ def test_smollm2_greedy_matches_transformers_generate(smollm2_engine_fp32, smoll
     assert ours == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [0, 1, 7, 64, 300])
 @pytest.mark.parametrize("in_features, out_features, bias", [(576, 960, False), (576, 1536, False), (1536, 576, False),
                                                            (64, 320, True), (48, 40, True)])
-def test_model_linear_matches_a_float64_product(rows, in_features, out_features, bias):
-    """The model's Linear (oneDNN's packed float32 GEMM where torch has it) against float64."""
+def test_model_linear_matches_a_float64_product(rows, in_features, out_features, bias, dtype):
+    """The model's Linear (oneDNN's packed GEMM where torch has it: float32 always, bfloat16
+    where the CPU multiplies it in hardware) against float64 on the same rounded operands."""
+    from ttsearch._cpu_isa import has_fast_bf16
     from ttsearch.models.llama import Linear
 
     g = torch.Generator().manual_seed(rows + in_features)
-    weight = torch.randn(out_features, in_features, generator=g) / in_features**0.5
-    b = torch.randn(out_features, generator=g) if bias else None
-    wide = torch.randn(rows, in_features + 8, generator=g)
+    weight = (torch.randn(out_features, in_features, generator=g) / in_features**0.5).to(dtype)
+    b = torch.randn(out_features, generator=g).to(dtype) if bias else None
+    wide = torch.randn(rows, in_features + 8, generator=g).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
     for x in (wide[:, :in_features].contiguous(), wide[:, 8:]):  # contiguous and strided rows
         linear = Linear(weight, b)
         if torch.backends.mkldnn.is_available():
-            assert linear.packed is not None
+            assert (linear.packed is not None) == (dtype == torch.float32 or has_fast_bf16())
         expected = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
-        torch.testing.assert_close(linear(x), expected.float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(linear(x).double(), expected, atol=tol, rtol=tol)

@@ -70,6 +70,12 @@ def cpu_features() -> frozenset[str]:
     return frozenset(have)
 
 
+def has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512_BF16): elsewhere bf16
+    GEMMs are emulated, several times slower than float32."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_features())
+
+
 def missing(level: str) -> list[str]:
     """The CPU features ``level`` needs that this CPU lacks."""
     have = cpu_features()

@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 
 from ttsearch import ops
+from ttsearch._cpu_isa import has_fast_bf16
 from ttsearch.batch_invariant import set_enabled as set_batch_invariant
 from ttsearch.engine.block_manager import BlockManager
 from ttsearch.engine.cuda_graphs import CudaGraphRunner, use_cuda_graphs
@@ -34,19 +35,10 @@ from ttsearch.models.loader import load_checkpoint
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
-def cpu_has_fast_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if dtype is None:
-        fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+        fast_bf16 = device.type == "cuda" or (device.type == "cpu" and has_fast_bf16())
         return torch.bfloat16 if fast_bf16 else torch.float32
     if isinstance(dtype, str):
         if dtype not in names:

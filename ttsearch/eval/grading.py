@@ -8,6 +8,7 @@ Grade untrusted text at scale from the main thread or from worker processes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -20,6 +21,7 @@ from sympy.matrices import MatrixBase
 
 TIMEOUT_S = 2  # per parse or comparison; legitimate answers take milliseconds
 KEY_DIGITS = 12  # significant digits that decide whether two numeric answers share a key
+CACHE_SIZE = 4096  # answers (and answer pairs) whose parse (comparison) is kept
 
 BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 FINAL_ANSWER = re.compile(r"####|\banswer\s*(?:is\s*)?[:=]|\banswer\s+is\b", re.IGNORECASE)
@@ -89,6 +91,12 @@ def is_equivalent(a: str, b: str) -> bool:
     ``90^\\circ`` and ``90``, ``\\text{(C)}`` and ``C``, ``x=5`` and ``5``). ``b`` is taken as
     the reference where that matters (math-verify unwraps an assignment only in the reference).
     Falls back to comparing normalized text when math-verify parses nothing; never raises."""
+    return _equivalent(a, b, _timeout())
+
+
+# A search's completions repeat the same few answers: each pair is compared once.
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _equivalent(a: str, b: str, timeout_s: int | None) -> bool:
     try:
         na, nb = _normalize(a), _normalize(b)
         if na and na == nb:
@@ -96,7 +104,7 @@ def is_equivalent(a: str, b: str) -> bool:
         pa, pb = _parse(a), _parse(b)
         if not pa or not pb:
             return False
-        return bool(verify(pb, pa, timeout_seconds=_timeout()))
+        return bool(verify(pb, pa, timeout_seconds=timeout_s))
     except (Exception, TimeoutException):
         return False
 
@@ -140,8 +148,13 @@ def _sympy_key(expr: Basic | MatrixBase) -> str:
 
 def _parse(answer: str) -> list:
     """math-verify's parse of a bare answer: boxing it makes math-verify read all of it as one
-    LaTeX answer (``1,-2`` is a set, not the first number it sees)."""
-    return parse("\\boxed{" + answer + "}", parsing_timeout=_timeout())
+    LaTeX answer (``1,-2`` is a set, not the first number it sees). Shared: do not modify."""
+    return _parse_boxed(answer, _timeout())
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _parse_boxed(answer: str, timeout_s: int | None) -> list:
+    return parse("\\boxed{" + answer + "}", parsing_timeout=timeout_s)
 
 
 def _normalize(text: str) -> str:
