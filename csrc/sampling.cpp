@@ -4,7 +4,8 @@
 // Per sampled row: the k-th largest scaled logit by selection (nth_element); the softmax
 // exactly as torch's CPU kernel computes it (the same vector max, exp, sum and 1/sum), so
 // the probabilities are the reference's own; the nucleus by a three-way quickselect on
-// probability that tracks the mass above the pivot; the draw by one scan in token-id order.
+// probability that tracks the mass above the pivot; the draw by block sums in token-id
+// order, then one scan of the block it falls in.
 // Where the reference rounds a float32 cumsum (torch accumulates it in double), this does
 // the same, so the token differs from the reference's only where a sum lands within double
 // rounding of a float32 rounding boundary.
@@ -98,6 +99,46 @@ Nucleus find_nucleus(const float* probs, int64_t n, float top_p, float* buf) {
   return best;
 }
 
+// Inverse CDF: the first token whose cumulative mass exceeds u * total, the mass summed in
+// double as torch's float32 cumsum accumulates it and compared as that cumsum rounds it.
+// Blocks of kDrawBlock tokens are summed in independent lanes (one pass the compiler
+// vectorizes) to find the block the draw falls in; only that block is scanned token by token.
+// The lanes group the same doubles differently from a running sum, which can change a token
+// only where a sum lands within double rounding of a float32 boundary, as above.
+constexpr int64_t kDrawBlock = 256;
+constexpr int kDrawLanes = 8;
+
+int64_t draw(const float* probs, int64_t n, float u) {
+  std::vector<double> block_sums((n + kDrawBlock - 1) / kDrawBlock);
+  double total = 0;
+  for (int64_t b = 0, start = 0; start < n; ++b, start += kDrawBlock) {
+    const int64_t end = std::min(n, start + kDrawBlock);
+    double lanes[kDrawLanes] = {};
+    int64_t i = start;
+    for (; i + kDrawLanes <= end; i += kDrawLanes) {
+      for (int j = 0; j < kDrawLanes; ++j) lanes[j] += probs[i + j];
+    }
+    double sum = 0;
+    for (int j = 0; j < kDrawLanes; ++j) sum += lanes[j];
+    for (; i < end; ++i) sum += probs[i];
+    block_sums[b] = sum;
+    total += sum;
+  }
+  const float target = u * static_cast<float>(total);
+  double cum = 0;
+  int64_t i = 0;
+  for (const double sum : block_sums) {  // skip whole blocks the draw lies past
+    if (static_cast<float>(cum + sum) > target) break;
+    cum += sum;
+    i += kDrawBlock;
+  }
+  for (; i < n; ++i) {
+    cum += probs[i];
+    if (static_cast<float>(cum) > target) return i;
+  }
+  return n - 1;
+}
+
 int64_t sample_row(const float* logits, int64_t n, float temperature, int64_t top_k, float top_p, float u,
                    float* probs, float* buf) {
   at::vec::map([temperature](Vec v) { return v / Vec(temperature); }, probs, logits, n);
@@ -110,23 +151,15 @@ int64_t sample_row(const float* logits, int64_t n, float temperature, int64_t to
     }
   }
   softmax_inplace(probs, n);
-  Nucleus nucleus{0.f, n};  // top_p >= 1: every token
-  if (top_p < 1) nucleus = find_nucleus(probs, n, top_p, buf);
-  // The nucleus as a mask: above its lowest probability, or the first ties of it.
-  int64_t ties = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (probs[i] < nucleus.lowest || (probs[i] == nucleus.lowest && ties++ >= nucleus.ties_kept)) probs[i] = 0.f;
+  if (top_p < 1) {
+    const Nucleus nucleus = find_nucleus(probs, n, top_p, buf);
+    // The nucleus as a mask: above its lowest probability, or the first ties of it.
+    int64_t ties = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (probs[i] < nucleus.lowest || (probs[i] == nucleus.lowest && ties++ >= nucleus.ties_kept)) probs[i] = 0.f;
+    }
   }
-  // Inverse CDF: the first token whose cumulative mass exceeds u * total.
-  double total = 0;
-  for (int64_t i = 0; i < n; ++i) total += probs[i];
-  const float draw = u * static_cast<float>(total);
-  double cum = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    cum += probs[i];
-    if (static_cast<float>(cum) > draw) return i;
-  }
-  return n - 1;
+  return draw(probs, n, u);
 }
 
 }  // namespace
