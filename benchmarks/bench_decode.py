@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ceilings import model_gemm_flops
 from ttsearch import Engine, batch_invariant
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -70,20 +71,8 @@ def test_matmul_ceiling(benchmark, dtype_name):
 
 @functools.cache
 def model_shape_ceiling(dtype_name: str, rows: int) -> float:
-    """FLOP/s of the policy's own weight products (every layer's and the LM head's) at
-    ``rows`` rows, through the model's Linear: the best of a few passes."""
-    model = engine_for(dtype_name).model
-    linears = [lin for layer in model.layers for lin in (layer["qkv"], layer["o"], layer["gate_up"], layer["down"])]
-    linears.append(model.lm_head_linear)
-    inputs = [torch.randn(rows, lin.weight.shape[1], dtype=model.dtype) for lin in linears]
-    best = float("inf")
-    with torch.inference_mode():
-        for _ in range(8):  # the first warms up; on a shared machine others may be disturbed
-            start = time.perf_counter()
-            for lin, x in zip(linears, inputs):
-                lin(x)
-            best = min(best, time.perf_counter() - start)
-    return 2 * rows * sum(lin.weight.numel() for lin in linears) / best
+    """FLOP/s of the policy's own weight products at ``rows`` rows (ceilings.py)."""
+    return model_gemm_flops(engine_for(dtype_name).model, rows)
 
 
 @functools.cache

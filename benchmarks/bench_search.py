@@ -14,7 +14,7 @@
   should agree within sampling noise; both are reported beside the time.
 
     python -m pytest benchmarks/bench_search.py --benchmark-only \
-        --benchmark-json benchmarks/results/search_cpu.json
+        --benchmark-json benchmarks/results/search_cpu_<machine>.json
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 import pytest
 import torch
 
+from ceilings import model_gemm_flops
 from ttsearch.engine.engine import Engine
 from ttsearch.eval.arithmetic import bundled_arithmetic_path
 from ttsearch.eval.datasets import load_jsonl
@@ -208,23 +209,6 @@ def plain_beam_search(question: str, config: SearchConfig, prm, seed: int) -> tu
     return ("".join(answers[0].steps) if answers else ""), generated, verified, prefilled
 
 
-def matmul_ceiling(rows: int = 256) -> float:
-    """GFLOP/s of the policy's own weight products (every layer's and the LM head's) at
-    ``rows`` rows, through the model's Linear: the machine's ceiling for a large batch."""
-    model = policy().model
-    linears = [lin for layer in model.layers for lin in (layer["qkv"], layer["o"], layer["gate_up"], layer["down"])]
-    linears.append(model.lm_head_linear)
-    inputs = [torch.randn(rows, lin.weight.shape[1], dtype=model.dtype) for lin in linears]
-    best = float("inf")
-    with torch.inference_mode():
-        for _ in range(4):  # the best of a few passes: the first warms up, others may be disturbed
-            start = time.perf_counter()
-            for lin, x in zip(linears, inputs):
-                lin(x)
-            best = min(best, time.perf_counter() - start)
-    return 2 * rows * sum(lin.weight.numel() for lin in linears) / best / 1e9
-
-
 def test_beam_search_with_prm(benchmark):
     config = SearchConfig(strategy="beam_search", **SETTINGS)
     engine = policy()
@@ -249,14 +233,16 @@ def test_beam_search_with_prm(benchmark):
     start = time.perf_counter()
     correct, generated, verified, prefilled = benchmark.pedantic(plain, rounds=1, iterations=1)
     theirs = (time.perf_counter() - start) / PROBLEMS
-    # the least time our work can take at this machine's matmul ceiling: every generated
-    # token costs the whole model's products, every verified one all but the LM head's
+    # The least time our work can take at this machine's GEMM rate, at the batches it ran:
+    # every generated token costs the whole model's products at the mean decode batch,
+    # every verified one all but the LM head's at 256 rows (scoring forwards are larger).
     model = engine.model
     per_token = model.matmul_flops_per_token()
     per_verified = per_token - 2 * model.config.hidden_size * model.config.vocab_size
-    ceiling = matmul_ceiling()
-    ours_flops = (all_in_flight["generated_tokens_per_problem"] * per_token
-                  + all_in_flight["verified_tokens_per_problem"] * per_verified)
+    decode_rows = max(1, round(all_in_flight["mean_decode_batch"]))
+    decode_ceiling, scoring_ceiling = model_gemm_flops(model, decode_rows), model_gemm_flops(model, 256)
+    at_ceiling = (all_in_flight["generated_tokens_per_problem"] * per_token / decode_ceiling
+                  + all_in_flight["verified_tokens_per_problem"] * per_verified / scoring_ceiling)
     benchmark.extra_info.update(
         {
             "problems": PROBLEMS,
@@ -267,10 +253,13 @@ def test_beam_search_with_prm(benchmark):
             "plain_prm_tokens_per_problem": verified / PROBLEMS,
             "plain_prefilled_tokens_per_problem": prefilled / PROBLEMS,
             "plain_accuracy": correct / PROBLEMS,
-            "matmul_ceiling_gflops": ceiling,
-            "ours_matmul_gflop_per_problem": ours_flops / 1e9,
-            "ours_seconds_per_problem_at_ceiling": ours_flops / 1e9 / ceiling,
-            "speedup_bound_at_ceiling": theirs / (ours_flops / 1e9 / ceiling),
+            "decode_gemm_ceiling_gflops": decode_ceiling / 1e9,
+            "decode_gemm_ceiling_rows": decode_rows,
+            "scoring_gemm_ceiling_gflops": scoring_ceiling / 1e9,
+            "ours_seconds_per_problem_at_ceiling": at_ceiling,
+            "speedup_bound_at_ceiling": theirs / at_ceiling,
+            "speedup_per_generated_token": (theirs / (generated / PROBLEMS))
+            / (all_in_flight["seconds_per_problem"] / all_in_flight["generated_tokens_per_problem"]),
             "ours_all_in_flight": all_in_flight,
             "ours_one_in_flight": one_in_flight,
             "speedup_all_in_flight": theirs / all_in_flight["seconds_per_problem"],

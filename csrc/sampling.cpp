@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 #include "ops.h"
@@ -162,30 +163,33 @@ int64_t sample_row(const float* logits, int64_t n, float temperature, int64_t to
   return draw(probs, n, u);
 }
 
-}  // namespace
+// dst = src widened to float32 (exactly).
+template <typename T>
+void widen(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + cpu::kVec <= n; i += cpu::kVec) cpu::load_float(src + i).store(dst + i);
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
 
-at::Tensor sample_tokens(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
-                         const at::Tensor& top_p, const at::Tensor& u) {
-  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "sample_tokens: expected float32 logits [B, V]");
-  const at::Tensor x = logits.contiguous();
-  const at::Tensor temp = temperature.to(at::kFloat).contiguous();
-  const at::Tensor ks = top_k.to(at::kLong).contiguous();
-  const at::Tensor ps = top_p.to(at::kFloat).contiguous();
-  const at::Tensor us = u.to(at::kFloat).contiguous();
-  const int64_t rows = x.size(0), n = x.size(1);
-  at::Tensor tokens = at::empty({rows}, logits.options().dtype(at::kLong));
-  const float* data = x.const_data_ptr<float>();
-  const float* t = temp.const_data_ptr<float>();
-  const int64_t* k = ks.const_data_ptr<int64_t>();
-  const float* p = ps.const_data_ptr<float>();
-  const float* r = us.const_data_ptr<float>();
-  int64_t* out = tokens.data_ptr<int64_t>();
+// The row loop, outside the dtype dispatch (an OpenMP pragma cannot sit in a macro
+// argument). bfloat16 and float16 rows are widened to float32 first (exactly), as the
+// reference does.
+template <typename T>
+void sample_rows(const T* data, int64_t rows, int64_t n, const float* t, const int64_t* k, const float* p,
+                 const float* r, int64_t* out) {
 #pragma omp parallel if (rows * n > kParallelValues)
   {
-    std::vector<float> probs, buf;  // per thread, sized at the first sampled row
+    std::vector<float> probs, buf;  // per thread, sized at the first row that needs them
 #pragma omp for schedule(dynamic)
     for (int64_t b = 0; b < rows; ++b) {
-      const float* row = data + b * n;
+      const float* row;
+      if constexpr (std::is_same_v<T, float>) {
+        row = data + b * n;
+      } else {
+        probs.resize(n);
+        widen(data + b * n, probs.data(), n);
+        row = probs.data();
+      }
       if (t[b] == 0 || k[b] == 1) {
         out[b] = argmax(row, n);
         continue;
@@ -195,6 +199,24 @@ at::Tensor sample_tokens(const at::Tensor& logits, const at::Tensor& temperature
       out[b] = sample_row(row, n, t[b], k[b], p[b], r[b], probs.data(), buf.data());
     }
   }
+}
+
+}  // namespace
+
+at::Tensor sample_tokens(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
+                         const at::Tensor& top_p, const at::Tensor& u) {
+  TORCH_CHECK(logits.dim() == 2, "sample_tokens: expected logits [B, V]");
+  const at::Tensor x = logits.contiguous();
+  const at::Tensor temp = temperature.to(at::kFloat).contiguous();
+  const at::Tensor ks = top_k.to(at::kLong).contiguous();
+  const at::Tensor ps = top_p.to(at::kFloat).contiguous();
+  const at::Tensor us = u.to(at::kFloat).contiguous();
+  at::Tensor tokens = at::empty({x.size(0)}, logits.options().dtype(at::kLong));
+  TTSEARCH_DISPATCH_FLOAT_TYPES(x.scalar_type(), "sample_tokens", [&] {
+    sample_rows(x.const_data_ptr<scalar_t>(), x.size(0), x.size(1), temp.const_data_ptr<float>(),
+                ks.const_data_ptr<int64_t>(), ps.const_data_ptr<float>(), us.const_data_ptr<float>(),
+                tokens.data_ptr<int64_t>());
+  });
   return tokens;
 }
 

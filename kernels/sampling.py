@@ -164,7 +164,7 @@ def sample_tokens(
     tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
     if batch == 0:
         return tokens
-    logits = logits.contiguous()
+    logits = logits.float().contiguous()  # bf16 / fp16 logits widened, as the reference does
     # [BLOCK, SPLIT] tiles in registers on a GPU; the interpreter pays per block, not per value
     block = min(1024 if logits.is_cuda else 8192, triton.next_power_of_2(vocab))
     _sample_kernel[(batch,)](

@@ -336,6 +336,18 @@ def test_sample_tokens_smollm2_vocab(impl, ties):
     check_sampling(impl, batch)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sample_tokens_widens_half_logits(impl, dtype):
+    """bf16 / fp16 logits (the model's own, unconverted) sample exactly as their float32
+    widening does; a vocabulary of 333 also takes the widening's scalar tail."""
+    rows = 64 if impl == "cpp" or HAS_CUDA else 4
+    logits, temperature, top_k, top_p, u = sampling_batch(rows, 333, seed=3)
+    half = logits.to(dtype)
+    _, got = run(impl, "sample_tokens", half, temperature, top_k, top_p, u)
+    _, wide = run(impl, "sample_tokens", half.float(), temperature, top_k, top_p, u)
+    assert got.tolist() == wide.tolist()
+
+
 def test_sample_tokens_nucleus_within_the_candidates(impl):
     """Peaked rows whose nuclei lie within the reference's top-512 candidates (so it sorts no
     whole row) beside flat rows without top-p, which keep every token."""

@@ -355,13 +355,16 @@ def test_no_full_vocabulary_logits_while_scoring(family, request, monkeypatch):
     vocab = verifier.engine.config.vocab_size
     linear, model_linear = torch.nn.functional.linear, Linear.__call__
 
-    def guarded(x, weight, bias=None):
-        if weight.shape[0] >= vocab:
+    def guard(x, out_features):
+        if out_features >= vocab:
             raise AssertionError(f"full-vocabulary logits formed for {tuple(x.shape)} hidden states")
+
+    def guarded(x, weight, bias=None):
+        guard(x, weight.shape[0])
         return linear(x, weight, bias)
 
     def guarded_model_linear(self, x):
-        guarded(x, self.weight)
+        guard(x, self.out_features)
         return model_linear(self, x)
 
     monkeypatch.setattr(torch.nn.functional, "linear", guarded)

@@ -231,10 +231,10 @@ class Engine:
         return -(-len(seq) // self.block_size) - len(cached) + sum(1 for b in cached if self.blocks.ref_count[b] == 0)
 
     def logits(self, seq: Seq) -> torch.Tensor:
-        """Float32 logits ``[vocab]`` after the last token of ``seq``."""
+        """Float32 logits ``[vocab]`` after the last token of ``seq`` (a copy)."""
         self._check_live([seq])
         self._check_has_logits([seq])
-        return seq.last_logits.clone()
+        return seq.last_logits.to(torch.float32, copy=True)
 
     def step(self, seqs: Sequence[Seq], sampling: SamplingParams | Sequence[SamplingParams] = GREEDY) -> list[int]:
         """One batched decode step: every sequence samples one token, which is appended and

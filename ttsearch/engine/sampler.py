@@ -54,7 +54,7 @@ def derive_seed(seed: int, lineage: tuple[int, ...]) -> int:
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int]:
-    """One token per row of ``logits [B, V]`` (float32). ``generators[i]`` is used for the
+    """One token per row of ``logits [B, V]`` (float32, bf16 or fp16). ``generators[i]`` is used for the
     sampled (non-greedy) rows: one uniform draw each, taken here so that every stream
     advances by its own sequence's steps only. ``ops.sample_tokens`` does the rest."""
     device = logits.device

@@ -13,7 +13,7 @@ _ids = itertools.count()
 @dataclass(eq=False)
 class Seq:
     """Owned by an Engine. Every token in ``token_ids`` has its keys and values in the cache,
-    and ``last_logits`` holds the logits after the last token."""
+    and ``last_logits`` holds the logits after the last token (in the model's dtype)."""
 
     token_ids: list[int]
     block_table: list[int]

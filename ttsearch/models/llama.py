@@ -47,25 +47,30 @@ class ForwardBatch:
 
 class Linear:
     """``x @ weight.T (+ bias)``. On a CPU, a float32 weight, and a bfloat16 one where the CPU
-    multiplies bf16 in hardware, is also kept in oneDNN's packed layout, laid out once at
-    load: its GEMM runs the model's thin decode shapes (M = batch, K and N the model's
-    widths) faster than the default call (float32 1.3-2.5x on the CPUs measured, bf16 on AMX
-    about 1.2x: benchmarks/bench_decode.py). The result is the same GEMM, summed in another
-    order."""
+    multiplies bf16 in hardware, is laid out once at load in oneDNN's packed layout, which
+    then replaces it (the weights are held once): its GEMM runs the model's thin decode
+    shapes (M = batch, K and N the model's widths) faster than the default call (float32
+    1.3-2.5x on the CPUs measured; a bf16 decode step 1.19x on an AMX Xeon). The result is
+    the same GEMM, summed in another order."""
 
     PACK_FOR_ROWS = 64  # the batch size the layout is chosen for; any batch size runs on it
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
         self.bias = bias
+        self.weight: torch.Tensor | None = weight  # None once packed
         self.packed = None
         packable = weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and has_fast_bf16())
         if weight.device.type == "cpu" and packable and weight.numel() and _onednn_linear():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.PACK_FOR_ROWS)
+            self.weight = None
 
     @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
+    def nbytes(self) -> int:
+        """Bytes of the weight and bias, as plain tensors."""
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.out_features * self.in_features * self.dtype.itemsize + bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if batch_invariant.enabled() and x.shape[0] != batch_invariant.MATMUL_ROWS:
@@ -73,7 +78,7 @@ class Linear:
         return self._matmul(x)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.dtype != self.weight.dtype:
+        if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
@@ -138,11 +143,9 @@ class LlamaModel:
     @property
     def weight_bytes(self) -> int:
         tensors = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
-        for layer in self.layers:
-            tensors += [layer["input_norm"], layer["post_norm"]]
-            tensors += [t for lin in (layer["qkv"], layer["o"], layer["gate_up"], layer["down"])
-                        for t in (lin.weight, lin.bias) if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        linears = [layer[name] for layer in self.layers for name in ("qkv", "o", "gate_up", "down")]
+        norms = [layer[name] for layer in self.layers for name in ("input_norm", "post_norm")]
+        return sum(t.numel() * t.element_size() for t in tensors + norms) + sum(lin.nbytes for lin in linears)
 
     def matmul_flops_per_token(self) -> int:
         """Multiply-adds x 2 of the weight matmuls one token costs (attention excluded)."""
@@ -197,6 +200,8 @@ class LlamaModel:
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[n, vocab]`` from pre-norm hidden states ``[n, hidden]``."""
+        """Logits ``[n, vocab]`` in the model's dtype from pre-norm hidden states ``[n, hidden]``
+        (the sampler widens bf16 rows itself: a float32 copy of a batch's logits costs more
+        than the LM head's GEMM at large batches)."""
         h = ops.rms_norm(hidden, self.final_norm, self.config.rms_norm_eps)
-        return self.lm_head_linear(h).float()
+        return self.lm_head_linear(h)

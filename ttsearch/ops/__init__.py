@@ -587,11 +587,12 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   u: torch.Tensor) -> torch.Tensor:
-    """One token per row of ``logits [B, V]`` (float32) -> int64 ``[B]``: per row a temperature
-    (0: greedy), ``top_k`` (0: off, 1: greedy), ``top_p`` in (0, 1] (1: off) and one uniform
-    draw ``u`` in [0, 1). ``reference.sample_tokens`` states the rule exactly."""
-    _check(logits.dim() == 2 and logits.dtype == torch.float32,
-           f"logits: expected float32 [batch, vocab], got {logits.dtype} {tuple(logits.shape)}")
+    """One token per row of ``logits [B, V]`` (float32, or bfloat16 / float16 widened to float32)
+    -> int64 ``[B]``: per row a temperature (0: greedy), ``top_k`` (0: off, 1: greedy),
+    ``top_p`` in (0, 1] (1: off) and one uniform draw ``u`` in [0, 1).
+    ``reference.sample_tokens`` states the rule exactly."""
+    _check(logits.dim() == 2 and logits.dtype in _FLOAT_DTYPES,
+           f"logits: expected float32, bfloat16 or float16 [batch, vocab], got {logits.dtype} {tuple(logits.shape)}")
     _check(logits.shape[1] > 0, "logits: the vocabulary is empty")
     batch = logits.shape[0]
     for name, t in (("temperature", temperature), ("top_p", top_p), ("u", u)):

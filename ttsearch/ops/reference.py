@@ -316,7 +316,8 @@ NUCLEUS_CANDIDATES = 512
 def sample_tokens(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
 ) -> torch.Tensor:
-    """One token per row of ``logits [B, V]`` (float32) -> int64 ``[B]``.
+    """One token per row of ``logits [B, V]`` -> int64 ``[B]``; bfloat16 or float16 logits are
+    widened to float32 first.
 
     A row with ``temperature == 0`` or ``top_k == 1`` takes the argmax (the first, on ties).
     Every other row divides by its temperature, keeps its ``top_k`` largest logits (0 or
@@ -325,6 +326,7 @@ def sample_tokens(
     among equal probabilities the lower token id comes first; ``top_p >= 1``: all), and
     draws by inverse CDF in token-id order: the first token whose cumulative mass exceeds
     ``u * total``, ``u [B]`` uniform in [0, 1)."""
+    logits = logits.float()
     tokens = logits.argmax(dim=-1)
     rows = ((temperature != 0) & (top_k != 1)).nonzero().squeeze(1)
     if rows.numel() == 0:
