@@ -14,7 +14,7 @@ One run measures both, side by side:
   to set beside ``test_decode[dtype-64]``: what the mode costs.
 
     python -m pytest benchmarks/bench_decode.py --benchmark-only \
-        --benchmark-json benchmarks/results/decode_cpu.json
+        --benchmark-json benchmarks/results/decode_cpu_<machine>.json
 """
 
 from __future__ import annotations

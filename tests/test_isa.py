@@ -161,6 +161,15 @@ def check_level(level: str) -> None:
                             aggregation)
                     for actual, expected in zip(ops.prm_step_score(*args), reference.prm_step_score(*args)):
                         assert (actual - expected).abs().max() <= t.TOL[dtype], (num_rows, width, aggregation)
+
+    import test_fused_ops as f  # the fused ops' own checks, run on this level's kernels
+
+    for dtype in f.DTYPES:
+        for check in (f.test_rms_norm, f.test_fused_add_rms_norm, f.test_rotary_embedding, f.test_silu_and_mul):
+            check("cpp", dtype)
+    f.check_sampling("cpp", f.sampling_batch(64, f.SMOLLM2_VOCAB, seed=11))
+    for dtype in (torch.bfloat16, torch.float16):
+        f.test_sample_tokens_widens_half_logits("cpp", dtype)
     print("ok")
 
 
