@@ -102,12 +102,37 @@ def test_a_module_holds_no_instructions_above_its_level(level):
 # ----------------------------------------------------------------------------- the subprocess
 
 
+class OneThread:
+    """``module``'s functions, each call run on one thread. The oracle runs so: in about 1
+    process of 40 on a 2-core Xeon, torch's two-threaded float32 path gave the reference's
+    first cascade result 1.9e-5 off its later ones (TTSEARCH_OPS=reference, no ttsearch
+    kernel loaded; never on one thread), which would fail a level for the oracle's fault."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __getattr__(self, name):
+        fn = getattr(self.module, name)
+
+        def on_one_thread(*args, **kwargs):
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.set_num_threads(threads)
+
+        return on_one_thread if callable(fn) else fn
+
+
 def check_level(level: str) -> None:
     """Every C++ op of ``level`` against its reference body, float32 tight and bfloat16 looser."""
     import test_ops as t  # tests/ is sys.path[0]: this file runs as a script
 
     import ttsearch.ops as ops
-    from ttsearch.ops import reference
+    from ttsearch.ops import reference as reference_module
+
+    reference = OneThread(reference_module)
 
     assert ops.IMPLEMENTATIONS["cpu"] == f"cpp-{level}", ops.IMPLEMENTATIONS
     loaded = sorted(name for name in sys.modules if name.startswith("ttsearch._C"))
