@@ -101,7 +101,7 @@ def _equivalent(a: str, b: str, timeout_s: int | None) -> bool:
         na, nb = _normalize(a), _normalize(b)
         if na and na == nb:
             return True
-        pa, pb = _parse(a), _parse(b)
+        pa, pb = _parse_boxed(a, timeout_s), _parse_boxed(b, timeout_s)
         if not pa or not pb:
             return False
         return bool(verify(pb, pa, timeout_seconds=timeout_s))
