@@ -11,7 +11,11 @@
   of ``prm_batch_size``. Both sides follow the same rules (refill
   to n, the last iteration to EOS, completions at EOS / a length cut / an empty step, the n
   best completions), the same prompt, PRM format and settings, so their tokens per problem
-  should agree within sampling noise; both are reported beside the time.
+  should agree within sampling noise; both are reported beside the time. Ours also reports
+  the seconds its weight products took (timed in the run): no scheduling or attention work
+  can take our time below them.
+- ``test_beam_search_with_prm_more_problems_in_flight[24|48]``: ours alone with more
+  problems, all in flight, to see how time per problem scales with the batch.
 
     python -m pytest benchmarks/bench_search.py --benchmark-only \
         --benchmark-json benchmarks/results/search_cpu_<machine>.json
@@ -19,6 +23,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import time
@@ -32,6 +37,7 @@ from ttsearch.engine.engine import Engine
 from ttsearch.eval.arithmetic import bundled_arithmetic_path
 from ttsearch.eval.datasets import load_jsonl
 from ttsearch.eval.grading import extract_answer, is_equivalent
+from ttsearch.models.llama import Linear
 from ttsearch.models.loader import resolve_model_path
 from ttsearch.search import SearchConfig
 from ttsearch.search.runner import build_prompt, run_jobs
@@ -55,8 +61,8 @@ def policy() -> Engine:
     return Engine("smollm2-135m", kv_cache_bytes=1 << 30, progress=False)
 
 
-def problems():
-    return load_jsonl(bundled_arithmetic_path(), limit=PROBLEMS)
+def problems(count: int = PROBLEMS):
+    return load_jsonl(bundled_arithmetic_path(), limit=count)
 
 
 def unique_tokens(seqs) -> int:
@@ -97,12 +103,34 @@ class Meter:
         return writer
 
 
-def run_ours(config: SearchConfig, verifier) -> dict:
+@contextlib.contextmanager
+def gemm_timer():
+    """Times every weight product of the model (policy and PRM alike) while the block runs:
+    the part of a search that no scheduling or attention kernel can remove."""
+    seconds = [0.0]
+    matmul = Linear._matmul
+
+    def timed(self, x):
+        start = time.perf_counter()
+        out = matmul(self, x)
+        seconds[0] += time.perf_counter() - start
+        return out
+
+    Linear._matmul = timed
+    try:
+        yield seconds
+    finally:
+        Linear._matmul = matmul
+
+
+def run_ours(config: SearchConfig, verifier, count: int = PROBLEMS) -> dict:
     meter = Meter(policy())
     records: list[dict] = []
-    start = time.perf_counter()
-    stats = run_jobs([(p, config) for p in problems()], meter, verifier, on_record=records.append, progress=False)
-    seconds = time.perf_counter() - start
+    with gemm_timer() as gemm_seconds:
+        start = time.perf_counter()
+        stats = run_jobs([(p, config) for p in problems(count)], meter, verifier, on_record=records.append,
+                         progress=False)
+        seconds = time.perf_counter() - start
     block_tokens = meter.peak_blocks * policy().block_size
     return {
         "seconds_per_problem": seconds / len(records),
@@ -113,6 +141,8 @@ def run_ours(config: SearchConfig, verifier) -> dict:
         "decode_batch_occupancy": stats.occupancy,
         "mean_decode_batch": stats.sequences_decoded / max(stats.decode_steps, 1),
         "scoring_share_of_wall_time": stats.score_seconds / seconds,
+        "gemm_seconds_per_problem": gemm_seconds[0] / len(records),
+        "gemm_share_of_wall_time": gemm_seconds[0] / seconds,
         "preemptions": stats.preemptions,
         "peak_kv_block_tokens": block_tokens,
         "unique_tokens_at_peak": meter.unique_at_peak,
@@ -257,6 +287,8 @@ def test_beam_search_with_prm(benchmark):
             "scoring_gemm_ceiling_gflops": scoring_ceiling / 1e9,
             "ours_seconds_per_problem_at_ceiling": at_ceiling,
             "speedup_bound_at_ceiling": theirs / at_ceiling,
+            # were every part of ours but its weight products free (measured in the run)
+            "speedup_bound_gemm_alone": theirs / all_in_flight["gemm_seconds_per_problem"],
             "speedup_per_generated_token": (theirs / (generated / PROBLEMS))
             / (all_in_flight["seconds_per_problem"] / all_in_flight["generated_tokens_per_problem"]),
             "ours_all_in_flight": all_in_flight,
@@ -265,3 +297,14 @@ def test_beam_search_with_prm(benchmark):
             "speedup_one_in_flight": theirs / one_in_flight["seconds_per_problem"],
         }
     )
+
+
+@pytest.mark.parametrize("count", [24, 48])
+def test_beam_search_with_prm_more_problems_in_flight(benchmark, count):
+    """Ours alone (the plain baseline's time per problem does not depend on how many there
+    are): time and work per problem with ``count`` problems, every one in flight, to set
+    beside the 12 of ``test_beam_search_with_prm``."""
+    config = SearchConfig(strategy="beam_search", **{**SETTINGS, "problems_in_flight": count})
+    prm = load_verifier("smollm2-135m", policy_engine=policy(), family="math-shepherd", tag=PRM_TAG)
+    result = benchmark.pedantic(run_ours, args=(config, prm, count), rounds=1, iterations=1)
+    benchmark.extra_info.update({"problems": count, "dtype": str(policy().dtype), **result})

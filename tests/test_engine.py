@@ -162,6 +162,20 @@ def test_a_sequences_samples_do_not_depend_on_its_batch(engine):
     assert batched == alone_tokens
 
 
+def test_a_batch_stepping_again_samples_its_logits_in_place_and_any_other_order_by_copy(engine):
+    from ttsearch.engine.engine import _stacked_logits
+
+    seqs = [engine.add(prompt(8, seed=s)) for s in range(3)]
+    engine.step(seqs)  # one forward: their logits are consecutive rows of its output
+    expected = torch.stack([engine.logits(s) for s in seqs])
+    same_order = _stacked_logits(seqs)
+    assert same_order.data_ptr() == seqs[0].last_logits.data_ptr(), "the batch's own rows were copied"
+    torch.testing.assert_close(same_order.float(), expected)
+    other_order = _stacked_logits([seqs[2], seqs[0]])
+    torch.testing.assert_close(other_order.float(), expected[[2, 0]])
+    assert engine.step([seqs[2], seqs[0]]) == expected[[2, 0]].argmax(-1).tolist()
+
+
 def test_top_k_one_is_greedy(engine):
     a, b = engine.add(prompt(8)), engine.add(prompt(8))
     assert [engine.step([a], SamplingParams(temperature=2.0, top_k=1))[0] for _ in range(4)] == [

@@ -250,7 +250,7 @@ class Engine:
         needed = sum(self.runner.blocks_needed(s, 1) for s in seqs)
         self.blocks.require(needed, f"a decode step of {len(seqs)} sequences")
         generators = [self._generator(s, p) for s, p in zip(seqs, params)]
-        tokens = sample(torch.stack([s.last_logits for s in seqs]), params, generators)
+        tokens = sample(_stacked_logits(seqs), params, generators)
         self.runner.forward(seqs, [[t] for t in tokens])
         return tokens
 
@@ -377,3 +377,16 @@ class Engine:
         if seq.generator is None:
             seq.generator = torch.Generator().manual_seed(derive_seed(params.seed, seq.lineage))
         return seq.generator
+
+
+def _stacked_logits(seqs: Sequence[Seq]) -> torch.Tensor:
+    """The sequences' logits rows as one ``[B, vocab]`` tensor: a view, with no copy, when they
+    are consecutive rows of one forward's logits in order (a decode batch stepping again);
+    otherwise stacked (a B x vocab copy: about 4 ms of a 95 ms step at batch 192 on two cores)."""
+    rows = [s.last_logits for s in seqs]
+    first, vocab = rows[0], rows[0].shape[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    if all(r.stride() == (1,) and r.storage_offset() == offset + i * vocab and r.untyped_storage().data_ptr() == storage
+           for i, r in enumerate(rows)):
+        return first.as_strided((len(rows), vocab), (vocab, 1))
+    return torch.stack(rows)
