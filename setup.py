@@ -4,8 +4,15 @@ Every csrc/*.cpp goes into every level's module, compiled with that level's expl
 (ttsearch/_cpu_isa.py lists them; never -march=native), so a wheel runs on any CPU of its
 architecture: at import, ttsearch.ops loads the widest level the CPU supports. The levels
 build side by side, each in its own temp folder, with MAX_JOBS (ninja's workers per level)
-defaulting to the cores shared out among them. ``TTSEARCH_CPU_ISAS=avx2,default`` builds
-only those levels (a quicker build for development).
+defaulting to the cores shared out among them.
+
+Which levels: a wheel or sdist build (``pip wheel``, ``python -m build``, ``pip install .``)
+builds every level of the architecture. A local, editable install (``pip install -e .``, as
+``make`` does) builds only the levels this CPU runs plus the portable baseline, and removes
+modules of other levels that an earlier build left in the tree. ``TTSEARCH_CPU_ISAS=avx2,default``
+builds exactly those levels, and ``TTSEARCH_CPU_ISAS=all`` every level, in either kind of build.
+torch's build prepends ccache (or sccache) to the compiler when it is on PATH; the cache is
+keyed on paths relative to this folder, so another clone of the repository hits it too.
 
 A build that fails (no compiler, no torch at build time, a compile error) fails the install
 with the compiler's message: the fast path never goes missing by accident. A pure-Python
@@ -23,19 +30,32 @@ from setuptools import setup
 SOURCES = sorted(glob.glob("csrc/*.cpp"))
 
 
-def isa_levels() -> dict:
-    """ttsearch/_cpu_isa.py's levels, read by path: the package is not importable yet."""
+def load_cpu_isa():
+    """ttsearch/_cpu_isa.py, loaded by path: the package is not importable yet."""
     spec = importlib.util.spec_from_file_location("_cpu_isa", os.path.join("ttsearch", "_cpu_isa.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    levels = module.levels()
-    wanted = os.environ.get("TTSEARCH_CPU_ISAS")
-    if wanted:
+    return module
+
+
+CPU_ISA = load_cpu_isa()
+
+
+def isa_levels() -> dict:
+    """The levels to build: TTSEARCH_CPU_ISAS's, or every level of this architecture."""
+    levels = CPU_ISA.levels()
+    wanted = os.environ.get("TTSEARCH_CPU_ISAS", "all")
+    if wanted != "all":
         unknown = sorted(set(wanted.split(",")) - set(levels))
         if unknown:
-            raise SystemExit(f"TTSEARCH_CPU_ISAS: unknown level(s) {unknown}; this architecture has {list(levels)}")
+            raise SystemExit(f"TTSEARCH_CPU_ISAS: unknown level(s) {unknown}; this architecture has "
+                             f"{list(levels)} (or 'all')")
         levels = {level: build for level, build in levels.items() if level in wanted.split(",")}
     return levels
+
+
+def level_of(ext) -> str:
+    return ext.name.rpartition("._C_")[2]
 
 
 def extensions():
@@ -54,21 +74,34 @@ def extensions():
         objects, and torch's ninja build writes its build.ninja into the temp folder: each
         level gets a folder of its own, on a copy of this command."""
 
-        def finalize_options(self):
-            super().finalize_options()
+        def build_extensions(self):
+            if self.editable_mode and "TTSEARCH_CPU_ISAS" not in os.environ:
+                self.keep_local_levels()
             if self.parallel is None:  # unless -j says otherwise
                 self.parallel = len(self.extensions)
+            # ninja runs MAX_JOBS compiles per level; the levels run at once: share the cores out
+            os.environ.setdefault("MAX_JOBS", str(max(1, (os.cpu_count() or 1) // len(self.extensions))))
+            super().build_extensions()
+
+        def keep_local_levels(self):
+            """A local install: the levels this CPU runs and the portable baseline (the last,
+            narrowest level); in-tree modules of the other levels would be stale, so they go."""
+            keep = {*CPU_ISA.runnable(), list(CPU_ISA.levels())[-1]}
+            for ext in self.extensions:
+                if level_of(ext) not in keep:
+                    for stale in glob.glob(os.path.join("ttsearch", f"_C_{level_of(ext)}.*")):
+                        os.remove(stale)
+            self.extensions = [ext for ext in self.extensions if level_of(ext) in keep]
 
         def build_extension(self, ext):
             level_cmd = copy.copy(self)
             level_cmd.build_temp = os.path.join(self.build_temp, ext.name.rpartition(".")[2])
             super(BuildLevels, level_cmd).build_extension(ext)
 
-    levels = isa_levels()
-    # ninja runs MAX_JOBS compiles per level; the levels run at once: share the cores out
-    os.environ.setdefault("MAX_JOBS", str(max(1, (os.cpu_count() or 1) // len(levels))))
+    # ccache keys paths below this folder relative to it: a fresh clone reuses the objects
+    os.environ.setdefault("CCACHE_BASEDIR", os.path.dirname(os.path.abspath(__file__)))
     exts = []
-    for level, (flags, _) in levels.items():
+    for level, (flags, _) in isa_levels().items():
         # -g0: Python's CFLAGS ask for debug info, which slows each of the levels' builds
         args = ["-O3", "-g0", "-fopenmp", "-std=c++20", *flags]
         if "-mavx512f" in flags:  # GCC 12 flags its own avx512fintrin.h in ATen's vectors, thousands of lines

@@ -72,21 +72,23 @@ if [[ -z "${VIRTUAL_ENV:-}" ]]; then
     . .venv/bin/activate
 fi
 PY=python
+# the versions the suite passed with (pip new enough for --group first)
+PIP=("$PY" -m pip install -q -c constraints.txt)
+timeout "$(left)" "${PIP[@]}" pip setuptools wheel
 
 if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    # a missing torch, or a CPU-only build: replace it with PyPI's default (CUDA) wheel
-    timeout "$(left)" $PY -m pip install -q --upgrade pip "setuptools>=68" wheel
+    # a missing torch, or a CPU-only build: replace it with PyPI's (CUDA) wheel of the locked version
     $PY -m pip uninstall -y -q torch 2>/dev/null || true
-    timeout "$(left)" $PY -m pip install -q torch
+    timeout "$(left)" "${PIP[@]}" torch
     $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' || {
         echo "gpu_check: the torch installed cannot use the GPU (a CPU-only wheel, or a driver too old)" >&2
         exit 1
     }
 fi
-$PY -c 'import triton' 2>/dev/null || timeout "$(left)" $PY -m pip install -q triton
+$PY -c 'import triton' 2>/dev/null || timeout "$(left)" "${PIP[@]}" triton
 # from outside the checkout, so that only an installed ttsearch (with its kernels) counts
 if ! (cd / && $PY -c 'import ttsearch.kernels, pytest_benchmark') 2>/dev/null; then
-    timeout "$(left)" $PY -m pip install -q --no-build-isolation -e '.[test]'
+    timeout "$(left)" "${PIP[@]}" --no-build-isolation -e . --group test
 fi
 (cd / && $PY -c 'import ttsearch.kernels') || {
     echo "gpu_check: ttsearch.kernels is not importable after installing: the package must list it" >&2

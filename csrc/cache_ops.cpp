@@ -1,6 +1,6 @@
 // Data movement in the paged KV cache: writing new tokens' K/V into their slots, and
 // copying whole blocks (copy-on-write of forked tails).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cstring>

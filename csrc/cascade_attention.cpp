@@ -21,7 +21,8 @@
 // pass merges them per (sequence, head) by log-sum-exp.
 #include "cpu_utils.h"  // first: selects ATen's vector ISA
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <omp.h>
 
 #include <algorithm>

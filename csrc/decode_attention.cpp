@@ -7,7 +7,8 @@
 // split into partitions of a fixed length (flash-decoding) merged by log-sum-exp.
 #include "cpu_utils.h"  // first: selects ATen's vector ISA
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <omp.h>
 
 #include <cmath>

@@ -7,7 +7,7 @@
 // differs. Rows run in parallel; the last dim may be any width (a partial last vector).
 #include "cpu_utils.h"  // first: selects ATen's vector ISA
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cmath>
 

@@ -10,7 +10,8 @@
 // (running max, sum, rescale) and the causal mask are plain vector ops across rows.
 #include "cpu_utils.h"  // first: selects ATen's vector ISA
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 
 #include <vector>
 

@@ -8,7 +8,8 @@
 // 2 logits (or a sigmoid of the 1); the aggregate in float32. Rows run in parallel.
 #include "cpu_utils.h"  // first: selects ATen's vector ISA
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cmath>
 #include <string_view>

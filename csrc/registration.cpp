@@ -3,7 +3,7 @@
 // imports one) runs the static registration; the module exports only what it was compiled for.
 #include "cpu_utils.h"  // first: selects ATen's vector ISA, reported below
 
-#include <pybind11/pybind11.h>
+#include <Python.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -22,13 +22,21 @@ TORCH_LIBRARY_IMPL(ttsearch, CPU, m) {
   m.impl("sample_tokens", &ttsearch::sample_tokens);
 }
 
-// TORCH_EXTENSION_NAME: _C_<level>, set by torch's BuildExtension from the module name.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // What the compiler flags selected, for tests to check against the module's level.
-  m.attr("CPU_CAPABILITY") = C10_STRINGIZE(CPU_CAPABILITY);
+// TORCH_EXTENSION_NAME: _C_<level>, set by torch's BuildExtension from the module name. The
+// module is plain C API (no pybind11, which doubles this file's compile time): it exports
+// what the compiler flags selected, for tests to check against the module's level.
+static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, C10_STRINGIZE(TORCH_EXTENSION_NAME), nullptr, -1, nullptr};
+
+PyMODINIT_FUNC C10_CONCATENATE(PyInit_, TORCH_EXTENSION_NAME)() {
 #ifdef TTSEARCH_HAS_BF16_DOT
-  m.attr("BF16_DOT") = true;
+  PyObject* bf16_dot = Py_True;
 #else
-  m.attr("BF16_DOT") = false;
+  PyObject* bf16_dot = Py_False;
 #endif
+  PyObject* m = PyModule_Create(&module_def);
+  if (m != nullptr && (PyModule_AddStringConstant(m, "CPU_CAPABILITY", C10_STRINGIZE(CPU_CAPABILITY)) < 0 ||
+                       PyModule_AddObjectRef(m, "BF16_DOT", bf16_dot) < 0)) {
+    Py_CLEAR(m);
+  }
+  return m;
 }

@@ -11,7 +11,8 @@
 // rounding of a float32 rounding boundary.
 #include "cpu_utils.h"  // first: selects ATen's vector ISA
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>

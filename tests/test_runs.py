@@ -107,6 +107,11 @@ def test_demo_prints_its_table_and_writes_the_plot(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(tmp_path), "--limit", "2", "--n", "4"]) == 0
     out = capsys.readouterr().out
     assert "one sample (N=1)" in out and "mean over all" in out
+    # each strategy's accuracy as it finishes, in order, before the table
+    progress = [line for line in out.splitlines() if line.startswith("[")]
+    assert [line.split("] ")[1].split(":")[0] for line in progress] == ["best-of-N", "beam search", "DVTS"]
+    assert "one sample" in progress[0] and all("N=4 best score" in line for line in progress)
+    assert out.index(progress[-1]) < out.index("accuracy on 2 problems")
     for label in ("best-of-N", "beam search", "DVTS"):
         (row,) = [line for line in out.splitlines() if line.strip().startswith(label)]
         assert len(row.split()[-3:]) == 3 and all(0 <= float(x) <= 1 for x in row.split()[-3:])

@@ -47,8 +47,9 @@ from test_ops import (  # noqa: E402  (tests/ is on sys.path under pytest)
 )
 from ttsearch.kernels import cascade_decode_attention as cascade_module  # noqa: E402
 from ttsearch.kernels import copy_blocks as copy_blocks_module  # noqa: E402
-from ttsearch.kernels import decode_attention, extend_attention, prm_step_score, register_cuda, store_kv  # noqa: E402
+from ttsearch.kernels import decode_attention, extend_attention, prm_step_score, store_kv  # noqa: E402
 from ttsearch.kernels import split_kv  # noqa: E402
+from ttsearch.kernels.registration import register_cuda  # noqa: E402
 from ttsearch.kernels import activation as activation_module  # noqa: E402
 from ttsearch.kernels import rms_norm as rms_norm_module  # noqa: E402
 from ttsearch.kernels import rotary as rotary_module  # noqa: E402

@@ -2,9 +2,10 @@
 arithmetic checker as its verifier, on a CPU, in a few minutes.
 
 It runs best-of-N (which also gives the one-sample baseline), beam search and DVTS with the
-same budget, prints each one's accuracy with the verifier's best-scored answer, majority vote
-and weighted best-of-N, and writes the plot. Results go to
-JSONL files in ``output_dir``; rerunning resumes and skips finished problems.
+same budget, prints each one's accuracy as soon as it finishes and a table of all of them at
+the end (the verifier's best-scored answer, majority vote and weighted best-of-N), and writes
+the plot. Results go to JSONL files in ``output_dir``; rerunning resumes and skips finished
+problems.
 """
 
 from __future__ import annotations
@@ -56,10 +57,17 @@ def run_demo(output_dir: str | Path = "runs/demo", limit: int | None = None, n: 
     policy = Engine("smollm2-135m", kv_cache_bytes=3 << 29)
     print(f"SmolLM2-135M ({policy.dtype}) + arithmetic checker, {limit} bundled problems, N up to {n}")
     records = []
+    labels = {"best_of_n": "best-of-N", "beam_search": "beam search", "dvts": "DVTS"}
     for name, config in configs.items():
         path = output_dir / f"{name}.jsonl"
         run(config, path, verifier="arithmetic", limit=limit, policy=policy)
         records += read_results(path)
+        # each strategy's accuracy as soon as it is known; the table below sums them up
+        done = {(r["selection"], r["N"]): r["accuracy"] for r in accuracy_rows(read_results(path))}
+        first = f"one sample {done[('naive', 1)]:.3f}; " if name == "best_of_n" else ""
+        print(f"[{time.perf_counter() - start:4.0f} s] {labels[name]}: {first}N={n} best score "
+              f"{done[('naive', n)]:.3f}, majority {done[('majority', n)]:.3f}, weighted {done[('weighted', n)]:.3f}",
+              flush=True)
 
     rows = {(r["run"].split()[0], r["selection"], r["N"]): r["accuracy"] for r in accuracy_rows(records)}
     sampled = [r for r in records if r["strategy"] == "best_of_n"]
@@ -69,7 +77,7 @@ def run_demo(output_dir: str | Path = "runs/demo", limit: int | None = None, n: 
     print(f"  one sample (N=1): {rows[('best_of_n', 'naive', 1)]:.3f}; "
           f"mean over all {samples} best-of-N samples: {correct / max(samples, 1):.3f}")
     print(f"  N={n:<14} {'best score':>10} {'majority':>9} {'weighted':>9}")
-    for label, strategy in [("best-of-N", "best_of_n"), ("beam search", "beam_search"), ("DVTS", "dvts")]:
+    for strategy, label in labels.items():
         cells = "".join(f" {rows[(strategy, selection, n)]:>9.3f}" for selection in ("naive", "majority", "weighted"))
         print(f"  {label:<16} {cells[1:]:>29}")
     plot = plot_accuracy(records, output_dir / "accuracy.png", title="SmolLM2-135M + arithmetic checker")

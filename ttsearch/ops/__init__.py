@@ -135,7 +135,7 @@ def _load_fast_implementations() -> None:
         )
     if torch.cuda.is_available():
         try:
-            from ttsearch.kernels import register_cuda  # registers the Triton kernels
+            from ttsearch.kernels.registration import register_cuda  # registers the Triton kernels
 
             register_cuda(_LIB)
             IMPLEMENTATIONS["cuda"] = "triton"

@@ -1,4 +1,10 @@
-"""Triton kernels for CUDA, installed as ``ttsearch.kernels``."""
+"""The Triton kernels as the CUDA implementations of the ``ttsearch`` ops.
+
+kernels/ has no ``__init__.py`` on purpose: run from the repository root, a regular package
+there would be found first as a top-level ``kernels`` and shadow Hugging Face's ``kernels``
+package (which transformers imports). It installs as ``ttsearch.kernels`` through the
+``ttsearch/kernels`` link, an implicit namespace subpackage, and is imported only by that name.
+"""
 
 from __future__ import annotations
 
