@@ -311,7 +311,7 @@ def create_app(service: SearchService, model_name: str, api_key: str | None = No
             raise HTTPException(503, str(exc)) from exc
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return StreamingResponse(_stream(service, ticket, steps, reply_id, created, model_name),
+            return StreamingResponse(_stream(service, ticket, steps, reply_id, created, model_name, request),
                                      media_type="text/event-stream")
         result = await _wait(service, ticket, request)
         if result is None:
@@ -341,8 +341,10 @@ async def _wait(service: SearchService, ticket: Ticket, request) -> SearchResult
 
 
 async def _stream(service: SearchService, ticket: Ticket, steps: asyncio.Queue, reply_id: str, created: int,
-                  model: str):
-    """Server-sent events in OpenAI's chunk format: the role, each decided step, the end."""
+                  model: str, request):
+    """Server-sent events in OpenAI's chunk format: the role, each decided step, the end. A
+    client that hangs up is noticed within a quarter second, not only at the next chunk's
+    write, which may be many steps away."""
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
         body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
@@ -353,7 +355,12 @@ async def _stream(service: SearchService, ticket: Ticket, steps: asyncio.Queue, 
         yield chunk({"role": "assistant", "content": ""})
         while True:
             getter = asyncio.ensure_future(steps.get())
-            done, _ = await asyncio.wait({getter, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            done = set()
+            while not done:
+                done, _ = await asyncio.wait({getter, waiting}, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
+                if not done and await request.is_disconnected():
+                    getter.cancel()
+                    return  # the finally below frees its beams
             if getter in done:
                 yield chunk({"content": getter.result()})
                 continue
