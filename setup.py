@@ -41,19 +41,6 @@ def load_cpu_isa():
 CPU_ISA = load_cpu_isa()
 
 
-def isa_levels() -> dict:
-    """The levels to build: TTSEARCH_CPU_ISAS's, or every level of this architecture."""
-    levels = CPU_ISA.levels()
-    wanted = os.environ.get("TTSEARCH_CPU_ISAS", "all")
-    if wanted != "all":
-        unknown = sorted(set(wanted.split(",")) - set(levels))
-        if unknown:
-            raise SystemExit(f"TTSEARCH_CPU_ISAS: unknown level(s) {unknown}; this architecture has "
-                             f"{list(levels)} (or 'all')")
-        levels = {level: build for level, build in levels.items() if level in wanted.split(",")}
-    return levels
-
-
 def level_of(ext) -> str:
     return ext.name.rpartition("._C_")[2]
 
@@ -75,23 +62,21 @@ def extensions():
         level gets a folder of its own, on a copy of this command."""
 
         def build_extensions(self):
-            if self.editable_mode and "TTSEARCH_CPU_ISAS" not in os.environ:
-                self.keep_local_levels()
+            try:
+                keep = CPU_ISA.levels_to_build(os.environ.get("TTSEARCH_CPU_ISAS"), local=self.editable_mode)
+            except ValueError as exc:
+                raise SystemExit(str(exc)) from exc
+            # an editable install builds into the tree: a module of a level left out is stale
+            for ext in self.extensions if self.editable_mode else []:
+                if level_of(ext) not in keep:
+                    for stale in glob.glob(os.path.join("ttsearch", f"_C_{level_of(ext)}.*")):
+                        os.remove(stale)
+            self.extensions = [ext for ext in self.extensions if level_of(ext) in keep]
             if self.parallel is None:  # unless -j says otherwise
                 self.parallel = len(self.extensions)
             # ninja runs MAX_JOBS compiles per level; the levels run at once: share the cores out
             os.environ.setdefault("MAX_JOBS", str(max(1, (os.cpu_count() or 1) // len(self.extensions))))
             super().build_extensions()
-
-        def keep_local_levels(self):
-            """A local install: the levels this CPU runs and the portable baseline (the last,
-            narrowest level); in-tree modules of the other levels would be stale, so they go."""
-            keep = {*CPU_ISA.runnable(), list(CPU_ISA.levels())[-1]}
-            for ext in self.extensions:
-                if level_of(ext) not in keep:
-                    for stale in glob.glob(os.path.join("ttsearch", f"_C_{level_of(ext)}.*")):
-                        os.remove(stale)
-            self.extensions = [ext for ext in self.extensions if level_of(ext) in keep]
 
         def build_extension(self, ext):
             level_cmd = copy.copy(self)
@@ -101,7 +86,7 @@ def extensions():
     # ccache keys paths below this folder relative to it: a fresh clone reuses the objects
     os.environ.setdefault("CCACHE_BASEDIR", os.path.dirname(os.path.abspath(__file__)))
     exts = []
-    for level, (flags, _) in isa_levels().items():
+    for level, (flags, _) in CPU_ISA.levels().items():  # build_extensions keeps those to build
         # -g0: Python's CFLAGS ask for debug info, which slows each of the levels' builds
         args = ["-O3", "-g0", "-fopenmp", "-std=c++20", *flags]
         if "-mavx512f" in flags:  # GCC 12 flags its own avx512fintrin.h in ATen's vectors, thousands of lines

@@ -64,6 +64,29 @@ def test_forcing_an_unknown_level_fails_even_in_auto_mode():
     assert f"TTSEARCH_CPU_ISA='avx9000': not an ISA level on {_cpu_isa.arch()} (levels: {', '.join(LEVELS)})" in out.stderr
 
 
+@pytest.mark.parametrize("can", [["avx2", "default"], ["avx512_bf16", "avx512", "avx2", "default"], ["default"]])
+def test_a_local_install_builds_what_this_cpu_runs_and_a_wheel_every_level(monkeypatch, can):
+    monkeypatch.setattr(_cpu_isa, "arch", lambda: "x86_64")
+    monkeypatch.setattr(_cpu_isa, "runnable", lambda: can)
+    every = list(_cpu_isa.LEVELS["x86_64"])
+    assert _cpu_isa.levels_to_build(None, local=True) == can  # the baseline is runnable everywhere
+    assert _cpu_isa.levels_to_build(None, local=False) == every
+    assert _cpu_isa.levels_to_build("all", local=True) == every
+    assert _cpu_isa.levels_to_build("default,avx2", local=False) == ["avx2", "default"]
+
+
+def test_a_local_install_keeps_the_baseline_even_where_the_cpu_runs_nothing_else(monkeypatch):
+    monkeypatch.setattr(_cpu_isa, "arch", lambda: "aarch64")
+    monkeypatch.setattr(_cpu_isa, "runnable", lambda: [])
+    assert _cpu_isa.levels_to_build(None, local=True) == ["default"]
+
+
+def test_building_an_unknown_level_fails_naming_the_levels(monkeypatch):
+    monkeypatch.setattr(_cpu_isa, "arch", lambda: "x86_64")
+    with pytest.raises(ValueError, match=r"unknown level\(s\) \['avx9000'\]; x86_64 has \['avx512_bf16'"):
+        _cpu_isa.levels_to_build("avx2,avx9000", local=True)
+
+
 def vector_instructions(level: str) -> set[str]:
     """The register files the module's code touches: xmm/ymm/zmm in VEX/EVEX-encoded
     (AVX) instructions, 'xmm16+' (EVEX only) and 'k' (AVX-512 masks); and the bf16 dot."""

@@ -87,6 +87,24 @@ def runnable() -> list[str]:
     return [level for level in levels() if not missing(level)]
 
 
+def levels_to_build(wanted: str | None, local: bool) -> list[str]:
+    """The levels a build compiles, widest first. ``wanted`` (TTSEARCH_CPU_ISAS) names them,
+    comma-separated, or is 'all'; without it a wheel or sdist build takes every level, so the
+    wheel runs on any CPU of the architecture, and a local (editable) install only the levels
+    this CPU runs plus the portable baseline (the narrowest level), which is quicker."""
+    every = list(levels())
+    if wanted and wanted != "all":
+        names = wanted.split(",")
+        unknown = sorted(set(names) - set(every))
+        if unknown:
+            raise ValueError(f"TTSEARCH_CPU_ISAS: unknown level(s) {unknown}; {arch()} has {every} (or 'all')")
+        return [level for level in every if level in names]
+    if wanted or not local:
+        return every
+    can = runnable()
+    return [level for level in every if level in can or level == every[-1]]
+
+
 def built() -> list[str]:
     """The levels this install holds a module for, widest first."""
     return [level for level in levels() if importlib.util.find_spec(f"ttsearch._C_{level}") is not None]
