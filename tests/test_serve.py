@@ -1,6 +1,8 @@
-"""`ttsearch serve` on loopback, talked to with the official openai client: plain, searched and
-streamed requests, 32 concurrent requests from 8 threads, bad requests of every kind, and
-clients that go away mid-search. SmolLM2 in float32 with the arithmetic checker."""
+"""`ttsearch serve` on loopback, talked to with the official openai client: searches (the server
+searches every chat request here, ``search_by_default``) plain, with settings and streamed,
+32 concurrent requests from 8 threads, bad requests of every kind, and clients that go away
+mid-search. SmolLM2 in float32 with the arithmetic checker. Plain generation, step scoring
+and its_hub are in test_serve_generation.py."""
 
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def service(smollm2_engine_fp32):
 
 @pytest.fixture(scope="module")
 def base_url(service):
-    with Server(create_app(service, MODEL)) as url:
+    with Server(create_app(service, MODEL, search_by_default=True)) as url:
         yield url
 
 
@@ -162,6 +164,11 @@ def test_bad_search_settings_get_400_and_the_server_goes_on(client, search, mess
 def test_malformed_requests_get_openai_style_errors(client, base_url):
     with pytest.raises(openai.BadRequestError, match="over the context length|no room left for a step"):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "seven " * 10000}])
+    # a budget past the context used to be accepted, and searched for minutes
+    with pytest.raises(openai.BadRequestError, match=r"max_tokens=1000000000000: past the context length 8192"):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=10**12)
+    with pytest.raises(openai.BadRequestError, match=r"n=3: applies to generation requests, not to a search"):
+        client.chat.completions.create(model=MODEL, messages=QUESTION, n=3)
     with pytest.raises(openai.NotFoundError, match="model 'gpt-4' is not served here"):
         client.chat.completions.create(model="gpt-4", messages=QUESTION)
     for body, where in [({"model": MODEL}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]},

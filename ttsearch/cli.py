@@ -191,10 +191,14 @@ def _serve(args: argparse.Namespace) -> int:
     searcher = Searcher(args.model or recipe.get("model", "smollm2-135m"),
                         args.verifier or recipe.get("verifier", "arithmetic"),
                         verifier_options=_json_flag("--verifier-options", args.verifier_options), dtype=args.dtype,
-                        kv_cache_gib=args.kv_cache_gib, progress=True, **config.to_dict())
-    print(f"serving {searcher.policy.name} ({searcher.policy.dtype}) with {config.strategy} n={config.n} on "
+                        kv_cache_gib=args.kv_cache_gib, progress=True, prefix_caching=not args.no_prefix_caching,
+                        **config.to_dict())
+    searched = f"every chat request searched with {config.strategy} n={config.n}" if args.search_by_default else \
+        f"generation, and {config.strategy} n={config.n} for requests with a search object"
+    print(f"serving {searcher.policy.name} ({searcher.policy.dtype}): {searched}, on "
           f"http://{args.host}:{args.port}/v1", flush=True)
-    serve(searcher, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
+    serve(searcher, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
+          search_by_default=args.search_by_default)
     return 0
 
 
@@ -258,10 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_flags(run)
     run.set_defaults(func=_run)
 
-    srv = sub.add_parser("serve", help="an OpenAI-compatible chat completions server (FastAPI + uvicorn)")
+    srv = sub.add_parser("serve", help="an OpenAI-compatible server (FastAPI + uvicorn): searches, vLLM-style "
+                                        "generation and step scoring on one engine")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", help="requests must send 'Authorization: Bearer KEY'")
+    srv.add_argument("--search-by-default", action="store_true",
+                     help="search every chat request (a request without a search object gets the server's settings); "
+                          "otherwise such a request is plain generation")
+    srv.add_argument("--no-prefix-caching", action="store_true",
+                     help="no prefix cache: every request prefills its whole prompt (to measure what reuse saves)")
     srv.add_argument("--model", help="alias, Hugging Face directory or .gguf file (default smollm2-135m)")
     srv.add_argument("--verifier", help="arithmetic (default) | self | a registered name | a PRM's directory")
     srv.add_argument("--verifier-options", help="JSON options for the verifier")

@@ -9,6 +9,8 @@ Invariants (DESIGN.md, "KV cache"):
   free blocks.
 - every method checks capacity before it changes anything, so a failed call leaves the
   state as it was.
+- ``prefix_caching=False`` finds no cached prefix (a server measured without reuse); blocks
+  are still shared by forks.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ def block_hash(parent_hash: int | None, tokens: tuple[int, ...]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
         self.ref_count = [0] * num_blocks
         self._free = deque(range(num_blocks))  # refcount 0, holding nothing reusable
         self._cached = OrderedDict()  # refcount 0, registered full blocks, oldest first
@@ -100,6 +103,8 @@ class BlockManager:
         blocks, hashes = [], []
         parent = None
         bs = self.block_size
+        if not self.prefix_caching:
+            return blocks, hashes
         for start in range(0, len(token_ids) - bs + 1, bs):
             tokens = tuple(token_ids[start : start + bs])
             h = block_hash(parent, tokens)

@@ -25,7 +25,8 @@ from ttsearch.engine.block_manager import BlockManager
 from ttsearch.engine.cuda_graphs import CudaGraphRunner, use_cuda_graphs
 from ttsearch.engine.kv_cache import allocate_kv_cache, bytes_per_token
 from ttsearch.engine.model_runner import ModelRunner
-from ttsearch.engine.sampler import GREEDY, SamplingParams, derive_seed, sample
+from ttsearch.engine.sampler import (GREEDY, SamplingParams, TokenLogprobs, derive_seed, log_softmax_rows, sample,
+                                     token_logprobs)
 from ttsearch.engine.sequence import Seq
 from ttsearch.engine.step_writer import StepResult, StepWriter
 from ttsearch.errors import ContextLengthError, InvalidTokenError, UnsupportedArchitectureError
@@ -61,6 +62,7 @@ class Engine:
         progress: bool = True,
         batch_invariant: bool | None = None,
         cuda_graphs: bool | None = None,
+        prefix_caching: bool = True,
     ):
         if not (isinstance(block_size, int) and block_size >= 1):
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
@@ -89,7 +91,7 @@ class Engine:
         self.model = LlamaModel(self.config, checkpoint.weights, self.dtype, self.device, self.max_model_len)
         self.block_size = block_size
         self.kv_cache = allocate_kv_cache(self.config, self.dtype, self.device, block_size, kv_cache_bytes)
-        self.blocks = BlockManager(self.kv_cache.shape[2], block_size)
+        self.blocks = BlockManager(self.kv_cache.shape[2], block_size, prefix_caching=prefix_caching)
         self.block_bytes = block_size * bytes_per_token(self.config, self.dtype)
         eos = set(self.config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -110,13 +112,21 @@ class Engine:
     # ------------------------------------------------------------------ public API
     def add(self, token_ids: Sequence[int], logits: bool = True) -> Seq:
         """A new sequence holding ``token_ids``. Full blocks already cached for the same
-        prefix are reused; only the rest is forwarded. ``logits=False`` skips the
-        next-token logits (a verifier's sequence never samples)."""
-        tokens = self._check_tokens(token_ids, "add")
-        self._check_room(len(tokens), "add")
-        seq = Seq(token_ids=[], block_table=[], wants_logits=logits)
-        self._prefill(seq, tokens, f"a prompt of {len(tokens)} tokens")
-        return seq
+        prefix are reused (``seq.cached_tokens`` says how many tokens); only the rest is
+        forwarded. ``logits=False`` skips the next-token logits (a verifier's sequence never
+        samples)."""
+        return self.add_batch([token_ids], logits)[0]
+
+    def add_batch(self, token_lists: Sequence[Sequence[int]], logits: bool = True) -> list[Seq]:
+        """``add`` for many sequences, their uncached parts forwarded in one batch."""
+        lists = [self._check_tokens(t, "add") for t in token_lists]
+        for tokens in lists:
+            self._check_room(len(tokens), "add")
+        seqs = [Seq(token_ids=[], block_table=[], wants_logits=logits) for _ in lists]
+        if seqs:
+            what = f"a prompt of {len(lists[0])} tokens" if len(lists) == 1 else f"{len(lists)} prompts"
+            self._prefill(seqs, lists, what)
+        return seqs
 
     def append(self, seq: Seq, token_ids: Sequence[int]) -> None:
         """Extend ``seq`` with ``token_ids``, forwarded against its cached context."""
@@ -219,7 +229,7 @@ class Engine:
             raise ValueError(f"restore: {seq!r} is not a preempted sequence")
         tokens, seq.token_ids = seq.token_ids, []
         try:
-            self._prefill(seq, tokens, f"restoring a preempted sequence of {len(tokens)} tokens")
+            self._prefill([seq], [tokens], f"restoring a preempted sequence of {len(tokens)} tokens")
         except Exception:
             seq.token_ids = tokens
             raise
@@ -239,6 +249,13 @@ class Engine:
     def step(self, seqs: Sequence[Seq], sampling: SamplingParams | Sequence[SamplingParams] = GREEDY) -> list[int]:
         """One batched decode step: every sequence samples one token, which is appended and
         forwarded. Returns the tokens."""
+        return [token for token, _ in self.sample_step(seqs, sampling)]
+
+    def sample_step(
+        self, seqs: Sequence[Seq], sampling: SamplingParams | Sequence[SamplingParams] = GREEDY
+    ) -> list[tuple[int, TokenLogprobs | None]]:
+        """``step``, with each token's log-probabilities where its ``SamplingParams.logprobs``
+        asks for them (None elsewhere)."""
         seqs = list(seqs)
         params = self._per_seq(sampling, len(seqs))
         self._check_live(seqs)
@@ -250,9 +267,15 @@ class Engine:
         needed = sum(self.runner.blocks_needed(s, 1) for s in seqs)
         self.blocks.require(needed, f"a decode step of {len(seqs)} sequences")
         generators = [self._generator(s, p) for s, p in zip(seqs, params)]
-        tokens = sample(_stacked_logits(seqs), params, generators)
+        logits = _stacked_logits(seqs)
+        asking = [i for i, p in enumerate(params) if p.logprobs is not None]
+        rows = log_softmax_rows(logits, asking) if asking else None  # before sampling writes the logits
+        tokens = sample(logits, params, generators)
+        found: list[TokenLogprobs | None] = [None] * len(seqs)
+        for row, i in enumerate(asking):
+            found[i] = token_logprobs(rows[row], tokens[i], params[i].logprobs)
         self.runner.forward(seqs, [[t] for t in tokens])
-        return tokens
+        return list(zip(tokens, found))
 
     def decode_blocks_needed(self, seqs: Sequence[Seq]) -> int:
         """Blocks the next ``step`` of ``seqs`` takes from the pool."""
@@ -355,21 +378,24 @@ class Engine:
         return params
 
     # ------------------------------------------------------------------ helpers
-    def _prefill(self, seq: Seq, tokens: list[int], what: str) -> None:
-        """Give the empty ``seq`` the blocks of ``tokens``: cached full blocks of the prefix
-        are taken as they are, the rest is forwarded. Checks capacity before any change."""
+    def _prefill(self, seqs: list[Seq], token_lists: list[list[int]], what: str) -> None:
+        """Give the empty ``seqs`` the blocks of their tokens, in one forward: cached full
+        blocks of each prefix are taken as they are, the rest is forwarded. Checks capacity
+        before any change."""
         # Matching stops one token short: the block holding the last token is always
         # recomputed, so the logits after it exist.
-        blocks, hashes = self.blocks.match_prefix(tokens[:-1])
-        cached = len(blocks) * self.block_size
-        revived = sum(1 for b in blocks if self.blocks.ref_count[b] == 0)  # leave the LRU
-        new_blocks = -(-len(tokens) // self.block_size) - len(blocks)
-        self.blocks.require(new_blocks + revived, f"{what} ({cached} cached)")
-        for b in blocks:
-            self.blocks.retain(b)
-        seq.token_ids, seq.block_table, seq.block_hashes = tokens[:cached], list(blocks), hashes
-        self._live[seq.seq_id] = seq
-        self.runner.forward([seq], [tokens[cached:]], seq.wants_logits)
+        matches = [self.blocks.match_prefix(tokens[:-1]) for tokens in token_lists]
+        revived = {b for blocks, _ in matches for b in blocks if self.blocks.ref_count[b] == 0}  # leave the LRU
+        new_blocks = sum(-(-len(t) // self.block_size) - len(blocks) for t, (blocks, _) in zip(token_lists, matches))
+        cached = sum(len(blocks) for blocks, _ in matches) * self.block_size
+        self.blocks.require(new_blocks + len(revived), f"{what} ({cached} cached)")
+        for seq, tokens, (blocks, hashes) in zip(seqs, token_lists, matches):
+            for b in blocks:
+                self.blocks.retain(b)
+            seq.cached_tokens = len(blocks) * self.block_size
+            seq.token_ids, seq.block_table, seq.block_hashes = tokens[: seq.cached_tokens], list(blocks), hashes
+            self._live[seq.seq_id] = seq
+        self.runner.forward(seqs, [t[s.cached_tokens :] for s, t in zip(seqs, token_lists)], seqs[0].wants_logits)
 
     def _generator(self, seq: Seq, params: SamplingParams) -> torch.Generator | None:
         if params.greedy:

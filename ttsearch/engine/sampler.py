@@ -20,12 +20,15 @@ from ttsearch import ops
 class SamplingParams:
     """``temperature=0`` is greedy. ``top_k=0`` and ``top_p=1`` switch those filters off.
     ``seed`` seeds a sequence's random stream the first time it samples; forks of the
-    sequence get streams derived from it, so one seed reproduces a whole tree."""
+    sequence get streams derived from it, so one seed reproduces a whole tree. ``logprobs``
+    (None: off) asks for each sampled token's log-probability and the ``logprobs`` most
+    likely tokens' (``Engine.sample_step``)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -36,6 +39,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be an int >= 0, got {self.top_k!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"SamplingParams.seed must be an int, got {self.seed!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and self.logprobs >= 0):
+            raise ValueError(f"SamplingParams.logprobs must be None or an int >= 0, got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -43,6 +48,28 @@ class SamplingParams:
 
 
 GREEDY = SamplingParams()
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log-probability and the most likely tokens' (id, log-probability),
+    best first, from the model's distribution before temperature and filters (as vLLM's)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def log_softmax_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Float32 log-probabilities of ``rows`` of ``logits [B, V]`` (a copy: the sampler may
+    write the logits in place)."""
+    return torch.log_softmax(logits[rows].float(), dim=-1).cpu()
+
+
+def token_logprobs(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+    """``token``'s entry of one row of log-probabilities, with the ``top`` best."""
+    best = torch.topk(logprobs, top) if top else None
+    pairs = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
+    return TokenLogprobs(float(logprobs[token]), pairs)
 
 
 def derive_seed(seed: int, lineage: tuple[int, ...]) -> int:

@@ -24,6 +24,7 @@ class Seq:
     forks: int = 0
     wants_logits: bool = True  # False: a verifier's sequence, never sampled from
     preempted: bool = False  # blocks released, tokens kept: see Engine.preempt
+    cached_tokens: int = 0  # of its first tokens, those taken from the prefix cache when it was added or restored
     freed: bool = False
     seq_id: int = field(default_factory=lambda: next(_ids))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ttsearch.engine.sampler import GREEDY, SamplingParams
+from ttsearch.engine.sampler import GREEDY, SamplingParams, TokenLogprobs
 from ttsearch.engine.sequence import Seq
 
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ class StepResult:
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" (delimiter written, kept), "eos" (the answer ended), "length" (cut)
+    logprobs: list[TokenLogprobs] | None = None  # per token, where the sampling asked for them
 
 
 @dataclass(eq=False)
@@ -30,9 +31,10 @@ class StepInProgress:
 
     seq: Seq
     sampling: SamplingParams
-    stop: str | None
+    stop: str | tuple[str, ...] | None  # a delimiter, or several (the step ends at the first written)
     max_tokens: int
     written: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # per written token, where asked for
 
 
 class StepWriter:
@@ -41,8 +43,8 @@ class StepWriter:
     ``add`` starts a step for more sequences at any point, each with its own sampling, stop
     delimiter and token limit; ``advance`` decodes one token for every sequence still
     writing and returns those whose step just ended, with its result: after the ``stop``
-    delimiter (kept in the text), at EOS, after ``max_tokens`` tokens, or at the context
-    length. A scheduler that starts each next step as soon as the last one is scored keeps
+    delimiter (or any of several; kept in the text), at EOS, after ``max_tokens`` tokens, or at
+    the context length. A scheduler that starts each next step as soon as the last one is scored keeps
     the batch full while slower steps are still being written. ``remove`` takes sequences
     out mid-step (a preempted problem) and ``resume`` puts them back where they were.
     """
@@ -62,7 +64,7 @@ class StepWriter:
         self,
         seqs: Sequence[Seq],
         sampling: SamplingParams | Sequence[SamplingParams] = GREEDY,
-        stop: str | None = WRITER_STOP,
+        stop: str | tuple[str, ...] | None = WRITER_STOP,
         max_tokens: int | None = None,
     ) -> None:
         seqs = list(seqs)
@@ -85,6 +87,10 @@ class StepWriter:
             else:
                 self._writing[step.seq.seq_id] = step
 
+    def progress(self, seq: Seq) -> StepInProgress | None:
+        """The step ``seq`` is writing, so far (None when it writes none): for streaming."""
+        return self._writing.get(seq.seq_id)
+
     def remove(self, seqs: Sequence[Seq]) -> list[StepInProgress]:
         """Stop decoding ``seqs`` now; returns their unfinished steps, for ``resume``."""
         return [self._writing.pop(seq.seq_id) for seq in seqs if seq.seq_id in self._writing]
@@ -93,10 +99,12 @@ class StepWriter:
         """Decode one token for every sequence writing; returns the steps that ended. A full
         KV pool raises before anything changes."""
         steps = list(self._writing.values())
-        tokens = self.engine.step([s.seq for s in steps], [s.sampling for s in steps]) if steps else []
+        sampled = self.engine.sample_step([s.seq for s in steps], [s.sampling for s in steps]) if steps else []
         ended, self._ended = self._ended, []
-        for step, token in zip(steps, tokens):
+        for step, (token, logprobs) in zip(steps, sampled):
             step.written.append(token)
+            if logprobs is not None:
+                step.logprobs.append(logprobs)
             reason = self._reason(step)
             if reason is not None:
                 del self._writing[step.seq.seq_id]
@@ -105,15 +113,17 @@ class StepWriter:
 
     def _result(self, step: StepInProgress, reason: str) -> StepResult:
         text = self.engine.tokenizer.decode(step.written, skip_special_tokens=True)
-        return StepResult(step.written, text, reason)
+        return StepResult(step.written, text, reason, step.logprobs if step.sampling.logprobs is not None else None)
 
     def _reason(self, step: StepInProgress) -> str | None:
         written = step.written
         if written[-1] in self.engine.eos_token_ids:
             return "eos"
         if step.stop:
-            window = len(step.stop) + 2  # tokens enough to spell the delimiter
-            if step.stop in self.engine.tokenizer.decode(written[-window:]):
+            stops = (step.stop,) if isinstance(step.stop, str) else step.stop
+            window = max(map(len, stops)) + 2  # tokens enough to spell a delimiter
+            text = self.engine.tokenizer.decode(written[-window:], skip_special_tokens=True)  # as the step's text
+            if any(stop in text for stop in stops):
                 return "stop"
         if len(written) >= step.max_tokens or len(step.seq) >= self.engine.max_model_len:
             return "length"

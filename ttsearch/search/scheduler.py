@@ -11,6 +11,10 @@ write) still cannot be placed, the newest problems are preempted whole: their bl
 released, their trees kept as tokens, and they wait to be restored (their prefixes through
 the prefix cache, the rest recomputed) before any new problem starts. Each sequence keeps its
 random stream through that, so a seeded run writes the same records whatever the pool size.
+
+A plain generation request (``generation.py``) is a job too: its choices decode in the same
+batch and may be preempted like a search's beams, but nothing scores them (``scored`` False):
+a choice whose step ended is handed back to it as written.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ class Job:
     """One problem's search in the scheduler, and the work it has cost so far."""
 
     problem: object  # anything with ``id`` (ttsearch.eval.datasets.Problem)
-    search: Strategy
+    search: Strategy  # or a Generation (unscored)
     sampling: SamplingParams
     started: float = 0.0
     tokens_generated: int = 0
@@ -87,8 +91,16 @@ class Scheduler:
     def blocks_to_start(self, search: Strategy) -> tuple[int, int]:
         """(policy blocks, verifier blocks) that starting ``search`` takes: its prompts."""
         policy = -(-len(search.prompt_ids) // self.policy.block_size)
-        verifier = self.verifier.blocks_to_start(search.question)
+        verifier = self.verifier.blocks_to_start(search.question) if search.scored else 0
         return (policy + verifier, 0) if self.shared_pool else (policy, verifier)
+
+    @staticmethod
+    def first_beams(search) -> int:
+        """The beams a search (or a generation's choices) writes with first."""
+        if not search.scored:
+            return search.params.n
+        c = search.config
+        return c.pilot_samples if c.strategy == "compute_optimal" else c.n
 
     def check_fits_alone(self, search: Strategy, problem_id: str) -> None:
         """A problem whose prompt leaves no room in the context, or whose prompt and first
@@ -118,18 +130,20 @@ class Scheduler:
                 f"tokens ({gib:.3g} GiB); {remedy}"
             )
 
-    def _watermarks(self, beams: int = 0) -> tuple[int, int]:
+    def _watermarks(self, search=None, beams: int = 0) -> tuple[int, int]:
         """(policy blocks, verifier blocks) that the running problems' next tokens and
-        scoring take at least, with ``beams`` more beams: a block for every live beam, and
-        what the verifier writes to score each one (to the policy's pool when they share it)."""
+        scoring take at least, with ``beams`` more beams of ``search``: a block for every live
+        beam, and what the verifier writes to score each scored one (to the policy's pool when
+        they share it)."""
+        scored = beams if search is not None and search.scored else 0
+        scored += sum(len(job.search.live) for job in self.running if job.search.scored)
         beams += sum(len(job.search.live) for job in self.running)
-        scoring = self.verifier.blocks_to_score(beams)
+        scoring = self.verifier.blocks_to_score(scored)
         return (beams + scoring, 0) if self.shared_pool else (beams, scoring)
 
     def has_room_for(self, search: Strategy) -> bool:
         policy, verifier = self.blocks_to_start(search)
-        beams = search.config.n if search.config.strategy != "compute_optimal" else search.config.pilot_samples
-        policy_mark, verifier_mark = self._watermarks(beams)
+        policy_mark, verifier_mark = self._watermarks(search, self.first_beams(search))
         room = self.policy.blocks.num_available >= policy + policy_mark
         if self.verifier.engine is not None and not self.shared_pool:
             room = room and self.verifier.engine.blocks.num_available >= verifier + verifier_mark
@@ -171,19 +185,23 @@ class Scheduler:
         if not ready:
             return []
         start = time.perf_counter()
-        ready = self._score(ready)
+        self._score([job for job in ready if job.search.scored])
         self.stats.score_seconds += time.perf_counter() - start
+        ready = [job for job in ready if job in self.running]  # one preempted to make room for scoring waits
         blocks = self.policy.blocks.num_used
         done = []
         for job in ready:
             job.peak_blocks = max(job.peak_blocks, blocks)
-            beams = [beam for beam, _ in job.ended.values()]
+            steps = list(job.ended.values())
             job.ended = {}
-            writing = {id(b) for b in job.search.live} - {id(b) for b in beams}
-            job.search.advance(beams)
-            reason = None if job.search.done else job.search.agreement()
-            if reason is not None:
-                self._stop_early(job, reason)
+            writing = {id(b) for b in job.search.live} - {id(b) for b, _ in steps}
+            if not job.search.scored:
+                job.search.record(steps)
+            else:
+                job.search.advance([beam for beam, _ in steps])
+                reason = None if job.search.done else job.search.agreement()
+                if reason is not None:
+                    self._stop_early(job, reason)
             if job.search.done:
                 self.running.remove(job)
                 done.append(job)
@@ -206,9 +224,11 @@ class Scheduler:
             self.stats.live_beams += live
         return ended
 
-    def _score(self, ready: list[Job]) -> list[Job]:
-        """Score the ended steps of ``ready`` jobs in one verifier call and update their beams.
-        Returns the jobs scored (a job preempted to make room waits to be restored)."""
+    def _score(self, ready: list[Job]) -> None:
+        """Score the ended steps of ``ready`` jobs in one verifier call and update their beams
+        (a job preempted to make room waits to be restored, unscored)."""
+        if not ready:
+            return
         while True:
             units = [(job, beam, result) for job in ready for beam, result in job.ended.values()]
             try:
@@ -224,7 +244,6 @@ class Scheduler:
             job.tokens_verified += verified
             if self.on_step is not None:
                 self.on_step(job, job.search.nodes[-1])
-        return ready
 
     def _begin_steps(self, job: Job, beams: list[Beam]) -> None:
         for beam in beams:
@@ -274,7 +293,7 @@ class Scheduler:
             gib = engine.blocks.num_blocks * engine.block_bytes / 2**30
             raise KVCacheFullError(
                 f"problem {job.problem.id!r} alone outgrew the KV pool: {len(job.search.held())} beams hold "
-                f"{held} tokens (n={job.search.config.n}), the pool {engine.blocks.num_blocks * engine.block_size} "
+                f"{held} tokens, the pool {engine.blocks.num_blocks * engine.block_size} "
                 f"tokens ({gib:.3g} GiB); raise --kv-cache-gib or lower n or max_tokens ({exc})"
             ) from exc
         self.preempt(max(self.running, key=lambda j: j.order))
@@ -285,7 +304,8 @@ class Scheduler:
         job.paused = self._take_steps(job)
         for beam in beams:
             self.policy.preempt(beam.seq)
-            self.verifier.preempt(beam.vstate)
+            if beam.vstate is not None:
+                self.verifier.preempt(beam.vstate)
         self.running.remove(job)
         self.waiting.append(job)
         self.waiting.sort(key=lambda j: j.order)
@@ -309,9 +329,9 @@ class Scheduler:
 
     def _room_to_restore(self, job: Job) -> bool:
         beams = job.search.held()
-        policy_mark, verifier_mark = self._watermarks(len(job.search.live))
+        policy_mark, verifier_mark = self._watermarks(job.search, len(job.search.live))
         policy = _unique_blocks([b.seq.token_ids for b in beams], self.policy.block_size)
-        vseqs = [b.vstate.seq for b in beams if b.vstate.seq is not None]
+        vseqs = [b.vstate.seq for b in beams if b.vstate is not None and b.vstate.seq is not None]
         verifier = _unique_blocks([s.token_ids for s in vseqs], self.verifier.engine.block_size) if vseqs else 0
         if self.shared_pool:
             return self.policy.blocks.num_available >= policy + verifier + policy_mark
@@ -327,8 +347,9 @@ class Scheduler:
             for beam in beams:
                 self.policy.restore(beam.seq)
                 seqs.append(beam.seq)
-                self.verifier.restore(beam.vstate)
-                vstates.append(beam.vstate)
+                if beam.vstate is not None:
+                    self.verifier.restore(beam.vstate)
+                    vstates.append(beam.vstate)
         except KVCacheFullError:
             for seq in seqs:
                 self.policy.preempt(seq)

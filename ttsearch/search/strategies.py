@@ -76,6 +76,8 @@ class Strategy:
 
     #: the strategy advances once every live beam has ended its step (False: per beam)
     waits_for_all = True
+    #: its steps are scored (a plain generation shares the scheduler unscored)
+    scored = True
 
     def __init__(self, policy, verifier, config: SearchConfig, prompt_ids: list[int], question: str, seed: int = 0):
         self.policy = policy

@@ -390,6 +390,13 @@ class ArithmeticChecker(Verifier):
         state.context = Progress.of(question)
         return state
 
+    def resume(self, question, paths, scores):
+        states = super().resume(question, paths, scores)
+        for state in states:
+            for step in state.steps:  # the path's progress, judged again (no model: cheap)
+                _, state.context = judge(state.context, step, self.neutral)
+        return states
+
     def _score(self, states, steps, policy_seqs, prev_agg, prev_count):
         judged = [judge(state.context, step, self.neutral) for state, step in zip(states, steps)]
         for state, (_, progress) in zip(states, judged):

@@ -59,6 +59,8 @@ class Verifier:
     each state, so a search can count each problem's verifier work exactly."""
 
     engine = None
+    #: it judges the policy's own beams (``score``'s ``policy_seqs``), so it cannot score posted text
+    needs_policy = False
 
     def __init__(self, aggregation: str = "last"):
         if aggregation not in AGGREGATIONS:
@@ -73,6 +75,26 @@ class Verifier:
         if not isinstance(question, str):
             raise TypeError(f"new: question must be a str, got {type(question).__name__}")
         return VerifierState(owner=self.verifier_id, question=question)
+
+    def resume(self, question: str, paths: list[list[str]], scores: list[list[float]]) -> list[VerifierState]:
+        """States after each of ``paths`` (steps already scored, with ``scores``), rebuilt
+        without scoring those steps again. A verifier that keeps its own context per state
+        rebuilds it (a PRM re-adds the path's ids through its engine's prefix cache)."""
+        states = []
+        for steps, step_scores in zip(paths, scores):
+            state = self.new(question)
+            state.steps, state.step_scores = tuple(steps), list(step_scores)
+            state.aggregate = self.aggregate(step_scores)
+            states.append(state)
+        return states
+
+    def aggregate(self, step_scores: list[float]) -> float | None:
+        """The aggregate of a path's step scores, as ``score`` keeps it (None before any)."""
+        aggregate = None
+        for count, score in enumerate(step_scores):
+            aggregate = update_aggregate(torch.tensor([aggregate or 0.0]), torch.tensor([count]),
+                                         torch.tensor([float(score)]), self.aggregation).item()
+        return aggregate
 
     def fork(self, state: VerifierState, k: int) -> list[VerifierState]:
         """``k`` children with the parent's scores; the parent stays live."""

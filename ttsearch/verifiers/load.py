@@ -33,7 +33,7 @@ FAMILIES = {
     "qwen-prm": (SeparatorFormat, "classifier"),
     "skywork": (LineStepFormat, "value"),
 }
-ENGINE_OPTIONS = ("dtype", "device", "block_size", "kv_cache_bytes", "max_model_len", "progress")
+ENGINE_OPTIONS = ("dtype", "device", "block_size", "kv_cache_bytes", "max_model_len", "progress", "prefix_caching")
 
 
 def detect_family(engine: Engine) -> str:
@@ -64,7 +64,7 @@ def load_verifier(spec: str, policy_engine: Engine | None = None, aggregation: s
     ask, candidates, suffix), a name given to ``register_verifier``, or a PRM's path or
     alias. A PRM's options: ``family``; its format's (math-shepherd: tag, good, bad; rlhflow:
     good, bad; qwen-prm: separator, system_prompt; skywork: step_token); and its engine's
-    (dtype, device, block_size, kv_cache_bytes, max_model_len, progress)."""
+    (dtype, device, block_size, kv_cache_bytes, max_model_len, progress, prefix_caching)."""
     if spec in REGISTERED:
         verifier = REGISTERED[spec](policy_engine=policy_engine, aggregation=aggregation, **overrides)
         if not isinstance(verifier, Verifier):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ttsearch import ops
 from ttsearch.engine.engine import Engine
-from ttsearch.verifiers.base import Verifier
+from ttsearch.verifiers.base import Verifier, VerifierState
 from ttsearch.verifiers.formats import StepFormat
 
 
@@ -107,13 +107,27 @@ class ModelPRM(Verifier):
             state.context = context
         return self.readout(hidden, prev_agg, prev_count, self.aggregation)
 
+    def resume(self, question, paths, scores):
+        written = [self._written(question, steps) for steps in paths]
+        seqs = self.engine.add_batch([ids for ids, _, _ in written], logits=False)  # through the prefix cache
+        states = []
+        for seq, (_, _, context), steps, step_scores in zip(seqs, written, paths, scores):
+            states.append(VerifierState(list(step_scores), self.aggregate(step_scores), seq, context, question=question,
+                                        steps=tuple(steps), owner=self.verifier_id))
+        return states
+
     def token_ids(self, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
         """The whole text as incremental scoring writes it, and the index of each step's read
         position: what a full re-scoring forwards."""
+        ids, reads, _ = self._written(question, steps)
+        return ids, reads
+
+    def _written(self, question: str, steps: list[str]) -> tuple[list[int], list[int], object]:
+        """(ids, each step's read position, the format's context after the last step)."""
         ids, context = self.format.prefix(question)
         ids, reads = list(ids), []
         for step in steps:
             (step_ids, context), = self.format.steps([context], [step])
             ids += step_ids
             reads.append(len(ids) - 1)
-        return ids, reads
+        return ids, reads, context

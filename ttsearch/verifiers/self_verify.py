@@ -23,6 +23,8 @@ class SelfVerifier(Verifier):
     ``suffix`` replaces the whole chat-formatted suffix verbatim (for a policy without a chat
     template); ``candidates`` are the answers read, each one token."""
 
+    needs_policy = True
+
     def __init__(
         self,
         engine: Engine,

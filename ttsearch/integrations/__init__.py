@@ -1,0 +1,1 @@
+"""Adapters that let other test-time-scaling libraries use ``ttsearch serve`` (optional extras)."""
