@@ -3,8 +3,9 @@
 The same problems (the first bundled arithmetic ones), prompt (the system prompt and the
 question as the user's turn), model (SmolLM2-135M, the machine's default dtype), verifier
 (SmolLM2 as a Math-Shepherd-format PRM on the policy's engine, as in bench_search.py) and
-settings (steps to a blank line of at most STEP_TOKENS tokens, at most MAX_STEPS steps,
-temperature 0.8, multinomial resampling on the PRM's log-odds), at budgets 8 and 16:
+settings (its_hub's step-by-step system prompt, steps to a blank line of at most STEP_TOKENS
+tokens, at most MAX_STEPS steps, temperature 0.8, multinomial resampling on the PRM's
+log-odds), at budgets 8 and 16:
 
 - (a) its_hub 1.2's ``ParticleFiltering`` with ``OpenAICompatibleLanguageModel`` pointed at a
   ``ttsearch serve`` subprocess on loopback, and ``ttsearch.integrations.its_hub.ScoreStepsPRM``
@@ -47,12 +48,16 @@ from ttsearch.search import SearchConfig  # noqa: E402
 from ttsearch.search.runner import run_jobs  # noqa: E402
 from ttsearch.verifiers import load_verifier  # noqa: E402
 
-PROBLEMS = 4
-MAX_STEPS = 5
-STEP_TOKENS = 40
+try:  # the system prompt its_hub ships for step-by-step search (search-and-learn's)
+    from its_hub.core.utils import SAL_STEP_BY_STEP_SYSTEM_PROMPT as SYSTEM_PROMPT
+except ImportError:  # pragma: no cover - its_hub is in the test group
+    SYSTEM_PROMPT = None
+
+PROBLEMS = 3
+STEP = "\n\n"
+MAX_STEPS = 4
+STEP_TOKENS = 128  # room for a step to end at its blank line: a step cut short ends our path, not its_hub's
 TEMPERATURE = 0.8
-SYSTEM_PROMPT = ("Solve the math problem step by step. Write one calculation per step, separate the steps with a "
-                 "blank line, and end with: The answer is \\boxed{ANSWER}.")
 PRM_OPTIONS = {"family": "math-shepherd", "tag": "ки"}
 MODEL = "smollm2-135m"
 
@@ -78,6 +83,11 @@ class ServerProcess:
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
+        # warm up (kernels chosen and packed on first use), outside the measured runs
+        body = {"messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 8, "n": 4}
+        httpx.post(f"{self.url}/v1/chat/completions", json=body, timeout=300).raise_for_status()
+        body = {"question": "What is 2 + 2?", "paths": [["2 + 2 = 4\n\n"]]}
+        httpx.post(f"{self.url}/v1/score_steps", json=body, timeout=300).raise_for_status()
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/health", timeout=30).json()
@@ -104,8 +114,8 @@ def its_hub_particle_filtering(server: ServerProcess, budget: int) -> dict:
     lm = OpenAICompatibleLanguageModel(endpoint=f"{server.url}/v1", api_key="unused", model_name=MODEL,
                                        system_prompt=SYSTEM_PROMPT, max_completion_tokens=STEP_TOKENS,
                                        temperature=TEMPERATURE)
-    steps = StepGeneration(step_token="\n\n", max_steps=MAX_STEPS, stop_token="\\boxed", temperature=TEMPERATURE)
-    filtering = ParticleFiltering(steps, ScoreStepsPRM(f"{server.url}/v1", model=MODEL))
+    steps = StepGeneration(step_token=STEP, max_steps=MAX_STEPS, stop_token="\\boxed", temperature=TEMPERATURE)
+    filtering = ParticleFiltering(steps, ScoreStepsPRM(f"{server.url}/v1", model=MODEL, step_token=STEP))
     before = server.health()
     start = time.perf_counter()
     for problem in problems():
@@ -129,6 +139,11 @@ def engine():
         from ttsearch import Engine
 
         _engine = Engine(MODEL, progress=False)
+        seq = _engine.add(_engine.tokenizer.encode("What is 2 + 2?"))  # warm up, outside the measured runs
+        forks = _engine.fork(seq, 4)
+        _engine.generate_step(forks, max_tokens=8)
+        for s in [seq, *forks]:
+            _engine.free(s)
     return _engine
 
 
@@ -136,7 +151,7 @@ def ours(budget: int, in_flight: int) -> dict:
     policy = engine()
     prm = load_verifier(MODEL, policy_engine=policy, **PRM_OPTIONS)
     config = SearchConfig(strategy="particle_filter", n=budget, max_iterations=MAX_STEPS, max_step_tokens=STEP_TOKENS,
-                          max_tokens=STEP_TOKENS, temperature=TEMPERATURE, system_prompt=SYSTEM_PROMPT,
+                          max_tokens=STEP_TOKENS, stop=STEP, temperature=TEMPERATURE, system_prompt=SYSTEM_PROMPT,
                           problems_in_flight=in_flight)
     records: list[dict] = []
     forwarded = policy.tokens_forwarded
@@ -160,12 +175,14 @@ def per_problem(seconds: float, generated: int, forwarded: int, verified: int, r
 
 @pytest.mark.parametrize("budget", [8, 16])
 def test_its_hub_particle_filtering(benchmark, servers, budget):
+    load_before = os.getloadavg()[0]  # other work on the machine makes every figure slower, and unevenly
     reuse = benchmark.pedantic(its_hub_particle_filtering, args=(servers["reuse"], budget), rounds=1, iterations=1)
     no_reuse = its_hub_particle_filtering(servers["no_reuse"], budget)
     alone, together = ours(budget, 1), ours(budget, PROBLEMS)
     benchmark.extra_info.update({
         "problems": PROBLEMS, "budget": budget, "max_steps": MAX_STEPS, "step_tokens": STEP_TOKENS,
         "dtype": str(engine().dtype),
+        "load_average_1min_before_after": [load_before, os.getloadavg()[0]],
         "a_its_hub_through_server_with_reuse": reuse,
         "b_its_hub_through_server_without_reuse": no_reuse,
         "c_ours_in_process_one_in_flight": alone,

@@ -212,6 +212,24 @@ def test_bad_requests_get_400_naming_the_field_and_nothing_leaks(client, base_ur
     no_leak(service, engine)
 
 
+def test_generations_that_outgrow_the_pool_are_preempted_and_still_finish(tiny_checkpoints):
+    from ttsearch.search.generation import GenerationParams
+
+    small = Engine(str(tiny_checkpoints["llama3"]), dtype="float32", kv_cache_bytes=48 * 16 * 512, progress=False)
+    service = SearchService(Searcher(policy=small, verifier="arithmetic", **SEARCH)).start()
+    try:
+        params = GenerationParams(n=4, max_tokens=150, temperature=1.0, seed=5)
+        prompts = [small.tokenizer.encode(f"{a} + {a} = {2 * a}. ") for a in (3, 4)]
+        tickets = [service.submit_generation(ids, params) for ids in prompts]  # 8 choices of 150: over 48 blocks
+        for ticket in tickets:
+            generation = ticket.future.result(timeout=120)
+            assert all(c.result is not None for c in generation.choices) and len(generation.choices) == 4
+        assert service.scheduler.stats.preemptions >= 1 and service.scheduler.stats.restores >= 1
+        no_leak(service, small)
+    finally:
+        service.stop()
+
+
 # ----------------------------------------------------------------------------- step scoring
 
 
