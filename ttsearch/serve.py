@@ -38,7 +38,8 @@ from ttsearch.api import Question, Searcher, SearchResult, question_id
 from ttsearch.errors import KVCacheFullError, TTSearchError
 from ttsearch.eval.datasets import Problem
 from ttsearch.eval.tree import path_to
-from ttsearch.openai_protocol import Delta, RequestError
+from ttsearch import openai_protocol as protocol
+from ttsearch.openai_protocol import ChatRequest, CompletionRequest, Delta, RequestError, ScoreStepsRequest
 from ttsearch.search.config import ConfigError, SearchConfig
 from ttsearch.search.generation import Generation, GenerationParams
 from ttsearch.search.runner import make_job, make_record
@@ -403,9 +404,6 @@ def create_app(service: SearchService, model_name: str, api_key: str | None = No
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
-    from ttsearch import openai_protocol as protocol
-    from ttsearch.openai_protocol import ChatRequest, CompletionRequest, ScoreStepsRequest
-
     policy = service.searcher.policy
     app = FastAPI(title="ttsearch", version="1")
 
@@ -490,7 +488,8 @@ def create_app(service: SearchService, model_name: str, api_key: str | None = No
         except Exception as exc:
             return error(500, f"scoring failed: {exc}", kind="server_error")
         return {
-            "id": f"score-{uuid.uuid4().hex}", "object": "score_steps", "created": int(time.time()), "model": model_name,
+            "id": f"score-{uuid.uuid4().hex}", "object": "score_steps", "created": int(time.time()),
+            "model": model_name,
             "data": [{"index": i, "step_scores": scores, "aggregate": aggregate}
                      for i, (scores, aggregate) in enumerate(zip(scored.step_scores, scored.aggregates))],
             "usage": {"steps": scored.steps_scored + scored.steps_remembered, "steps_scored": scored.steps_scored,
@@ -588,9 +587,7 @@ def _search_settings(body) -> dict:
 
 
 def _usage(generations: list[Generation], outputs) -> dict:
-    from ttsearch.openai_protocol import usage
-
-    return usage(sum(len(g.prompt_ids) for g in generations), sum(g.cached_tokens for g in generations),
+    return protocol.usage(sum(len(g.prompt_ids) for g in generations), sum(g.cached_tokens for g in generations),
                  sum(len(o.token_ids) for o in outputs))
 
 
@@ -598,8 +595,6 @@ async def _stream_generation(service: SearchService, tickets: list[Ticket], delt
                              prompts, n: int, chat: bool, body, tokenizer):
     """Server-sent events in OpenAI's chunk format: each choice's deltas as they are written,
     then (with ``stream_options.include_usage``) the usage, then ``[DONE]``."""
-    from ttsearch import openai_protocol as protocol
-
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list[dict], **extra) -> str:
@@ -623,7 +618,8 @@ async def _stream_generation(service: SearchService, tickets: list[Ticket], delt
                 failed = next((f for f in futures if f.done() and (f.cancelled() or f.exception())), None)
                 if failed is not None:
                     reason = "cancelled" if failed.cancelled() else failed.exception()
-                    yield f"data: {json.dumps({'error': {'message': f'the generation failed: {reason}', 'type': 'server_error'}})}\n\n"
+                    message = {"error": {"message": f"the generation failed: {reason}", "type": "server_error"}}
+                    yield f"data: {json.dumps(message)}\n\n"
                     return
                 continue  # a generation ended: its last deltas are on their way
             for base, delta in getter.result():
