@@ -545,7 +545,7 @@ def create_app(service: SearchService, model_name: str, api_key: str | None = No
         head = {"id": reply_id, "created": created, "model": model_name}
         if deltas is not None:
             return StreamingResponse(_stream_generation(service, tickets, deltas, head, prompts, n, chat, body,
-                                                        policy.tokenizer), media_type="text/event-stream")
+                                                        policy.tokenizer, request), media_type="text/event-stream")
         results = await _wait(service, tickets, request)
         if results is None:
             return error(499, "the client closed the request")
@@ -592,9 +592,10 @@ def _usage(generations: list[Generation], outputs) -> dict:
 
 
 async def _stream_generation(service: SearchService, tickets: list[Ticket], deltas: asyncio.Queue, head: dict,
-                             prompts, n: int, chat: bool, body, tokenizer):
+                             prompts, n: int, chat: bool, body, tokenizer, request):
     """Server-sent events in OpenAI's chunk format: each choice's deltas as they are written,
-    then (with ``stream_options.include_usage``) the usage, then ``[DONE]``."""
+    then (with ``stream_options.include_usage``) the usage, then ``[DONE]``. A client that
+    hangs up is noticed within a quarter second (as in ``_stream``)."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(choices: list[dict], **extra) -> str:
@@ -612,7 +613,13 @@ async def _stream_generation(service: SearchService, tickets: list[Ticket], delt
                     yield chunk([{"index": p * n + i, "text": echo, "logprobs": None, "finish_reason": None}])
         while open_choices:
             getter = asyncio.ensure_future(deltas.get())
-            await asyncio.wait({getter, *[f for f in futures if not f.done()]}, return_when=asyncio.FIRST_COMPLETED)
+            done = set()
+            while not done:
+                done, _ = await asyncio.wait({getter, *[f for f in futures if not f.done()]}, timeout=0.25,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done and await request.is_disconnected():
+                    getter.cancel()
+                    return  # the finally below frees its choices
             if not getter.done():
                 getter.cancel()
                 failed = next((f for f in futures if f.done() and (f.cancelled() or f.exception())), None)
