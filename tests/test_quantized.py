@@ -8,16 +8,37 @@ drawn small and finite, as a quantizer writes them."""
 
 from __future__ import annotations
 
+import os
+
 import gguf
 import numpy as np
 import pytest
 import torch
 from gguf.quants import dequantize as gguf_dequantize
 
-import ttsearch.ops as ops
-from ttsearch.ops import quantized
+# Triton fixes a function's mode when it is decorated: the interpreter must be on before the
+# first import of triton (the ``impl`` fixture swaps in an interpreted twin if it was not).
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import ttsearch.ops as ops  # noqa: E402
+from ttsearch.ops import quantized  # noqa: E402
 
 HAS_CPP = ops.IMPLEMENTATIONS["cpu"].startswith("cpp")
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from ttsearch.kernels import quantized_linear as triton_module
+except ImportError:
+    triton_module = None
+NEEDS = {"cpp": pytest.mark.skipif(not HAS_CPP, reason="ttsearch._C is not loaded"),
+         "triton": pytest.mark.skipif(triton_module is None, reason="triton is not importable")}
+# rows: one decode sequence, a few (the C++ kernel's fused path), more (its GEMM path); the
+# interpreter is slow, and one row and many cover the Triton tiles
+CASES = [pytest.param(impl, rows, marks=NEEDS[impl], id=f"{impl}-{rows}")
+         for impl, all_rows in (("cpp", (1, 3, 8, 9, 40)), ("triton", (1, 40))) for rows in all_rows]
 FORMATS = list(quantized.FORMATS)
 # where each format keeps its fp16 scales (and mins)
 SCALE_OFFSETS = {"q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "q8_0": [0], "q4_K": [0, 2], "q6_K": [208]}
@@ -46,15 +67,27 @@ def test_dequantize_matches_the_gguf_package_bit_for_bit(qtype, shape):
     np.testing.assert_array_equal(quantized.dequantize(blocks, qtype).numpy(), want)
 
 
-@pytest.mark.skipif(not HAS_CPP, reason="ttsearch._C is not loaded")
+def kernel(impl: str, monkeypatch):
+    """The kernel under test: "cpp" through the dispatcher, or the Triton launcher (through
+    Triton's interpreter on a CPU-only machine)."""
+    if impl == "cpp":
+        return ops.quantized_linear
+    if not HAS_CUDA:
+        for name, fn in list(vars(triton_module).items()):
+            if isinstance(fn, JITFunction):
+                monkeypatch.setattr(triton_module, name, InterpretedFunction(fn.fn))
+    device = "cuda" if HAS_CUDA else "cpu"
+    return lambda x, blocks, qtype: triton_module.quantized_linear(x.to(device), blocks.to(device), qtype).cpu()
+
+
+@pytest.mark.parametrize("impl, rows", CASES)
 @pytest.mark.parametrize("qtype", FORMATS)
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_the_cpp_kernel_matches_the_reference(qtype, rows, dtype):
+def test_the_kernels_match_the_reference(impl, rows, qtype, dtype, monkeypatch):
     out_features, in_features = 96, 512
     blocks = random_blocks(out_features, in_features, qtype, seed=rows)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
-    got = ops.quantized_linear(x, blocks, qtype)
+    got = kernel(impl, monkeypatch)(x, blocks, qtype)
     want = quantized.quantized_linear(x, blocks, qtype)
     assert got.dtype == dtype and got.shape == (rows, out_features)
     atol, rtol = TOL[dtype]
