@@ -43,4 +43,6 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& input);
 at::Tensor sample_tokens(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
                          const at::Tensor& top_p, const at::Tensor& u);
 
+at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& blocks, c10::string_view qtype);
+
 }  // namespace ttsearch

@@ -20,6 +20,7 @@ TORCH_LIBRARY_IMPL(ttsearch, CPU, m) {
   m.impl("rotary_embedding", &ttsearch::rotary_embedding);
   m.impl("silu_and_mul", &ttsearch::silu_and_mul);
   m.impl("sample_tokens", &ttsearch::sample_tokens);
+  m.impl("quantized_linear", &ttsearch::quantized_linear);
 }
 
 // TORCH_EXTENSION_NAME: _C_<level>, set by torch's BuildExtension from the module name. The

@@ -22,8 +22,10 @@ def register_cuda(lib: torch.library.Library) -> None:
     from ttsearch.kernels.activation import silu_and_mul
     from ttsearch.kernels.rms_norm import fused_add_rms_norm, rms_norm
     from ttsearch.kernels.rotary import rotary_embedding
+    from ttsearch.kernels.quantized_linear import quantized_linear
     from ttsearch.kernels.sampling import sample_tokens
 
     for fn in (store_kv, paged_decode_attention, cascade_decode_attention, paged_extend_attention, copy_blocks,
-               prm_step_score, rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul, sample_tokens):
+               prm_step_score, rms_norm, fused_add_rms_norm, rotary_embedding, silu_and_mul, sample_tokens,
+               quantized_linear):
         lib.impl(fn.__name__, fn, "CUDA")

@@ -52,6 +52,7 @@ from ttsearch.kernels import split_kv  # noqa: E402
 from ttsearch.kernels.registration import register_cuda  # noqa: E402
 from ttsearch.kernels import activation as activation_module  # noqa: E402
 from ttsearch.kernels import rms_norm as rms_norm_module  # noqa: E402
+from ttsearch.kernels import quantized_linear as quantized_linear_module  # noqa: E402
 from ttsearch.kernels import rotary as rotary_module  # noqa: E402
 from ttsearch.kernels import sampling as sampling_module  # noqa: E402
 from ttsearch.ops import reference  # noqa: E402
@@ -70,6 +71,7 @@ LAUNCHERS = {
     "rotary_embedding": rotary_module.rotary_embedding,
     "silu_and_mul": activation_module.silu_and_mul,
     "sample_tokens": sampling_module.sample_tokens,
+    "quantized_linear": quantized_linear_module.quantized_linear,
 }
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])

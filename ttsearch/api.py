@@ -113,7 +113,7 @@ class Searcher:
 
     def __init__(self, model: str = "smollm2-135m", verifier="arithmetic", *, verifier_options: dict | None = None,
                  dtype: str | None = None, kv_cache_gib: float | None = None, policy=None, progress: bool = False,
-                 prefix_caching: bool = True, **settings):
+                 prefix_caching: bool = True, weights: str = "dequantized", **settings):
         self.config = SearchConfig.from_dict(settings, source="Searcher")
         if kv_cache_gib is not None and not (isinstance(kv_cache_gib, (int, float)) and kv_cache_gib > 0):
             raise ConfigError(f"kv_cache_gib={kv_cache_gib!r}: expected a positive size in GiB")
@@ -121,7 +121,8 @@ class Searcher:
             from ttsearch.engine.engine import DEFAULT_KV_CACHE_BYTES, Engine
 
             size = int(kv_cache_gib * (1 << 30)) if kv_cache_gib else DEFAULT_KV_CACHE_BYTES
-            policy = Engine(model, dtype=dtype, kv_cache_bytes=size, progress=progress, prefix_caching=prefix_caching)
+            policy = Engine(model, dtype=dtype, kv_cache_bytes=size, progress=progress, prefix_caching=prefix_caching,
+                            weights=weights)
         self.policy = policy
         from ttsearch.verifiers import Verifier, load_verifier
 

@@ -100,7 +100,8 @@ def _run(args: argparse.Namespace) -> int:
     stats = run(config, args.output, model=args.model or recipe.get("model", "smollm2-135m"),
                 verifier=args.verifier or recipe.get("verifier", "arithmetic"), verifier_options=options,
                 dataset=args.dataset or recipe.get("dataset"), limit=args.limit if args.limit is not None else
-                recipe.get("limit"), fields=fields, dtype=args.dtype, kv_cache_bytes=_kv_cache_bytes(args.kv_cache_gib),
+                recipe.get("limit"), fields=fields, dtype=args.dtype, weights=args.weights,
+                kv_cache_bytes=_kv_cache_bytes(args.kv_cache_gib),
                 ns=ns, start=recipe.get("start"), end=recipe.get("end"), workers=args.workers,
                 ray_address=args.ray_address, imports=args.imports, worker_threads=args.worker_threads)
     if isinstance(stats, dict):  # a run on Ray workers
@@ -191,7 +192,8 @@ def _serve(args: argparse.Namespace) -> int:
     searcher = Searcher(args.model or recipe.get("model", "smollm2-135m"),
                         args.verifier or recipe.get("verifier", "arithmetic"),
                         verifier_options=_json_flag("--verifier-options", args.verifier_options), dtype=args.dtype,
-                        kv_cache_gib=args.kv_cache_gib, progress=True, prefix_caching=not args.no_prefix_caching,
+                        weights=args.weights, kv_cache_gib=args.kv_cache_gib, progress=True,
+                        prefix_caching=not args.no_prefix_caching,
                         **config.to_dict())
     searched = f"every chat request searched with {config.strategy} n={config.n}" if args.search_by_default else \
         f"generation, and {config.strategy} n={config.n} for requests with a search object"
@@ -212,7 +214,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from ttsearch import Engine, SamplingParams
 
-    engine = Engine(args.model, dtype=args.dtype)
+    engine = Engine(args.model, dtype=args.dtype, weights=args.weights)
     messages = [{"role": "user", "content": args.prompt}]
     prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     seq = engine.add(engine.tokenizer.encode(prompt, add_special_tokens=False))
@@ -255,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", required=True, help="results JSONL (appended; finished searches are skipped, "
                                                     "the file's settings must match)")
     run.add_argument("--dtype", choices=["float32", "bfloat16"])
+    run.add_argument("--weights", choices=["dequantized", "packed"], default="dequantized",
+                     help="a GGUF model's quantized matrices: dequantized at load, or kept packed in their blocks")
     run.add_argument("--kv-cache-gib", type=float, help="the policy's KV pool in GiB (default 1)")
     run.add_argument("--workers", type=int, help="spread the problems over N Ray workers (a local Ray instance)")
     run.add_argument("--ray-address", help="join this Ray cluster (host:port or 'auto') instead of starting one")
@@ -276,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--verifier", help="arithmetic (default) | self | a registered name | a PRM's directory")
     srv.add_argument("--verifier-options", help="JSON options for the verifier")
     srv.add_argument("--dtype", choices=["float32", "bfloat16"])
+    srv.add_argument("--weights", choices=["dequantized", "packed"], default="dequantized",
+                     help="a GGUF model's quantized matrices: dequantized at load, or kept packed in their blocks")
     srv.add_argument("--kv-cache-gib", type=float, help="the policy's KV pool in GiB (default 1)")
     _add_search_flags(srv)
     srv.set_defaults(func=_serve)
@@ -315,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="smollm2-135m")
     gen.add_argument("--prompt", default=DEFAULT_PROMPT)
     gen.add_argument("--dtype", choices=["float32", "bfloat16"])
+    gen.add_argument("--weights", choices=["dequantized", "packed"], default="dequantized",
+                     help="a GGUF model's quantized matrices: dequantized at load, or kept packed in their blocks")
     gen.add_argument("--max-steps", type=int, default=8)
     gen.add_argument("--max-step-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)

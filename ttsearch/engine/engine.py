@@ -63,6 +63,7 @@ class Engine:
         batch_invariant: bool | None = None,
         cuda_graphs: bool | None = None,
         prefix_caching: bool = True,
+        weights: str = "dequantized",
     ):
         if not (isinstance(block_size, int) and block_size >= 1):
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
@@ -79,7 +80,8 @@ class Engine:
             set_batch_invariant(batch_invariant)
         self.dtype = resolve_dtype(dtype, self.device)
         self.name = str(model)  # as given: an alias, a directory or a file
-        checkpoint = load_checkpoint(self.name, progress=progress)
+        checkpoint = load_checkpoint(self.name, progress=progress, weights=weights)
+        self.weights = weights
         self.config = checkpoint.config
         if self.config.head_dim % ops.HEAD_DIM_MULTIPLE:
             raise UnsupportedArchitectureError(

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ttsearch import batch_invariant, ops
 from ttsearch._cpu_isa import has_fast_bf16
 from ttsearch.models.config import ModelConfig, rope_inv_freq
+from ttsearch.ops.quantized import QuantizedTensor
 
 
 @dataclass
@@ -55,14 +56,15 @@ class Linear:
 
     PACK_FOR_ROWS = 64  # the batch size the layout is chosen for; any batch size runs on it
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor | QuantizedTensor, bias: torch.Tensor | None = None):
         self.out_features, self.in_features = weight.shape
-        self.dtype = weight.dtype
         self.bias = bias
-        self.weight: torch.Tensor | None = weight  # None once packed
+        self.quantized = weight if isinstance(weight, QuantizedTensor) else None  # GGUF blocks, multiplied as they are
+        self.dtype = torch.uint8 if self.quantized else weight.dtype
+        self.weight: torch.Tensor | None = None if self.quantized else weight  # None once packed
         self.packed = None
-        packable = weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and has_fast_bf16())
-        if weight.device.type == "cpu" and packable and weight.numel() and _onednn_linear():
+        packable = self.dtype == torch.float32 or (self.dtype == torch.bfloat16 and has_fast_bf16())
+        if self.weight is not None and weight.device.type == "cpu" and packable and weight.numel() and _onednn_linear():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.PACK_FOR_ROWS)
             self.weight = None
 
@@ -70,6 +72,8 @@ class Linear:
     def nbytes(self) -> int:
         """Bytes of the weight and bias, as plain tensors."""
         bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        if self.quantized is not None:
+            return self.quantized.nbytes + bias
         return self.out_features * self.in_features * self.dtype.itemsize + bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,6 +82,9 @@ class Linear:
         return self._matmul(x)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            y = torch.ops.ttsearch.quantized_linear(x, self.quantized.blocks, self.quantized.qtype)
+            return y if self.bias is None else y + self.bias
         if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -111,8 +118,18 @@ class LlamaModel:
         self.kv_size = c.num_kv_heads * c.head_dim
         self.scale = c.head_dim**-0.5
 
-        def w(name: str) -> torch.Tensor:
-            return weights[name].to(device=self.device, dtype=dtype).contiguous()
+        def w(name: str) -> torch.Tensor | QuantizedTensor:
+            t = weights[name]
+            if isinstance(t, QuantizedTensor):
+                return t.to(self.device)
+            return t.to(device=self.device, dtype=dtype).contiguous()
+
+        def stacked(names: list[str]) -> torch.Tensor | QuantizedTensor:
+            """Weights multiplied as one: their rows stacked (blocks of one format stay blocks)."""
+            parts = [w(name) for name in names]
+            if all(isinstance(t, QuantizedTensor) for t in parts) and (blocks := QuantizedTensor.cat(parts)):
+                return blocks
+            return torch.cat([t.dequantize().to(dtype) if isinstance(t, QuantizedTensor) else t for t in parts])
 
         self.embed = w("model.embed_tokens.weight")
         self.final_norm = w("model.norm.weight")
@@ -125,11 +142,11 @@ class LlamaModel:
                 "input_norm": w(p + "input_layernorm.weight"),
                 "post_norm": w(p + "post_attention_layernorm.weight"),
                 "qkv": Linear(
-                    torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+                    stacked([p + f"self_attn.{n}_proj.weight" for n in "qkv"]),
                     torch.cat([w(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) if c.attention_bias else None,
                 ),
                 "o": Linear(w(p + "self_attn.o_proj.weight")),
-                "gate_up": Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])),
+                "gate_up": Linear(stacked([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])),
                 "down": Linear(w(p + "mlp.down_proj.weight")),
             }
             self.layers.append(layer)
@@ -145,7 +162,8 @@ class LlamaModel:
         tensors = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
         linears = [layer[name] for layer in self.layers for name in ("qkv", "o", "gate_up", "down")]
         norms = [layer[name] for layer in self.layers for name in ("input_norm", "post_norm")]
-        return sum(t.numel() * t.element_size() for t in tensors + norms) + sum(lin.nbytes for lin in linears)
+        return (sum(t.nbytes if isinstance(t, QuantizedTensor) else t.numel() * t.element_size() for t in tensors + norms)
+                + sum(lin.nbytes for lin in linears))
 
     def matmul_flops_per_token(self) -> int:
         """Multiply-adds x 2 of the weight matmuls one token costs (attention excluded)."""
@@ -165,7 +183,8 @@ class LlamaModel:
         tokens = input_ids.shape[0]
         # The hidden state: each sublayer's output is added into it in place, fused with the
         # norm that follows (the first layer's input norm has nothing to add).
-        residual = F.embedding(input_ids, self.embed)
+        residual = (self.embed[input_ids].to(self.dtype) if isinstance(self.embed, QuantizedTensor)
+                    else F.embedding(input_ids, self.embed))
         h = None
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = kv_cache[0, i], kv_cache[1, i]

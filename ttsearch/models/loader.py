@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ttsearch.errors import ModelLoadError, UnsupportedArchitectureError
 from ttsearch.models.config import ModelConfig, config_from_gguf, config_from_hf
+from ttsearch.ops.quantized import QuantizedTensor
 
 if TYPE_CHECKING:  # transformers is imported lazily: it takes seconds to import
     from transformers import PreTrainedTokenizerBase
@@ -34,7 +35,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenize
 @dataclass
 class Checkpoint:
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # float32 CPU tensors, canonical HF names
+    weights: dict[str, torch.Tensor | QuantizedTensor]  # float32 CPU tensors (or blocks), canonical HF names
     tokenizer: PreTrainedTokenizerBase
     source: pathlib.Path
     weight_files: dict[str, str]  # tensor name -> file it came from
@@ -139,13 +140,21 @@ def _check_shapes(shapes, weights, weight_files, source: str, searched: list[str
             )
 
 
-def load_checkpoint(name_or_path: str, progress: bool = True) -> Checkpoint:
-    """Config, float32 weights and tokenizer of a HF directory, a .gguf file or the SmolLM2 alias."""
+WEIGHTS = ("packed", "dequantized")
+
+
+def load_checkpoint(name_or_path: str, progress: bool = True, weights: str = "dequantized") -> Checkpoint:
+    """Config, weights and tokenizer of a HF directory, a .gguf file or the SmolLM2 alias.
+
+    The weights are float32 tensors; with ``weights="packed"`` a GGUF file's quantized matrices
+    (the formats ``ttsearch.ops.quantized`` knows) stay in their blocks, as QuantizedTensors."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
     path = resolve_model_path(name_or_path)
     if path.is_dir():
         checkpoint, searched = _load_hf(path, progress)
     elif path.suffix == ".gguf":
-        checkpoint, searched = _load_gguf(path, progress)
+        checkpoint, searched = _load_gguf(path, progress, packed=weights == "packed")
     else:
         raise ModelLoadError(f"{str(path)!r} is neither a model directory nor a .gguf file")
     check_weights(checkpoint.config, checkpoint.weights, checkpoint.weight_files, searched=searched)
@@ -298,6 +307,11 @@ def _unpermute_rows(weights: np.ndarray, n_head: int) -> np.ndarray:
     return w.swapaxes(2, 1).reshape(weights.shape)
 
 
+#: GGUF's names of the formats whose blocks the ops multiply directly
+_PACKED_FORMATS = {"Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q5_1": "q5_1", "Q8_0": "q8_0", "Q4_K": "q4_K",
+                   "Q6_K": "q6_K"}
+
+
 def _open_gguf(path: pathlib.Path):
     import gguf
 
@@ -307,14 +321,14 @@ def _open_gguf(path: pathlib.Path):
         raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 
-def _read_gguf_tensors(reader, config: ModelConfig, path: pathlib.Path, progress: bool):
+def _read_gguf_tensors(reader, config: ModelConfig, path: pathlib.Path, progress: bool, packed: bool):
     from gguf.quants import dequantize
 
     wanted = expected_shapes(config)
     # llama.cpp permutes q/k rows for the llama architecture (Mistral included), not for qwen2
     permute = config.architecture in ("llama", "mistral")
     weights, weight_files = {}, {}
-    for tensor in tqdm(reader.tensors, desc="Dequantizing GGUF tensors", unit="tensor", disable=not progress):
+    for tensor in tqdm(reader.tensors, desc="Reading GGUF tensors", unit="tensor", disable=not progress):
         name = _canonical_name(tensor.name)
         if name is None:
             continue
@@ -325,6 +339,16 @@ def _read_gguf_tensors(reader, config: ModelConfig, path: pathlib.Path, progress
                     f"{path}: tensor {tensor.name!r} (a bias on {name.rsplit('.', 1)[0]}) is not supported "
                     f"for architecture {config.architecture!r}"
                 )
+            continue
+        qtype = _PACKED_FORMATS.get(tensor.tensor_type.name)
+        if packed and qtype and tensor.data.ndim == 2:  # a matrix: kept as the file has it, one row of blocks a row
+            blocks = tensor.data
+            if permute and ".self_attn.q_proj." in name:
+                blocks = _unpermute_rows(blocks, config.num_heads)
+            elif permute and ".self_attn.k_proj." in name:
+                blocks = _unpermute_rows(blocks, config.num_kv_heads)
+            weights[name] = QuantizedTensor(torch.from_numpy(np.array(blocks)), qtype)
+            weight_files[name] = str(path)
             continue
         try:
             array = dequantize(tensor.data, tensor.tensor_type)
@@ -352,9 +376,9 @@ def _gguf_tokenizer(path: pathlib.Path):
         raise ModelLoadError(f"{path}: cannot build the tokenizer from the GGUF metadata ({e})") from e
 
 
-def _load_gguf(path: pathlib.Path, progress: bool) -> tuple[Checkpoint, list[str]]:
+def _load_gguf(path: pathlib.Path, progress: bool, packed: bool) -> tuple[Checkpoint, list[str]]:
     reader = _open_gguf(path)
     config = config_from_gguf(reader, str(path))
-    weights, weight_files = _read_gguf_tensors(reader, config, path, progress)
+    weights, weight_files = _read_gguf_tensors(reader, config, path, progress, packed)
     tokenizer = _gguf_tokenizer(path)
     return Checkpoint(config, weights, tokenizer, path, weight_files), [str(path)]

@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from ttsearch.ops import reference
+from ttsearch.ops import quantized, reference
 
 _SCHEMAS = {
     "store_kv": "store_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()",
@@ -41,6 +41,7 @@ _SCHEMAS = {
     "rotary_embedding": "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache) -> ()",
     "silu_and_mul": "silu_and_mul(Tensor(a!) out, Tensor input) -> ()",
     "sample_tokens": "sample_tokens(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor u) -> Tensor",
+    "quantized_linear": "quantized_linear(Tensor x, Tensor blocks, str qtype) -> Tensor",
 }
 
 _LIB = torch.library.Library("ttsearch", "DEF")
@@ -103,6 +104,11 @@ def _(out, input):
 @torch.library.register_fake("ttsearch::sample_tokens")
 def _(logits, temperature, top_k, top_p, u):
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+
+@torch.library.register_fake("ttsearch::quantized_linear")
+def _(x, blocks, qtype):
+    return x.new_empty(x.shape[0], blocks.shape[0])
 
 
 #: attention ops take head_dim in multiples of one AVX-512 float vector
@@ -627,3 +633,22 @@ __all__ = [
     "IMPLEMENTATIONS",
     "MODE",
 ]
+
+
+def quantized_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """``x [..., K] @ W.T`` for a weight ``W [N, K]`` kept in GGUF's quantized blocks ``blocks
+    [N, K / block_elems * block_bytes]`` (uint8, ``ttsearch.ops.quantized`` has the layouts)
+    -> ``[..., N]`` in x's dtype."""
+    _check(qtype in quantized.FORMATS, f"qtype {qtype!r}: expected one of {', '.join(quantized.FORMATS)}")
+    fmt = quantized.FORMATS[qtype]
+    _check(blocks.dim() == 2 and blocks.dtype == torch.uint8 and blocks.shape[1] % fmt.bytes == 0,
+           f"blocks: expected uint8 [out_features, a multiple of {fmt.bytes} bytes] for {qtype}, "
+           f"got {blocks.dtype} {tuple(blocks.shape)}")
+    _check(blocks.is_contiguous() and blocks.device == x.device, "blocks must be contiguous and on x's device")
+    _check(x.dtype in _FLOAT_DTYPES, f"x: expected a float32, bfloat16 or float16 input, got {x.dtype}")
+    k = quantized.in_features(qtype, blocks)
+    _check(x.dim() >= 1 and x.shape[-1] == k, f"x: expected [..., {k}] for these {qtype} blocks, got {tuple(x.shape)}")
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) != k):
+        rows = rows.contiguous()
+    return torch.ops.ttsearch.quantized_linear(rows, blocks, qtype).reshape(*x.shape[:-1], blocks.shape[0])

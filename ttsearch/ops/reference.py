@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ttsearch.ops.quantized import quantized_linear  # noqa: F401  (GGUF's block formats live there)
+
 
 def store_kv(
     key: torch.Tensor,

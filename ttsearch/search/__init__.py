@@ -23,6 +23,7 @@ def run(
     limit: int | None = None,
     fields: dict | None = None,
     dtype: str | None = None,
+    weights: str = "dequantized",
     kv_cache_bytes: int | None = None,
     policy=None,
     progress: bool = True,
@@ -79,7 +80,7 @@ def run(
         from ttsearch.search.compute_optimal import read_table
 
         read_table(config.optimal_table)
-    settings = run_settings(config, model if policy is None else policy, verifier, verifier_options, dtype)
+    settings = run_settings(config, model if policy is None else policy, verifier, verifier_options, dtype, weights)
     with ResultsWriter(output, settings) as writer:
         todo = [(p, replace(config, n=n)) for n in budgets_to_run for p in problems if (p.id, n) not in writer.done]
         if not todo:
@@ -88,6 +89,7 @@ def run(
             from ttsearch.search.distributed import run_on_workers
 
             searcher_args = dict(model=model, verifier=verifier, verifier_options=verifier_options, dtype=dtype,
+                                 weights=weights,
                                  kv_cache_gib=kv_cache_bytes / (1 << 30) if kv_cache_bytes else None,
                                  **config.to_dict())
             return run_on_workers(todo, writer.write, settings, searcher_args, workers=workers,
@@ -95,7 +97,7 @@ def run(
         from ttsearch.api import Searcher
         from ttsearch.search.runner import run_jobs
 
-        searcher = Searcher(model, verifier, verifier_options=verifier_options, dtype=dtype, policy=policy,
+        searcher = Searcher(model, verifier, verifier_options=verifier_options, dtype=dtype, weights=weights, policy=policy,
                             kv_cache_gib=kv_cache_bytes / (1 << 30) if kv_cache_bytes else None, progress=progress,
                             **config.to_dict())
         return run_jobs(todo, searcher.policy, searcher.verifier, on_record=writer.write, settings=settings,
@@ -114,9 +116,11 @@ def _budgets(config: SearchConfig, ns: list[int] | None) -> list[int]:
     return list(ns)
 
 
-def run_settings(config: SearchConfig, model, verifier, verifier_options: dict | None, dtype: str | None) -> dict:
+def run_settings(config: SearchConfig, model, verifier, verifier_options: dict | None, dtype: str | None,
+                 weights: str = "dequantized") -> dict:
     """What a run's records depend on: the search settings (but the budget n and the batch
-    size), the model, the verifier and the dtype. Stored in every record and checked on resume."""
+    size), the model (and whether its GGUF weights ran packed or dequantized), the verifier and
+    the dtype. Stored in every record and checked on resume."""
     from ttsearch.engine.engine import resolve_dtype
 
     settings = {k: v for k, v in config.to_dict().items() if k not in NOT_SETTINGS}
@@ -125,9 +129,9 @@ def run_settings(config: SearchConfig, model, verifier, verifier_options: dict |
 
         model_name, model_dtype = model, resolve_dtype(dtype, torch.device("cpu"))
     else:
-        model_name, model_dtype = model.name, model.dtype
+        model_name, model_dtype, weights = model.name, model.dtype, model.weights
     verifier_name = verifier if isinstance(verifier, str) else type(verifier).__name__
-    return {**settings, "model": model_name, "dtype": str(model_dtype).removeprefix("torch."),
+    return {**settings, "model": model_name, "dtype": str(model_dtype).removeprefix("torch."), "weights": weights,
             "verifier": verifier_name, "verifier_options": verifier_options or {}}
 
 

@@ -1,0 +1,159 @@
+"""GGUF's quantized block formats: our torch dequantization against the gguf package's own
+(bit for bit), and ``quantized_linear`` on the C++ kernel against that reference over the
+formats, shapes, batch sizes and dtypes (both its paths: weights dequantized in registers
+for a few rows, a dequantized panel and ATen's GEMM for more).
+
+Random blocks make every bit pattern of the quantized values appear; the fp16 scales are
+drawn small and finite, as a quantizer writes them."""
+
+from __future__ import annotations
+
+import os
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize as gguf_dequantize
+
+# Triton fixes a function's mode when it is decorated: the interpreter must be on before the
+# first import of triton (the ``impl`` fixture swaps in an interpreted twin if it was not).
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import ttsearch.ops as ops  # noqa: E402
+from ttsearch.ops import quantized  # noqa: E402
+
+HAS_CPP = ops.IMPLEMENTATIONS["cpu"].startswith("cpp")
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from ttsearch.kernels import quantized_linear as triton_module
+except ImportError:
+    triton_module = None
+NEEDS = {"cpp": pytest.mark.skipif(not HAS_CPP, reason="ttsearch._C is not loaded"),
+         "triton": pytest.mark.skipif(triton_module is None, reason="triton is not importable")}
+# rows: one decode sequence, a few (the C++ kernel's fused path), more (its GEMM path); the
+# interpreter is slow, and one row and many cover the Triton tiles
+CASES = [pytest.param(impl, rows, marks=NEEDS[impl], id=f"{impl}-{rows}")
+         for impl, all_rows in (("cpp", (1, 3, 8, 9, 40)), ("triton", (1, 40))) for rows in all_rows]
+FORMATS = list(quantized.FORMATS)
+# where each format keeps its fp16 scales (and mins)
+SCALE_OFFSETS = {"q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "q8_0": [0], "q4_K": [0, 2], "q6_K": [208]}
+TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 1.6e-2), torch.float16: (2e-3, 2e-3)}  # (atol, rtol)
+
+
+def random_blocks(out_features: int, in_features: int, qtype: str, seed: int = 0) -> torch.Tensor:
+    fmt = quantized.FORMATS[qtype]
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (out_features, in_features // fmt.elems, fmt.bytes), dtype=torch.uint8, generator=g)
+    for offset in SCALE_OFFSETS[qtype]:
+        scale = (torch.rand(out_features, in_features // fmt.elems, generator=g) * 0.04 - 0.02).half()
+        blocks[..., offset:offset + 2] = scale.view(torch.uint8).reshape(out_features, -1, 2)
+    return blocks.reshape(out_features, -1)
+
+
+def gguf_type(qtype: str):
+    return getattr(gguf.GGMLQuantizationType, qtype.upper() if qtype[-1] != "K" else qtype[:-1].upper() + "K")
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("shape", [(1, 256), (7, 512), (33, 768)])
+def test_dequantize_matches_the_gguf_package_bit_for_bit(qtype, shape):
+    blocks = random_blocks(*shape, qtype)
+    want = gguf_dequantize(blocks.numpy(), gguf_type(qtype)).reshape(shape)
+    np.testing.assert_array_equal(quantized.dequantize(blocks, qtype).numpy(), want)
+
+
+def kernel(impl: str, monkeypatch):
+    """The kernel under test: "cpp" through the dispatcher, or the Triton launcher (through
+    Triton's interpreter on a CPU-only machine)."""
+    if impl == "cpp":
+        return ops.quantized_linear
+    if not HAS_CUDA:
+        for name, fn in list(vars(triton_module).items()):
+            if isinstance(fn, JITFunction):
+                monkeypatch.setattr(triton_module, name, InterpretedFunction(fn.fn))
+    device = "cuda" if HAS_CUDA else "cpu"
+    return lambda x, blocks, qtype: triton_module.quantized_linear(x.to(device), blocks.to(device), qtype).cpu()
+
+
+@pytest.mark.parametrize("impl, rows", CASES)
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_kernels_match_the_reference(impl, rows, qtype, dtype, monkeypatch):
+    out_features, in_features = 96, 512
+    blocks = random_blocks(out_features, in_features, qtype, seed=rows)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = kernel(impl, monkeypatch)(x, blocks, qtype)
+    want = quantized.quantized_linear(x, blocks, qtype)
+    assert got.dtype == dtype and got.shape == (rows, out_features)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=atol * want.abs().max().item(), rtol=rtol)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="ttsearch._C is not loaded")
+def test_leading_dims_and_a_strided_input_are_taken_as_rows():
+    blocks = random_blocks(64, 256, "q8_0")
+    x = torch.randn(2, 3, 512)[..., ::2]  # [2, 3, 256], not contiguous
+    want = quantized.quantized_linear(x.reshape(6, 256), blocks, "q8_0").reshape(2, 3, 64)
+    torch.testing.assert_close(ops.quantized_linear(x, blocks, "q8_0"), want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(qtype="q3_K"), "qtype 'q3_K': expected one of q4_0"),
+    (dict(blocks=torch.zeros(8, 30, dtype=torch.uint8)), r"blocks: expected uint8 \[out_features, a multiple of 20"),
+    (dict(blocks=torch.zeros(8, 40, dtype=torch.int8)), "blocks: expected uint8"),
+    (dict(x=torch.zeros(2, 63)), r"x: expected \[..., 64\] for these q4_1 blocks, got \(2, 63\)"),
+    (dict(x=torch.zeros(2, 64, dtype=torch.int32)), "x: expected a float32, bfloat16 or float16 input"),
+])
+def test_bad_arguments_are_named(change, message):
+    args = dict(x=torch.zeros(2, 64), blocks=torch.zeros(8, 40, dtype=torch.uint8), qtype="q4_1") | change
+    with pytest.raises(ValueError, match=message):
+        ops.quantized_linear(**args)
+
+
+# ----------------------------------------------------------------------------- SmolLM2's Q4_1 file, packed
+
+
+def test_packed_loading_keeps_the_files_blocks_and_rejects_an_unknown_choice():
+    from ttsearch.models.loader import load_checkpoint
+    from ttsearch.ops.quantized import QuantizedTensor
+
+    weights = load_checkpoint("smollm2-135m", progress=False, weights="packed").weights
+    formats = {name: w.qtype for name, w in weights.items() if isinstance(w, QuantizedTensor)}
+    assert formats["model.embed_tokens.weight"] == "q8_0"
+    assert {formats[f"model.layers.0.{part}.weight"] for part in ("self_attn.q_proj", "mlp.down_proj")} == {"q4_1"}
+    assert weights["model.norm.weight"].dtype == torch.float32  # the file's float32 tensors stay plain
+    with pytest.raises(ValueError, match="weights='int4': expected one of packed, dequantized"):
+        load_checkpoint("smollm2-135m", progress=False, weights="int4")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CPP, reason="ttsearch._C is not loaded")
+def test_smollm2_packed_decodes_as_its_dequantized_twin_in_float32(smollm2_engine_fp32):
+    """Same file, float32: the logits within 1e-3 and greedy decoding equal for 32 steps on two
+    prompts, with the weights held in under a fifth of the bytes."""
+    from ttsearch import GREEDY, Engine
+
+    engines = {"dequantized": smollm2_engine_fp32,
+               "packed": Engine("smollm2-135m", dtype="float32", weights="packed", kv_cache_bytes=64 << 20,
+                                progress=False)}
+    assert engines["packed"].model.weight_bytes < 0.2 * engines["dequantized"].model.weight_bytes
+    tok = engines["packed"].tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False)
+               for q in ("What is 12 * 7 + 5?", "Solve step by step: 48 / 6 - 3 = ?")]
+    seqs = {w: [e.add(p) for p in prompts] for w, e in engines.items()}
+    for _ in range(32):
+        for dequantized, packed in zip(seqs["dequantized"], seqs["packed"]):
+            torch.testing.assert_close(engines["packed"].logits(packed), engines["dequantized"].logits(dequantized),
+                                       atol=1e-3, rtol=0)
+        for w, e in engines.items():
+            e.step(seqs[w], GREEDY)
+    assert [s.token_ids for s in seqs["packed"]] == [s.token_ids for s in seqs["dequantized"]]
+    for w, e in engines.items():
+        for s in seqs[w]:
+            e.free(s)

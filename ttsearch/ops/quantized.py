@@ -1,0 +1,145 @@
+"""GGUF's quantized weight formats, kept in their blocks: the layouts and a pure-torch
+dequantization, the reference body of ``quantized_linear``.
+
+A quantized weight ``[N, K]`` is a uint8 tensor ``[N, K / block_elems * block_bytes]``: each
+row is the row's blocks in file order, exactly as llama.cpp writes them (ggml's
+``block_q4_0`` and friends, little-endian, fp16 scales). The fast implementations dequantize
+a block in registers and multiply at once; this file says what they must compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    elems: int  # weights per block
+    bytes: int  # bytes per block
+
+
+#: ggml's formats that small models ship in (llama.cpp's names, lower case)
+FORMATS = {
+    "q4_0": BlockFormat(32, 18),    # fp16 d, 16 bytes of 4-bit q:          w = d * (q - 8)
+    "q4_1": BlockFormat(32, 20),    # fp16 d, fp16 m, 16 bytes of 4-bit q:  w = d * q + m
+    "q5_0": BlockFormat(32, 22),    # fp16 d, 32 high bits, 16 bytes of low nibbles: w = d * (q - 16)
+    "q5_1": BlockFormat(32, 24),    # fp16 d, fp16 m, 32 high bits, 16 bytes:        w = d * q + m
+    "q8_0": BlockFormat(32, 34),    # fp16 d, 32 int8 q:                    w = d * q
+    "q4_K": BlockFormat(256, 144),  # fp16 d, fp16 dmin, 12 bytes of 6-bit sub-scales and mins, 128 bytes of q
+    "q6_K": BlockFormat(256, 210),  # 128 bytes low nibbles, 64 bytes high 2 bits, 16 int8 scales, fp16 d
+}
+
+
+def row_bytes(qtype: str, in_features: int) -> int:
+    fmt = FORMATS[qtype]
+    return in_features // fmt.elems * fmt.bytes
+
+
+def in_features(qtype: str, blocks: torch.Tensor) -> int:
+    fmt = FORMATS[qtype]
+    return blocks.shape[-1] // fmt.bytes * fmt.elems
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """Little-endian fp16 fields ``[..., 2]`` bytes -> float32 ``[...]``."""
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """16 bytes -> 32 values: the low nibbles are elements 0-15, the high nibbles 16-31."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def _high_bits(qh: torch.Tensor) -> torch.Tensor:
+    """4 bytes, a little-endian uint32 -> its 32 bits, bit j for element j, as 0 or 16."""
+    bits = (qh.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=qh.device)) & 1
+    return bits.reshape(*qh.shape[:-1], 32) << 4
+
+
+def _k4_scales_and_mins(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q4_K's 12 bytes -> 8 six-bit scales and 8 six-bit mins (ggml's get_scale_min_k4)."""
+    low, high_m, packed = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
+    sc = torch.cat([low & 63, (packed & 0x0F) | ((low >> 6) << 4)], dim=-1)
+    mins = torch.cat([high_m & 63, (packed >> 4) | ((high_m >> 6) << 4)], dim=-1)
+    return sc.float(), mins.float()
+
+
+def dequantize(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """uint8 ``[N, row_bytes]`` -> float32 ``[N, K]``."""
+    fmt = FORMATS[qtype]
+    n = blocks.shape[0]
+    b = blocks.reshape(n, -1, fmt.bytes)
+    if qtype == "q8_0":
+        w = _f16(b[..., 0:2]).unsqueeze(-1) * b[..., 2:].view(torch.int8).float()
+    elif qtype in ("q4_0", "q4_1"):
+        offset = 2 if qtype == "q4_0" else 4
+        q = _nibbles(b[..., offset:]).float()
+        d = _f16(b[..., 0:2]).unsqueeze(-1)
+        w = d * (q - 8) if qtype == "q4_0" else d * q + _f16(b[..., 2:4]).unsqueeze(-1)
+    elif qtype in ("q5_0", "q5_1"):
+        offset = 2 if qtype == "q5_0" else 4
+        q = (_nibbles(b[..., offset + 4:]) | _high_bits(b[..., offset:offset + 4])).float()
+        d = _f16(b[..., 0:2]).unsqueeze(-1)
+        w = d * (q - 16) if qtype == "q5_0" else d * q + _f16(b[..., 2:4]).unsqueeze(-1)
+    elif qtype == "q4_K":
+        d, dmin = _f16(b[..., 0:2]).unsqueeze(-1), _f16(b[..., 2:4]).unsqueeze(-1)
+        sc, mins = _k4_scales_and_mins(b[..., 4:16])
+        qs = b[..., 16:].reshape(n, -1, 4, 32)  # 4 chunks of 32 bytes, each two sub-blocks of 32
+        q = torch.stack([qs & 0x0F, qs >> 4], dim=3).reshape(n, -1, 8, 32).float()
+        w = (d * sc).unsqueeze(-1) * q - (dmin * mins).unsqueeze(-1)
+    elif qtype == "q6_K":
+        ql = b[..., 0:128].reshape(n, -1, 2, 2, 32)  # [half of 128 weights][first/second 32 bytes][l]
+        qh = b[..., 128:192].reshape(n, -1, 2, 1, 32)
+        sc = b[..., 192:208].view(torch.int8).float().reshape(n, -1, 2, 4, 2)  # [half][group of 32][l // 16]
+        d = _f16(b[..., 208:210]).reshape(n, -1, 1, 1, 1)
+        # in each half of 128 weights, group g of 32: nibble (g // 2) of ql[g % 2], bits 2g..2g+1 of qh
+        low = torch.cat([ql & 0x0F, ql >> 4], dim=3)  # [half][g][l]: g = 0 q1, 1 q2, 2 q3, 3 q4
+        shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 1, 4, 1)
+        high = (qh >> shifts) & 3
+        q = (low | (high << 4)).float() - 32  # [n, blocks, half, 4, 32]
+        w = d * sc.repeat_interleave(16, dim=-1) * q
+    else:
+        raise ValueError(f"unknown quantized format {qtype!r}; known: {', '.join(FORMATS)}")
+    return w.reshape(n, -1)
+
+
+def quantized_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tensor:
+    """``x [M, K] @ dequantize(blocks).T`` -> ``[M, N]`` in x's dtype, accumulated in float32."""
+    return (x.float() @ dequantize(blocks, qtype).T).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A weight ``[N, K]`` kept in its GGUF blocks: ``blocks`` uint8 ``[N, row_bytes]``."""
+
+    blocks: torch.Tensor
+    qtype: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.blocks.shape[0], in_features(self.qtype, self.blocks)
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel()
+
+    def to(self, device: torch.device) -> QuantizedTensor:
+        return QuantizedTensor(self.blocks.to(device).contiguous(), self.qtype)
+
+    def __getitem__(self, rows) -> torch.Tensor:
+        """The rows at ``rows`` (an index tensor or list), dequantized to float32: an
+        embedding lookup reads only the rows it needs."""
+        return dequantize(self.blocks[rows].reshape(-1, self.blocks.shape[1]), self.qtype).reshape(
+            *torch.as_tensor(rows).shape, -1)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.blocks, self.qtype)
+
+    @staticmethod
+    def cat(parts: list[QuantizedTensor]) -> QuantizedTensor | None:
+        """Row-wise concatenation, or None when the parts differ in format."""
+        if len({p.qtype for p in parts}) != 1:
+            return None
+        return QuantizedTensor(torch.cat([p.blocks for p in parts]), parts[0].qtype)
