@@ -318,3 +318,6 @@ def test_the_adapter_splits_a_path_into_steps_as_they_were_written():
     prm = ScoreStepsPRM("http://127.0.0.1:1/v1")
     assert prm.steps("a = 1\n\nb = 2") == ["a = 1\n\n", "b = 2\n\n"]
     assert prm.steps("a = 1\n\n") == ["a = 1\n\n"]
+    # a model that ends its first step at once wrote one empty step, which is scored like any
+    # other (its_hub needs a score for every path)
+    assert prm.steps("") == ["\n\n"] and prm.steps("\n\n") == ["\n\n"]

@@ -44,9 +44,11 @@ class ScoreStepsPRM(AbstractProcessRewardModel):
         self.timeout = timeout
 
     def steps(self, response: str) -> list[str]:
-        """A path's text as its steps, each ending with the step token (as a written step does)."""
+        """A path's text as its steps, each ending with the step token (as a written step does).
+        Every path has a step: an empty text is an empty step (a model may end a step at once),
+        which the PRM scores like any other."""
         pieces = response.split(self.step_token)
-        if pieces and not pieces[-1]:
+        if len(pieces) > 1 and not pieces[-1]:
             pieces.pop()  # the text ended with the delimiter
         return [piece + self.step_token for piece in pieces]
 
