@@ -12,9 +12,16 @@ A sequence's tiles follow those of the sequences before it; each program finds i
 (sequence, tile) from ``query_start_loc``, so the host never reads it back (a sync per
 layer). The grid covers the most tiles any split of the batch's tokens can take,
 ``ceil(tokens / BLOCK_M) + sequences - 1``: at most one idle program per sequence.
+
+Where flash-attn is installed and takes the case (``extend_backend``), its varlen kernel
+runs the extend on the paged cache instead, and this kernel is the fallback.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable
 
 import torch
 import triton
@@ -84,6 +91,68 @@ def _paged_extend_kernel(
 
 
 def paged_extend_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    if extend_backend(query, k_cache) == "flash-attn":
+        return flash_attn_extend(query, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+    return triton_extend(query, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale)
+
+
+@functools.cache
+def flash_attn_varlen() -> Callable | None:
+    """flash-attn's ``flash_attn_varlen_func`` where it is installed and reads a paged cache
+    (``block_table``, flash-attn 2.6 on), else None."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func if "block_table" in inspect.signature(flash_attn_varlen_func).parameters else None
+
+
+#: flash-attn 2's paged KV takes only blocks of a multiple of this many tokens
+FLASH_ATTN_PAGE_MULTIPLE = 256
+
+
+def extend_backend(query: torch.Tensor, k_cache: torch.Tensor) -> str:
+    """``"flash-attn"`` where flash-attn is installed and takes this extend, else ``"triton"``:
+    CUDA tensors in bf16 or fp16 (flash-attn has no float32), head_dim a multiple of 8 up
+    to 256, and cache blocks of a multiple of 256 tokens (flash-attn checks it; the engine's
+    default of 16 keeps our kernel). Decided from the host-side shapes and dtypes alone."""
+    head_dim, block_size = query.shape[-1], k_cache.shape[1]
+    takes_it = (query.is_cuda and query.shape[0] > 0 and query.dtype in (torch.bfloat16, torch.float16)
+                and head_dim % 8 == 0 and head_dim <= 256 and block_size % FLASH_ATTN_PAGE_MULTIPLE == 0)
+    return "flash-attn" if takes_it and flash_attn_varlen() is not None else "triton"
+
+
+def flash_attn_extend(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The extend through flash-attn's varlen kernel on the paged cache. Its causal mask is
+    aligned to the bottom right (new token i of n sees keys up to context - n + i), ours. The
+    longest query and context are bounded by host-side shapes (the batch's tokens, the
+    table's width), so nothing is read back from the device."""
+    cu_seqlens_k = torch.nn.functional.pad(context_lens.cumsum(0, dtype=torch.int32), (1, 0))
+    return flash_attn_varlen()(
+        query, k_cache, v_cache,
+        cu_seqlens_q=query_start_loc.to(torch.int32), cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=query.shape[0], max_seqlen_k=block_tables.shape[1] * k_cache.shape[1],
+        softmax_scale=scale, causal=True, block_table=block_tables.to(torch.int32),
+    )
+
+
+def triton_extend(
     query: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
