@@ -18,7 +18,7 @@ Compiled kernels land in Triton's cache (``TRITON_CACHE_DIR``), so a second run 
 them back. Triton's interpreter must be off when the kernels are imported (they are then
 ``JITFunction``s, not interpreted twins)::
 
-    python -m ttsearch.kernels.compile_check [--targets 80,90] [--json PATH]
+    python -m ttsearch.kernels.compile_check [--targets 80,90] [--json PATH] [--jobs N]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import re
 import subprocess
@@ -326,8 +327,21 @@ def compile_launch(launch: Launch, target: int) -> Compiled:
     )
 
 
-def compile_all(launches: list[Launch], targets=TARGETS) -> list[Compiled]:
-    return [compile_launch(launch, target) for target in targets for launch in launches]
+_JOBS: list[tuple[Launch, int]] = []  # what forked workers compile, by index
+
+
+def _compile_job(index: int) -> Compiled:
+    return compile_launch(*_JOBS[index])
+
+
+def compile_all(launches: list[Launch], targets=TARGETS, workers: int = 1) -> list[Compiled]:
+    """Every launch for every target, in ``workers`` forked processes (Triton's compiler holds
+    the GIL, so threads would not help; forked workers inherit the recorded launches)."""
+    _JOBS[:] = [(launch, target) for target in targets for launch in launches]
+    if workers <= 1:
+        return [_compile_job(i) for i in range(len(_JOBS))]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        return pool.map(_compile_job, range(len(_JOBS)), chunksize=1)
 
 
 # ----------------------------------------------------------------------------- report
@@ -366,9 +380,10 @@ def main(argv=None) -> None:
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="compute capabilities, e.g. 80,90")
     parser.add_argument("--json", help="write every configuration's resources here")
     parser.add_argument("--all", action="store_true", help="print every configuration, not only the summary")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes")
     args = parser.parse_args(argv)
     targets = [int(t) for t in args.targets.split(",")]
-    results = compile_all(capture(), targets)
+    results = compile_all(capture(), targets, args.jobs)
     if args.all:
         for r in results:
             print(f"sm_{r.target} {r.kernel:24} {r.dtype:4} regs {r.registers:3} spills {r.spill_bytes:5} "
