@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+
+def row_tile(dtype: torch.dtype, group: int) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_N)`` for kernels that gather many query rows into one tile (the
+    cascade prefix kernel, extend): 64 rows against 32 keys per step on the tensor cores
+    keeps a 4-warp program within 128 registers on sm_90, so 4 fit on an SM (64 keys took
+    up to 170). float32's exact (ieee) products run on the FMA units with their operands in
+    registers: 32 x 32 does not spill (64 x 64 spilled up to 6.5 KB per thread).
+    Rows are at least one GQA group, and at least 16 (tl.dot's minimum)."""
+    rows = 32 if dtype == torch.float32 else 64
+    return max(rows, triton.next_power_of_2(group)), 32
+
+
+def decode_block_n(dtype: torch.dtype) -> int:
+    """Keys per step of the decode kernels (a GQA group's query rows): 64 on the tensor
+    cores; 16 (one block) for float32, whose exact products run on the FMA units (at 64 its
+    double-buffered K/V tiles take 72 KiB of shared memory, and 32 took up to 166 registers
+    on sm_90)."""
+    return 16 if dtype == torch.float32 else 64
 
 
 @triton.jit
@@ -26,11 +46,16 @@ def attend_paged_tiles(
     updated ``(m, l, acc)``.
     """
     d = tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    # Each tile's block ids are read one tile ahead: its K/V addresses then wait on no load
+    # of the same iteration, and Triton's pipeliner prefetches K/V into a second buffer
+    # while this tile computes. Table entries past hi may hold anything: never dereference them.
+    block = tl.load(table_ptr + ((lo + n) // BLOCK_SIZE) * stride_tn, mask=lo + n < hi, other=0)
     for start in range(lo, hi, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
+        pos = start + n
         valid = pos < hi
-        # Table entries past hi may hold anything: never dereference them.
-        block = tl.load(table_ptr + (pos // BLOCK_SIZE) * stride_tn, mask=valid, other=0)
+        ahead = pos + BLOCK_N
+        next_block = tl.load(table_ptr + (ahead // BLOCK_SIZE) * stride_tn, mask=ahead < hi, other=0)
         block = block.to(tl.int64)
         offset = pos % BLOCK_SIZE
         kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
@@ -54,4 +79,5 @@ def attend_paged_tiles(
         pv = tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
         acc = acc * alpha[:, None] + pv
         m = m_new
+        block = next_block
     return m, l, acc

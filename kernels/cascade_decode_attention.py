@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ttsearch.kernels.attention_tile import attend_paged_tiles
+from ttsearch.kernels.attention_tile import attend_paged_tiles, decode_block_n, row_tile
 from ttsearch.kernels.decode_attention import paged_decode_attention_split
 from ttsearch.kernels.split_kv import choose_splits, merge_splits, split_range, split_scratch, store_split
 from ttsearch.kernels.utils import dot_dtype
@@ -234,8 +234,8 @@ def cascade_decode_attention_split(
     # Where each sequence's own suffix starts: the tokens of its path's nodes.
     path_lens = torch.where(path >= 0, prefix_lens[path.clamp(min=0).long()], 0).sum(1, dtype=torch.int32)
 
-    # The prefix tile: BLOCK_M members x GROUP heads in BLOCK_R rows (tl.dot needs >= 16).
-    block_r = max(64, triton.next_power_of_2(group))
+    # The prefix tile: BLOCK_M members x GROUP heads in BLOCK_R rows.
+    block_r, block_n = row_tile(query.dtype, group)
     block_m = block_r // group
     tiles_per_node = triton.cdiv(batch, block_m)
     if node_splits is None:
@@ -252,7 +252,7 @@ def cascade_decode_attention_split(
         *query.stride(), *k_cache.stride(), *v_cache.stride(), *prefix_tables.stride(),
         num_heads,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_N=64,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_D=block_d, BLOCK_N=block_n,
         DOT_DTYPE=dtype, NODE_SPLIT=node_splits > 1,
         num_warps=4,
     )
@@ -271,7 +271,7 @@ def cascade_decode_attention_split(
         *block_tables.stride(), *path.stride(),
         num_heads,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=64,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=decode_block_n(query.dtype),
         DOT_DTYPE=dtype, SPLIT=num_splits > 1,
         num_warps=4,
     )

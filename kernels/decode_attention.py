@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ttsearch.kernels.attention_tile import attend_paged_tiles
+from ttsearch.kernels.attention_tile import attend_paged_tiles, decode_block_n
 from ttsearch.kernels.split_kv import choose_splits, merge_splits, split_range, split_scratch, store_split
 from ttsearch.kernels.utils import dot_dtype
 
@@ -110,7 +110,7 @@ def paged_decode_attention_split(
         # tl.dot needs every dimension >= 16 on a GPU: pad the group and head dims.
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_N=64,
+        BLOCK_N=decode_block_n(query.dtype),
         DOT_DTYPE=dot_dtype(query),
         SPLIT=num_splits > 1,
         num_warps=4,

@@ -28,7 +28,7 @@ def _key(x):
 @triton.jit
 def _probs(row_ptr, idx, V, temperature, min_key, shift, scale):
     """Probabilities at ``idx``: softmax of the scaled logits with key >= min_key (0 elsewhere)."""
-    x = tl.math.div_rn(tl.load(row_ptr + idx, mask=idx < V, other=float("-inf")), temperature)
+    x = tl.math.div_rn(tl.load(row_ptr + idx, mask=idx < V, other=float("-inf")).to(tl.float32), temperature)
     keep = (idx < V) & (_key(x) >= min_key)
     return tl.where(keep, tl.exp(x - shift) * scale, 0.0)
 
@@ -62,7 +62,7 @@ def _sample_kernel(
         best = float("-inf")
         best_i = 0
         for start in range(0, V, BLOCK):
-            x = tl.load(row_ptr + start + offs, mask=start + offs < V, other=float("-inf"))
+            x = tl.load(row_ptr + start + offs, mask=start + offs < V, other=float("-inf")).to(tl.float32)
             m = tl.max(x, 0)
             i = tl.min(tl.where(x == m, start + offs, V), 0)
             best_i = tl.where(m > best, i, best_i)
@@ -76,7 +76,7 @@ def _sample_kernel(
             hi = tl.full((), -(2**31), tl.int64)
             for start in range(0, V, BLOCK):
                 idx = start + offs
-                key = _key(tl.math.div_rn(tl.load(row_ptr + idx, mask=idx < V, other=0.0), temperature))
+                key = _key(tl.math.div_rn(tl.load(row_ptr + idx, mask=idx < V, other=0.0).to(tl.float32), temperature))
                 lo = tl.minimum(lo, tl.min(tl.where(idx < V, key, 2**31 - 1), 0).to(tl.int64))
                 hi = tl.maximum(hi, tl.max(tl.where(idx < V, key, -(2**31)), 0).to(tl.int64))
             while lo < hi:  # SPLIT candidate cutoffs per pass over the row
@@ -85,7 +85,8 @@ def _sample_kernel(
                 counts = tl.zeros([SPLIT], tl.int64)
                 for start in range(0, V, BLOCK):
                     idx = start + offs
-                    key = _key(tl.math.div_rn(tl.load(row_ptr + idx, mask=idx < V, other=0.0), temperature))
+                    x = tl.load(row_ptr + idx, mask=idx < V, other=0.0).to(tl.float32)
+                    key = _key(tl.math.div_rn(x, temperature))
                     hit = (key[:, None] >= cands[None, :]) & (idx < V)[:, None]
                     counts += tl.sum(hit.to(tl.int64), 0)
                 passed = tl.sum(((counts >= k) & (cands <= hi)).to(tl.int64), 0)  # a prefix of cands
@@ -97,7 +98,7 @@ def _sample_kernel(
         shift = float("-inf")
         for start in range(0, V, BLOCK):
             idx = start + offs
-            x = tl.math.div_rn(tl.load(row_ptr + idx, mask=idx < V, other=float("-inf")), temperature)
+            x = tl.math.div_rn(tl.load(row_ptr + idx, mask=idx < V, other=float("-inf")).to(tl.float32), temperature)
             shift = tl.maximum(shift, tl.max(tl.where(_key(x) >= min_key, x, float("-inf")), 0))
         total = 0.0
         for start in range(0, V, BLOCK):
@@ -164,9 +165,12 @@ def sample_tokens(
     tokens = torch.empty(batch, dtype=torch.int64, device=logits.device)
     if batch == 0:
         return tokens
-    logits = logits.float().contiguous()  # bf16 / fp16 logits widened, as the reference does
-    # [BLOCK, SPLIT] tiles in registers on a GPU; the interpreter pays per block, not per value
-    block = min(1024 if logits.is_cuda else 8192, triton.next_power_of_2(vocab))
+    # bf16 / fp16 logits are widened to float32 as they are loaded (exactly, as the reference
+    # widens them), never copied: a float32 copy of B x vocab would cost more than the draw
+    logits = logits if logits.stride(1) == 1 else logits.contiguous()
+    # [BLOCK, SPLIT] tiles in registers on a GPU: 2 KiB of logits per block (float32 at 1024
+    # spills); the interpreter pays per block, not per value
+    block = min(2048 // logits.element_size() if logits.is_cuda else 8192, triton.next_power_of_2(vocab))
     _sample_kernel[(batch,)](
         logits, temperature.contiguous(), top_k.contiguous(), top_p.contiguous(), u.contiguous(), tokens,
         logits.stride(0), vocab, BLOCK=block, SPLIT=16, num_warps=8,

@@ -474,3 +474,22 @@ def test_restore_into_a_full_pool_leaves_the_sequence_preempted(tiny_path):
     assert not seq.preempted and engine.stats()["blocks_used"] == 3
     engine.free(seq)
     engine.blocks.check_invariants()
+
+
+# ---------------------------------------------------------------------------- host syncs
+
+
+def test_a_decode_step_reads_the_device_once(engine):
+    """A whole engine step, sampling included, reads one thing back from the device, the
+    tokens it sampled (``tokens.tolist()``), and copies nothing to it synchronously: a
+    cascade decode (beams sharing a prompt) with sampled and greedy rows, then a plain one.
+    Counted on the CPU as CUDA's sync debug mode counts on a GPU (``device_reads.py``)."""
+    from device_reads import DeviceReads
+
+    beams = engine.fork(engine.add(prompt(37)), 3)
+    sampling = [SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=1), SamplingParams(temperature=1.2, seed=2),
+                SamplingParams()]
+    for seqs, params in ((beams, sampling), (beams[:1], sampling[:1])):
+        with DeviceReads() as counted:
+            engine.step(seqs, params)
+        assert counted.reads == [("tolist", "read")]

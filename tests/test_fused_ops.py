@@ -348,6 +348,32 @@ def test_sample_tokens_widens_half_logits(impl, dtype):
     assert got.tolist() == wide.tolist()
 
 
+def test_sample_tokens_widens_half_logits_without_a_copy(impl):
+    """The Triton sampler widens bf16 / fp16 rows as it loads them: it makes no float32 copy
+    of the batch's logits (B x vocab: more bytes than the draw reads at a large batch)."""
+    if impl != "triton":
+        pytest.skip("the C++ sampler widens one row at a time inside the op")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    logits, temperature, top_k, top_p, u = sampling_batch(4, 333, seed=3)
+    made: list[tuple[torch.dtype, int]] = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.extend((t.dtype, t.numel()) for t in (out if isinstance(out, (tuple, list)) else [out])
+                        if isinstance(t, torch.Tensor))
+            return out
+
+    for dtype in (torch.bfloat16, torch.float16):
+        half = logits.to(dtype).to(DEVICE)
+        settings = [t.to(DEVICE) for t in (temperature, top_k, top_p, u)]
+        made.clear()
+        with Allocations():
+            sampling.sample_tokens(half, *settings)
+        assert made and not [m for m in made if m[0] == torch.float32 and m[1] >= half.numel()], made
+
+
 def test_sample_tokens_nucleus_within_the_candidates(impl):
     """Peaked rows whose nuclei lie within the reference's top-512 candidates (so it sorts no
     whole row) beside flat rows without top-p, which keep every token."""

@@ -1002,8 +1002,15 @@ def test_a_forward_checks_its_metadata_once_on_the_host(tiny_checkpoints, monkey
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_cuda_forward_never_waits_for_the_device(tiny_checkpoints):
     """Extend, cascade decode and plain decode forwards with CUDA's sync debug mode set to
-    error: any device-to-host copy or synchronization in any layer raises."""
+    error: any device-to-host copy or synchronization in any layer raises. Then whole engine
+    steps, sampling included, in warn mode: the one synchronization each makes is reading
+    its sampled tokens back (``sampler.py``'s ``tokens.tolist()``)."""
+    import inspect
+    import warnings
+
+    from ttsearch.engine import sampler
     from ttsearch.engine.engine import Engine
+    from ttsearch.engine.sampler import SamplingParams
 
     engine = Engine(str(tiny_checkpoints["llama3"]), dtype=torch.bfloat16, device="cuda", kv_cache_bytes=1 << 22,
                     block_size=BLOCK, progress=False)
@@ -1019,3 +1026,22 @@ def test_a_cuda_forward_never_waits_for_the_device(tiny_checkpoints):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+    sampling = [SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=1), SamplingParams(temperature=1.2, seed=2),
+                SamplingParams()]
+    engine.append_batch(beams, [[12], [13], [14]])  # next-token logits for every beam
+    engine.step(beams, sampling)  # every CUDA graph this test replays is captured
+    engine.step(beams[:1], sampling[:1])
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            engine.step(beams, sampling)  # cascade decode
+            engine.step(beams[:1], sampling[:1])  # plain decode
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [(w.filename, w.lineno) for w in caught if "synchronizing" in str(w.message)]
+    source, first = inspect.getsourcelines(sampler.sample)
+    tolist = first + next(i for i, line in enumerate(source) if "tokens.tolist()" in line)
+    assert syncs and set(syncs) == {(sampler.__file__, tolist)}, syncs

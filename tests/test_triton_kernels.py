@@ -49,6 +49,7 @@ from ttsearch.kernels import cascade_decode_attention as cascade_module  # noqa:
 from ttsearch.kernels import copy_blocks as copy_blocks_module  # noqa: E402
 from ttsearch.kernels import decode_attention, extend_attention, prm_step_score, store_kv  # noqa: E402
 from ttsearch.kernels import split_kv  # noqa: E402
+from ttsearch.kernels.attention_tile import row_tile  # noqa: E402
 from ttsearch.kernels.registration import register_cuda  # noqa: E402
 from ttsearch.kernels import activation as activation_module  # noqa: E402
 from ttsearch.kernels import rms_norm as rms_norm_module  # noqa: E402
@@ -114,7 +115,7 @@ def on(device, *tensors):
 
 # ----------------------------------------------------------------------------- attention
 
-# A single-token context, block boundaries and +-1, ragged lengths; 100 spans two key tiles.
+# A single-token context, block boundaries and +-1, ragged lengths; 100 spans several key tiles.
 CONTEXT_LENS = [1, 15, 16, 17, 33, 100]
 ATTENTION_CASES = [
     pytest.param(dtype, head_dim, heads, id=f"{str(dtype)[6:]}-d{head_dim}-{heads}")
@@ -158,6 +159,28 @@ def test_paged_extend_attention(device, dtype, head_dim, heads):
     out = extend_attention.paged_extend_attention(*on(device, query, k_cache, v_cache, tables, starts, lens), scale)
 
     expected = reference.paged_extend_attention(query, k_cache, v_cache, clean, starts, lens, scale)
+    assert_close(out, expected, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", ["gqa3", "gqa8"])
+def test_extend_tiles_fill_the_grid(device, dtype, heads):
+    """Every sequence one token past a whole tile of new tokens: the batch needs exactly the
+    ceil(tokens / BLOCK_M) + sequences - 1 programs the grid launches: one program short
+    would leave the last tile's rows unwritten."""
+    num_heads, kv_heads = HEADS[heads]
+    group = num_heads // kv_heads
+    block_m = row_tile(dtype, group)[0] // group
+    q_lens = [block_m + 1] * 3
+    ctx_lens = [q + extra for q, extra in zip(q_lens, (0, 20, 47))]
+    k_cache, v_cache, tables, clean, lens = make_paged(ctx_lens, kv_heads, 64, dtype, seed=4)
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    query = torch.randn(sum(q_lens), num_heads, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
+    assert sum(triton.cdiv(q, block_m) for q in q_lens) == triton.cdiv(sum(q_lens), block_m) + len(q_lens) - 1
+
+    out = extend_attention.paged_extend_attention(*on(device, query, k_cache, v_cache, tables, starts, lens), 0.125)
+
+    expected = reference.paged_extend_attention(query, k_cache, v_cache, clean, starts, lens, 0.125)
     assert_close(out, expected, TOL[dtype])
 
 
@@ -213,7 +236,7 @@ def test_attention_empty_batches(device):
 # Groups as (prefix blocks, [suffix length of each member]), then ungrouped context lengths:
 # groups of 1, 3 and 6 members behind prefixes of 1, 2 and 5 blocks, members whose context
 # is the prefix alone (suffix 0), suffixes at a block boundary and +-1, an empty group, and
-# sequences in no group (100 tokens: two key tiles).
+# sequences in no group (100 tokens: several key tiles).
 CASCADE = ([(1, [16, 0]), (2, [1, 17, 15]), (5, [0, 1, 15, 16, 17, 33]), (2, [])], [1, 16, 17, 100])
 
 
@@ -246,9 +269,11 @@ def test_cascade_decode_attention(device, dtype, head_dim, heads):
 
 @pytest.mark.parametrize("members,heads,dtype", [
     pytest.param(1, "gqa3", torch.float32, id="1-gqa3-float32"),
-    pytest.param(21, "gqa3", torch.float32, id="21-gqa3-float32"),  # one full tile (21 x 3 heads in 64 rows)
+    pytest.param(10, "gqa3", torch.float32, id="10-gqa3-float32"),  # one full tile (10 x 3 heads in 32 rows)
+    pytest.param(11, "gqa3", torch.float32, id="11-gqa3-float32"),  # a full tile and one member more
+    pytest.param(21, "gqa3", torch.bfloat16, id="21-gqa3-bfloat16"),  # one full tile (21 x 3 heads in 64 rows)
     pytest.param(22, "gqa3", torch.bfloat16, id="22-gqa3-bfloat16"),  # a full tile and one member more
-    pytest.param(40, "gqa8", torch.float32, id="40-gqa8-float32"),  # five tiles of 8
+    pytest.param(40, "gqa8", torch.float32, id="40-gqa8-float32"),  # ten tiles of 4
     pytest.param(65, "gqa1", torch.bfloat16, id="65-gqa1-bfloat16"),  # tiles of 64 and 1
 ])
 def test_cascade_group_sizes(device, members, heads, dtype):
@@ -379,8 +404,8 @@ def test_cascade_without_groups_and_empty(device):
 
 # ----------------------------------------------------------------------------- split-KV
 
-# 1 token, exactly one block, a partial last block, three key tiles (BLOCK_N = 64): with
-# 5 splits the short contexts leave splits empty. Unused cache slots hold NaN throughout.
+# 1 token, exactly one block, a partial last block, three key tiles of 64 (five of 32 in
+# float32): with 5 splits the short contexts leave splits empty. Unused cache slots hold NaN throughout.
 SPLIT_CONTEXT_LENS = [1, 16, 17, 150]
 
 
@@ -433,7 +458,7 @@ def test_decode_split_kv_by_default(device):
                  TOL[torch.float32])
 
 
-# A 5-block root node (two key tiles) holding a sequence whose context ends with it, one
+# A 5-block root node (several key tiles) holding a sequence whose context ends with it, one
 # with 20 tokens of its own, and a 1-block child node with two members; a sequence in no
 # node. One level (each path flattened to one node) or two.
 SPLIT_TREE = ([(5, [0, 20, (1, [1, 16])])], [33])

@@ -84,13 +84,23 @@ def sample(
     """One token per row of ``logits [B, V]`` (float32, bf16 or fp16). ``generators[i]`` is used for the
     sampled (non-greedy) rows: one uniform draw each, taken here so that every stream
     advances by its own sequence's steps only. ``ops.sample_tokens`` does the rest."""
-    device = logits.device
     u = [0.0 if p.greedy else torch.rand(1, generator=g).item() for p, g in zip(params, generators)]
-    tokens = ops.sample_tokens(
-        logits,
-        torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-        torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-        torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-        torch.tensor(u, dtype=torch.float32, device=device),
-    )
-    return tokens.tolist()
+    settings = _settings_on(logits.device, params, u)
+    tokens = ops.sample_tokens(logits, *settings, check_values=False)
+    return tokens.tolist()  # the step's one read from the device: the tokens it sampled
+
+
+def _settings_on(device: torch.device, params: list[SamplingParams], u: list[float]) -> list[torch.Tensor]:
+    """Each row's temperature, top_k, top_p and draw ``u`` on ``device``, checked here on the
+    host and copied in one transfer, from pinned memory on CUDA: the host then never waits
+    for the device, as a copy from pageable memory or a check of the device copies would."""
+    top_k = [min(p.top_k, 2**31 - 1) for p in params]  # any k >= the vocabulary keeps it all
+    # One float32 buffer: top_k rides in row 1 as int32 bits (the op takes int32 or int64).
+    staged = torch.tensor([[p.temperature for p in params], [0.0] * len(params), [p.top_p for p in params], u],
+                          dtype=torch.float32)
+    staged[1].view(torch.int32).copy_(torch.tensor(top_k, dtype=torch.int32))
+    ops.check_sampling_values(staged[0], staged[1].view(torch.int32), staged[2], staged[3])
+    if device.type == "cuda":
+        staged = staged.pin_memory()
+    staged = staged.to(device, non_blocking=True)
+    return [staged[0], staged[1].view(torch.int32), staged[2], staged[3]]

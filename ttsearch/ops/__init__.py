@@ -497,7 +497,8 @@ def prm_step_score(
 
 # ----------------------------------------------------------------------------- fused elementwise ops
 # These run several times per layer, so their checks compare shapes, dtypes and devices
-# only; tensor data is read only for rotary positions (check_indices) and in sampling.
+# only; tensor data is read only for rotary positions (check_indices) and sampling settings
+# (check_values).
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -591,12 +592,22 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     return out
 
 
+def check_sampling_values(temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                          u: torch.Tensor) -> None:
+    """The value checks ``sample_tokens`` skips with ``check_values=False``; pass the host
+    tensors the device copies are made from (on a GPU, reading these is a host sync)."""
+    if temperature.numel():
+        _check(bool(((temperature >= 0) & (top_k >= 0) & (top_p > 0) & (top_p <= 1) & (u >= 0) & (u < 1)).all()),
+               "expected temperature >= 0, top_k >= 0, 0 < top_p <= 1 and 0 <= u < 1 in every row")
+
+
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  u: torch.Tensor) -> torch.Tensor:
+                  u: torch.Tensor, *, check_values: bool = True) -> torch.Tensor:
     """One token per row of ``logits [B, V]`` (float32, or bfloat16 / float16 widened to float32)
     -> int64 ``[B]``: per row a temperature (0: greedy), ``top_k`` (0: off, 1: greedy),
     ``top_p`` in (0, 1] (1: off) and one uniform draw ``u`` in [0, 1).
-    ``reference.sample_tokens`` states the rule exactly."""
+    ``reference.sample_tokens`` states the rule exactly. ``check_values=False``: the caller
+    checked the settings on the host with ``check_sampling_values``; nothing is read here."""
     _check(logits.dim() == 2 and logits.dtype in _FLOAT_DTYPES,
            f"logits: expected float32, bfloat16 or float16 [batch, vocab], got {logits.dtype} {tuple(logits.shape)}")
     _check(logits.shape[1] > 0, "logits: the vocabulary is empty")
@@ -607,9 +618,8 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         _check(t.device == logits.device, f"{name} is on {t.device}, logits on {logits.device}")
     _check_int("top_k", top_k, 1, logits.device)
     _check(top_k.shape[0] == batch, f"top_k has {top_k.shape[0]} entries for {batch} rows")
-    if batch:  # one read per decode step
-        _check(bool(((temperature >= 0) & (top_k >= 0) & (top_p > 0) & (top_p <= 1) & (u >= 0) & (u < 1)).all()),
-               "expected temperature >= 0, top_k >= 0, 0 < top_p <= 1 and 0 <= u < 1 in every row")
+    if check_values:
+        check_sampling_values(temperature, top_k, top_p, u)
     return torch.ops.ttsearch.sample_tokens(logits, temperature, top_k, top_p, u)
 
 
@@ -629,6 +639,7 @@ __all__ = [
     "sample_tokens",
     "check_metadata",
     "check_block_copies",
+    "check_sampling_values",
     "reference",
     "IMPLEMENTATIONS",
     "MODE",
