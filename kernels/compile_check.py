@@ -159,7 +159,9 @@ def _scenarios(m: ModelShape, dtype: torch.dtype) -> dict[str, Callable[[], None
     """The launches one forward and one decode step of ``m`` make, at the batch shapes that
     choose different specializations (tile sizes, split or not)."""
     from ttsearch.kernels import (activation, cascade_decode_attention, copy_blocks, decode_attention,
-                                  extend_attention, prm_step_score, rms_norm, rotary, sampling, store_kv)
+                                  extend_attention, prm_step_score, quantized_linear, rms_norm, rotary, sampling,
+                                  store_kv)
+    from ttsearch.ops.quantized import row_bytes
 
     g = gpu_like
     scale = m.head_dim**-0.5
@@ -216,6 +218,12 @@ def _scenarios(m: ModelShape, dtype: torch.dtype) -> dict[str, Callable[[], None
                                       g(torch.zeros(2, m.hidden, dtype=dtype)), None, 1, g(torch.zeros(64)),
                                       g(torch.zeros(64, dtype=torch.int32)), "min")
 
+    def packed_weights():  # GGUF blocks: the formats a model of this width ships in, a decode step's rows
+        formats = ("q4_1", "q8_0") if m.hidden % 256 else ("q4_K", "q6_K")
+        for qtype in formats:
+            blocks = g(torch.empty(m.intermediate, row_bytes(qtype, m.hidden), dtype=torch.uint8))
+            quantized_linear.quantized_linear(g(torch.empty(64, m.hidden, dtype=dtype)), blocks, qtype)
+
     return {
         "prefill 4x512": prefill,
         "extend 64x4": extend_short,
@@ -225,6 +233,7 @@ def _scenarios(m: ModelShape, dtype: torch.dtype) -> dict[str, Callable[[], None
         "cascade 64 beams, 512 shared": lambda: cascade(64, 512, 64, None),
         "cascade 4 beams, 4096 shared, split": lambda: cascade(4, 4096, 64, 4),
         "sampling, copies, PRM readout": decode_tail,
+        "packed weights x64": packed_weights,
     }
 
 

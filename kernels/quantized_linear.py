@@ -1,7 +1,8 @@
 """quantized_linear: ``y = x @ W.T`` with ``W`` kept in GGUF's quantized blocks (layouts in
 ttsearch/ops/quantized.py). Each program owns a tile of outputs and walks K one quantized
-block at a time: the tile of W is read as bytes, dequantized in registers, and multiplied
-with ``tl.dot``, accumulating in float32; W is never written out dequantized."""
+block at a time, 32 weights at a time: the tile of W is read as bytes, dequantized in
+registers, and multiplied with ``tl.dot``, accumulating in float32; W is never written out
+dequantized."""
 
 from __future__ import annotations
 
@@ -73,16 +74,18 @@ def _quantized_linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, stride_x, 
                              DOT: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    e = tl.arange(0, ELEMS)
     row_ok, col_ok = rows < M, cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for b in range(0, K // ELEMS):
         # masked-off columns read row 0's blocks: always in bounds, never stored
         blocks = w_ptr + tl.where(col_ok, cols, 0).to(tl.int64)[:, None] * row_bytes + b * BYTES
-        w = _dequantize(blocks, e[None, :], QTYPE)  # [BLOCK_N, ELEMS]
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + b * ELEMS + e[None, :], mask=row_ok[:, None],
-                    other=0.0)
-        acc += tl.dot(x.to(DOT), tl.trans(w).to(DOT), input_precision="ieee" if DOT == tl.float32 else None)
+        # 32 weights of each block at a time: a K-quant's 256 would not fit in registers
+        for chunk in tl.static_range(ELEMS // 32):
+            e = chunk * 32 + tl.arange(0, 32)
+            w = _dequantize(blocks, e[None, :], QTYPE)  # [BLOCK_N, 32]
+            x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + b * ELEMS + e[None, :],
+                        mask=row_ok[:, None], other=0.0)
+            acc += tl.dot(x.to(DOT), tl.trans(w).to(DOT), input_precision="ieee" if DOT == tl.float32 else None)
     out = y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -94,7 +97,7 @@ def quantized_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return y
-    block_m, block_n = 16, 32 if fmt.elems == 256 else 64
+    block_m, block_n = 16, 64
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _quantized_linear_kernel[grid](x, blocks, y, m, n, k, blocks.shape[1], x.stride(0), y.stride(0),
                                    QTYPE=_QTYPES[qtype], ELEMS=fmt.elems, BYTES=fmt.bytes, BLOCK_M=block_m,

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGED_KERNELS = {"_paged_decode_kernel", "_suffix_kernel", "_prefix_kernel", "_paged_extend_kernel"}
 ELEMENTWISE_KERNELS = {"_rms_norm_kernel", "_rotary_kernel", "_silu_and_mul_kernel", "_store_kv_kernel",
                        "_copy_blocks_kernel", "_prm_step_score_kernel", "_merge_kernel"}
-ALL_KERNELS = PAGED_KERNELS | ELEMENTWISE_KERNELS | {"_sample_kernel"}
+ALL_KERNELS = PAGED_KERNELS | ELEMENTWISE_KERNELS | {"_sample_kernel", "_quantized_linear_kernel"}
 
 
 def min_blocks_per_sm(kernel: str, target: int) -> int:
