@@ -27,6 +27,7 @@ from ttsearch.ops import quantized  # noqa: E402
 
 HAS_CPP = ops.IMPLEMENTATIONS["cpu"].startswith("cpp")
 try:
+    import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -72,10 +73,11 @@ def kernel(impl: str, monkeypatch):
     Triton's interpreter on a CPU-only machine)."""
     if impl == "cpp":
         return ops.quantized_linear
-    if not HAS_CUDA:
-        for name, fn in list(vars(triton_module).items()):
-            if isinstance(fn, JITFunction):
-                monkeypatch.setattr(triton_module, name, InterpretedFunction(fn.fn))
+    if not HAS_CUDA:  # triton imported before this file set TRITON_INTERPRET: interpreted twins
+        for module in (tl, tl.standard, triton_module):
+            for name, fn in list(vars(module).items()):
+                if isinstance(fn, JITFunction):
+                    monkeypatch.setattr(module, name, InterpretedFunction(fn.fn))
     device = "cuda" if HAS_CUDA else "cpu"
     return lambda x, blocks, qtype: triton_module.quantized_linear(x.to(device), blocks.to(device), qtype).cpu()
 

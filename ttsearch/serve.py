@@ -214,8 +214,10 @@ class SearchService:
             self._inbox.put(("cancel", ticket))
 
     def load(self) -> dict:
+        # "waiting" counts what the engine thread has not taken from its inbox yet: a request
+        # answered with a first chunk may not have reached the scheduler
         return {"running": len(self.scheduler.running), "preempted": len(self.scheduler.waiting),
-                "waiting": len(self._waiting) + len(self._scoring)}
+                "waiting": len(self._waiting) + len(self._scoring) + self._inbox.qsize()}
 
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
