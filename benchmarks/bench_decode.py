@@ -80,14 +80,20 @@ def engine_for(dtype_name: str) -> Engine:
     return Engine("smollm2-135m", dtype=dtype_name, kv_cache_bytes=512 << 20, progress=False)
 
 
-def measure_decode(benchmark, dtype_name: str, batch: int) -> dict:
-    engine = engine_for(dtype_name)
+def time_decode_step(benchmark, engine: Engine, batch: int, rounds: int = ROUNDS) -> None:
+    """pytest-benchmark's timing of one ``engine.step`` of ``batch`` sequences with CONTEXT-token
+    contexts that share all but their last token."""
     prompt = torch.randint(100, 40000, (CONTEXT,), generator=torch.Generator().manual_seed(0)).tolist()
     seqs = [engine.add(prompt[:-1] + [100 + i]) for i in range(batch)]  # distinct last tokens
     engine.step(seqs)
-    benchmark.pedantic(engine.step, args=(seqs,), rounds=ROUNDS, warmup_rounds=2)
+    benchmark.pedantic(engine.step, args=(seqs,), rounds=rounds, warmup_rounds=2)
     for seq in seqs:
         engine.free(seq)
+
+
+def measure_decode(benchmark, dtype_name: str, batch: int) -> dict:
+    engine = engine_for(dtype_name)
+    time_decode_step(benchmark, engine, batch)
     tokens_per_s = batch / benchmark.stats["mean"]
     ceiling, _, _ = matmul_ceiling(dtype_name)
     at_shapes = model_shape_ceiling(dtype_name, batch)

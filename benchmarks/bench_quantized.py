@@ -21,9 +21,9 @@ import time
 import pytest
 import torch
 
+from bench_decode import CONTEXT, time_decode_step
 from ttsearch import Engine
 
-CONTEXT = 256
 ROUNDS = 8
 WEIGHTS = ("dequantized", "packed")
 
@@ -55,12 +55,7 @@ def engine_for(weights: str) -> Engine:
 @pytest.mark.parametrize("weights", WEIGHTS)
 def test_decode(benchmark, weights, batch):
     engine = engine_for(weights)
-    prompt = torch.randint(100, 40000, (CONTEXT,), generator=torch.Generator().manual_seed(0)).tolist()
-    seqs = [engine.add(prompt[:-1] + [100 + i]) for i in range(batch)]  # distinct last tokens
-    engine.step(seqs)
-    benchmark.pedantic(engine.step, args=(seqs,), rounds=ROUNDS, warmup_rounds=2)
-    for seq in seqs:
-        engine.free(seq)
+    time_decode_step(benchmark, engine, batch, rounds=ROUNDS)
     step = benchmark.stats["mean"]
     weight_bytes = engine.model.weight_bytes
     benchmark.extra_info.update({
