@@ -14,6 +14,8 @@
   should agree within sampling noise; both are reported beside the time. Ours also reports
   the seconds its weight products took (timed in the run): no scheduling or attention work
   can take our time below them.
+- ``test_beam_search_with_prm_weights[dequantized|packed]``: ours, every problem in flight,
+  on SmolLM2's Q4_1 file dequantized to bf16 at load against kept in its quantized blocks.
 - ``test_beam_search_with_prm_more_problems_in_flight[24|48]``: ours alone with more
   problems, all in flight, to see how time per problem scales with the batch.
 
@@ -57,8 +59,8 @@ PRM_TAG = "ки"
 
 
 @functools.cache
-def policy() -> Engine:
-    return Engine("smollm2-135m", kv_cache_bytes=1 << 30, progress=False)
+def policy(weights: str = "dequantized") -> Engine:
+    return Engine("smollm2-135m", weights=weights, kv_cache_bytes=1 << 30, progress=False)
 
 
 def problems(count: int = PROBLEMS):
@@ -123,15 +125,15 @@ def gemm_timer():
         Linear._matmul = matmul
 
 
-def run_ours(config: SearchConfig, verifier, count: int = PROBLEMS) -> dict:
-    meter = Meter(policy())
+def run_ours(config: SearchConfig, verifier, count: int = PROBLEMS, weights: str = "dequantized") -> dict:
+    meter = Meter(policy(weights))
     records: list[dict] = []
     with gemm_timer() as gemm_seconds:
         start = time.perf_counter()
         stats = run_jobs([(p, config) for p in problems(count)], meter, verifier, on_record=records.append,
                          progress=False)
         seconds = time.perf_counter() - start
-    block_tokens = meter.peak_blocks * policy().block_size
+    block_tokens = meter.peak_blocks * policy(weights).block_size
     return {
         "seconds_per_problem": seconds / len(records),
         "generated_tokens_per_problem": sum(r["tokens_generated"] for r in records) / len(records),
@@ -297,6 +299,19 @@ def test_beam_search_with_prm(benchmark):
             "speedup_one_in_flight": theirs / one_in_flight["seconds_per_problem"],
         }
     )
+
+
+@pytest.mark.parametrize("weights", ["dequantized", "packed"])
+def test_beam_search_with_prm_weights(benchmark, weights):
+    """Ours with every problem in flight, the policy and the PRM on SmolLM2's Q4_1 file either
+    dequantized to bf16 at load or packed (multiplied in its quantized blocks): the same search
+    and seeds; the packed products round x to int8 groups, so the sampled paths, and with them
+    the tokens per problem, may differ a little. Run both in one session to compare."""
+    config = SearchConfig(strategy="beam_search", **SETTINGS)
+    prm = load_verifier("smollm2-135m", policy_engine=policy(weights), family="math-shepherd", tag=PRM_TAG)
+    result = benchmark.pedantic(run_ours, args=(config, prm, PROBLEMS, weights), rounds=1, iterations=1)
+    benchmark.extra_info.update({"problems": PROBLEMS, "dtype": str(policy(weights).dtype), "weights": weights,
+                                 "weight_bytes": policy(weights).model.weight_bytes, **result})
 
 
 @pytest.mark.parametrize("count", [24, 48])

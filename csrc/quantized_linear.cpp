@@ -1,12 +1,14 @@
-// Linear layers on GGUF's quantized blocks: y = x @ W.T with W kept as llama.cpp wrote it
-// (ttsearch/ops/quantized.py has the layouts and the reference this follows).
+// Linear layers on GGUF's quantized blocks: y = x @ W.T with W kept as llama.cpp wrote it.
+// ttsearch/ops/quantized.py has the layouts and the op's contract, which this follows: x is
+// first rounded to int8 in groups of 32 features, one float32 scale per group (as llama.cpp
+// rounds its activations), so that 32 weights times a group of x is one integer dot product.
 //
-// Up to kFusedRows rows of x: each block of W is dequantized into float32 in a buffer on
-// the stack (plain loops, which the compiler vectorizes at every ISA level) and multiplied
-// at once against every row, so W is read from memory once per call, 3.5x fewer bytes than
-// bf16 for 4-bit formats. Output features split across threads. More rows: the weight
-// products are compute-bound, so a panel of W at a time is dequantized to x's dtype and
-// multiplied by ATen's GEMM.
+// Up to kFusedRows rows of x (decoding): the weights are unpacked in registers, 32 bytes
+// at a time, and dotted with every row (AVX512-VNNI's vpdpbusd, or AVX2's vpmaddubsw and
+// vpmaddwd), so W is read from memory once per call: 3.5x fewer bytes than bf16 for 4-bit
+// formats. Output features split across threads. More rows (prefill, wide searches): the
+// product is compute-bound, and a panel of W at a time is dequantized to x's dtype for
+// ATen's GEMM.
 #include "cpu_utils.h"  // first: selects ATen's vector ISA
 
 #include <ATen/core/Tensor.h>
@@ -14,7 +16,14 @@
 #include <ATen/ops/mm.h>
 #include <c10/util/Half.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include <cmath>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "ops.h"
 
@@ -24,13 +33,20 @@ namespace {
 using cpu::kVec;
 using cpu::Vec;
 
+constexpr int kGroup = 32;           // features per int8 group of x, and per integer dot product
+// Up to 8 rows of x go through the fused kernel, their accumulators in registers. Past 8 on
+// a Zen 4 the int8 products per row cost more than dequantizing W once for ATen's bf16 GEMM.
 constexpr int64_t kFusedRows = 8;
-constexpr int64_t kPanelRows = 256;  // output features dequantized at a time for the GEMM path
+constexpr int64_t kPanelRows = 1024;  // output features dequantized at a time for the GEMM
 
 inline float f16(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
   return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
 }
 
 inline uint32_t u32(const uint8_t* p) {
@@ -39,199 +55,482 @@ inline uint32_t u32(const uint8_t* p) {
   return v;
 }
 
-// kVec bytes from p, each (byte >> shift) & mask (byte as int8 when kSigned), as floats: the
-// widening happens in registers, never through memory.
-template <bool kSigned = false>
-C10_ALWAYS_INLINE Vec bytes(const uint8_t* p, int shift = 0, int mask = 0xFF) {
-#if defined(CPU_CAPABILITY_AVX512)
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  __m512i v = kSigned ? _mm512_cvtepi8_epi32(raw) : _mm512_cvtepu8_epi32(raw);
-  if (!kSigned) v = _mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(shift)), _mm512_set1_epi32(mask));
-  return _mm512_cvtepi32_ps(v);
-#elif defined(CPU_CAPABILITY_AVX2)
-  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  __m256i v = kSigned ? _mm256_cvtepi8_epi32(raw) : _mm256_cvtepu8_epi32(raw);
-  if (!kSigned) v = _mm256_and_si256(_mm256_srl_epi32(v, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(mask));
-  return _mm256_cvtepi32_ps(v);
+// ---------------------------------------------------------------- 32 bytes at a time
+// Bytes: 32 weights or 32 rounded features (`|` is their bitwise or). Ints: 8 int32 sums,
+// lane i over bytes 4i..4i+3. Floats: 8 float32 lanes.
+#if defined(__AVX2__)
+using Bytes = __m256i;
+using Ints = __m256i;
+using Floats = __m256;
+
+C10_ALWAYS_INLINE Bytes load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+C10_ALWAYS_INLINE Bytes splat(int8_t v) { return _mm256_set1_epi8(v); }
+C10_ALWAYS_INLINE Bytes minus(Bytes a, int8_t v) { return _mm256_sub_epi8(a, splat(v)); }
+// (byte >> shift) & mask for every byte (mask drops the bits that shifted in from the next byte)
+C10_ALWAYS_INLINE Bytes field(Bytes v, int shift, int mask) {
+  return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), splat(static_cast<int8_t>(mask)));
+}
+C10_ALWAYS_INLINE Bytes shifted_left(Bytes v, int shift) { return _mm256_sll_epi16(v, _mm_cvtsi32_si128(shift)); }
+// 16 bytes -> their low nibbles (elements 0-15), then their high ones (16-31)
+C10_ALWAYS_INLINE Bytes nibbles(const uint8_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), splat(15));
+}
+// byte e = value where bit e of bits is set, else 0
+C10_ALWAYS_INLINE Bytes bits_as(uint32_t bits, int8_t value) {
+  const __m256i spread = _mm256_shuffle_epi8(  // byte e <- byte e / 8 of bits
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));  // bit e % 8 of byte e
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit), splat(value));
+}
+// sums of 4 products of unsigned bytes u and signed bytes s (u < 128: no saturation on AVX2)
+C10_ALWAYS_INLINE Ints dot_unsigned(Bytes u, Bytes s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
 #else
-  alignas(64) float f[kVec];
-  for (int64_t i = 0; i < kVec; ++i) {
-    f[i] = kSigned ? static_cast<float>(static_cast<int8_t>(p[i])) : static_cast<float>((p[i] >> shift) & mask);
-  }
-  return Vec::loadu(f);
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 #endif
 }
+// the same for signed bytes w: |w| times s with w's sign
+C10_ALWAYS_INLINE Ints dot_signed(Bytes w, Bytes s) { return dot_unsigned(_mm256_sign_epi8(w, w), _mm256_sign_epi8(s, w)); }
+C10_ALWAYS_INLINE Floats zeros() { return _mm256_setzero_ps(); }
+// lo in the lanes of bytes 0-15, hi in those of bytes 16-31
+C10_ALWAYS_INLINE Floats halves(float lo, float hi) { return _mm256_set_m128(_mm_set1_ps(hi), _mm_set1_ps(lo)); }
+// the kVec bytes from byte i * kVec on, as floats
+template <bool kSigned>
+C10_ALWAYS_INLINE Vec to_floats(Bytes q, int i) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m128i half = i == 0 ? _mm256_castsi256_si128(q) : _mm256_extracti128_si256(q, 1);
+  return _mm512_cvtepi32_ps(kSigned ? _mm512_cvtepi8_epi32(half) : _mm512_cvtepu8_epi32(half));
+#else
+  const __m128i half = i < 2 ? _mm256_castsi256_si128(q) : _mm256_extracti128_si256(q, 1);
+  const __m128i eight = i % 2 == 0 ? half : _mm_srli_si128(half, 8);
+  return _mm256_cvtepi32_ps(kSigned ? _mm256_cvtepi8_epi32(eight) : _mm256_cvtepu8_epi32(eight));
+#endif
+}
+#if defined(CPU_CAPABILITY_AVX512)
+// Two groups side by side in one 512-bit register: the fused kernel's unit on AVX-512.
+constexpr int kWide = 2;
+using WideBytes = __m512i;
+using WideFloats = __m512;
+C10_ALWAYS_INLINE WideBytes join(Bytes a, Bytes b) { return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1); }
+C10_ALWAYS_INLINE WideFloats join(Floats a, Floats b) { return _mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1); }
+C10_ALWAYS_INLINE WideBytes load_wide(const int8_t* p) { return _mm512_loadu_si512(p); }
+C10_ALWAYS_INLINE WideFloats load_wide(const float* p) { return _mm512_loadu_ps(p); }
+C10_ALWAYS_INLINE WideFloats wide_zeros() { return _mm512_setzero_ps(); }
+C10_ALWAYS_INLINE __m512i dot_unsigned(WideBytes u, WideBytes s) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, s);
+#else
+  return _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1));
+#endif
+}
+C10_ALWAYS_INLINE __m512i dot_signed(WideBytes w, WideBytes s) {
+  const __m512i negated = _mm512_mask_sub_epi8(s, _mm512_movepi8_mask(w), _mm512_setzero_si512(), s);
+  return dot_unsigned(_mm512_abs_epi8(w), negated);
+}
+C10_ALWAYS_INLINE WideFloats fmadd(__m512i i, WideFloats scale, WideFloats times, WideFloats acc) {
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(scale, times), acc);
+}
+C10_ALWAYS_INLINE WideFloats fmadd(WideFloats a, WideFloats b, WideFloats acc) { return _mm512_fmadd_ps(a, b, acc); }
+C10_ALWAYS_INLINE float sum(WideFloats a) { return _mm512_reduce_add_ps(a); }
+#else
+constexpr int kWide = 1;
+#endif
+C10_ALWAYS_INLINE Floats splat_floats(float v) { return _mm256_set1_ps(v); }
+C10_ALWAYS_INLINE Floats load_floats(const float* p) { return _mm256_loadu_ps(p); }
+C10_ALWAYS_INLINE Floats fmadd(Floats a, Floats b, Floats acc) { return _mm256_fmadd_ps(a, b, acc); }
+C10_ALWAYS_INLINE Floats fmadd(Ints i, Floats scale, Floats times, Floats acc) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(scale, times), acc);
+}
+C10_ALWAYS_INLINE float sum(Floats a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+// 32 features of x (scaled by 1 / d) rounded to int8 at q; returns the sum of the 32.
+C10_ALWAYS_INLINE int round_to_int8(const float* x, float inverse, int8_t* q) {
+#if defined(CPU_CAPABILITY_AVX512)
+  int total = 0;
+  for (int i = 0; i < kGroup; i += 16) {  // cvtps rounds to nearest, ties to even (MXCSR's default)
+    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(inverse)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtsepi32_epi8(v));
+    total += _mm512_reduce_add_epi32(v);
+  }
+  return total;
+#else
+  __m256i v[4];
+  for (int i = 0; i < 4; ++i) v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), _mm256_set1_ps(inverse)));
+  // packing works within 128-bit lanes: the permute puts the 32 bytes back in order
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  const __m256i s = _mm256_add_epi32(_mm256_add_epi32(v[0], v[1]), _mm256_add_epi32(v[2], v[3]));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+#endif
+}
+#else  // plain loops, which the compiler vectorizes for the baseline ISA
+constexpr int kWide = 1;
+struct Bytes {
+  uint8_t b[32];
+};
+struct Ints {
+  int32_t v[8];
+};
+struct Floats {
+  float v[8];
+};
 
-// The fifth bits of elements j .. j + kVec of a 5-bit block (bit e of qh for element e), as 0 or 16.
-C10_ALWAYS_INLINE Vec fifth_bits(uint32_t qh, int j) {
+inline Bytes load(const void* p) {
+  Bytes r;
+  std::memcpy(r.b, p, 32);
+  return r;
+}
+inline Bytes operator|(Bytes a, const Bytes& b) {
+  for (int e = 0; e < 32; ++e) a.b[e] |= b.b[e];
+  return a;
+}
+inline Bytes minus(Bytes a, int8_t v) {
+  for (int e = 0; e < 32; ++e) a.b[e] = static_cast<uint8_t>(a.b[e] - v);
+  return a;
+}
+inline Bytes field(Bytes v, int shift, int mask) {
+  for (int e = 0; e < 32; ++e) v.b[e] = (v.b[e] >> shift) & mask;
+  return v;
+}
+inline Bytes shifted_left(Bytes v, int shift) {
+  for (int e = 0; e < 32; ++e) v.b[e] = static_cast<uint8_t>(v.b[e] << shift);
+  return v;
+}
+inline Bytes nibbles(const uint8_t* p) {
+  Bytes r;
+  for (int e = 0; e < 16; ++e) r.b[e] = p[e] & 15, r.b[e + 16] = p[e] >> 4;
+  return r;
+}
+inline Bytes bits_as(uint32_t bits, int8_t value) {
+  Bytes r;
+  for (int e = 0; e < 32; ++e) r.b[e] = (bits >> e) & 1 ? value : 0;
+  return r;
+}
+template <bool kSigned>
+inline Ints dot(const Bytes& w, const Bytes& s) {
+  Ints r;
+  for (int i = 0; i < 8; ++i) {
+    r.v[i] = 0;
+    for (int e = 4 * i; e < 4 * i + 4; ++e) {
+      r.v[i] += (kSigned ? static_cast<int8_t>(w.b[e]) : w.b[e]) * static_cast<int8_t>(s.b[e]);
+    }
+  }
+  return r;
+}
+inline Ints dot_unsigned(const Bytes& u, const Bytes& s) { return dot<false>(u, s); }
+inline Ints dot_signed(const Bytes& w, const Bytes& s) { return dot<true>(w, s); }
+inline Floats zeros() { return Floats{}; }
+inline Floats halves(float lo, float hi) {
+  Floats r;
+  for (int i = 0; i < 8; ++i) r.v[i] = i < 4 ? lo : hi;
+  return r;
+}
+inline Floats splat_floats(float v) {
+  Floats r;
+  for (int l = 0; l < 8; ++l) r.v[l] = v;
+  return r;
+}
+inline Floats load_floats(const float* p) {
+  Floats r;
+  std::memcpy(r.v, p, sizeof(r.v));
+  return r;
+}
+inline Floats fmadd(const Floats& a, const Floats& b, Floats acc) {
+  for (int l = 0; l < 8; ++l) acc.v[l] += a.v[l] * b.v[l];
+  return acc;
+}
+inline Floats fmadd(const Ints& i, const Floats& scale, const Floats& times, Floats acc) {
+  for (int l = 0; l < 8; ++l) acc.v[l] += static_cast<float>(i.v[l]) * (scale.v[l] * times.v[l]);
+  return acc;
+}
+inline float sum(const Floats& a) {
+  float s = 0.f;
+  for (int l = 0; l < 8; ++l) s += a.v[l];
+  return s;
+}
+inline int round_to_int8(const float* x, float inverse, int8_t* q) {
+  int total = 0;
+  for (int e = 0; e < kGroup; ++e) {
+    q[e] = static_cast<int8_t>(std::nearbyint(x[e] * inverse));  // to nearest, ties to even
+    total += q[e];
+  }
+  return total;
+}
+template <bool kSigned>
+inline Vec to_floats(const Bytes& q, int i) {
   alignas(64) float f[kVec];
-  for (int64_t i = 0; i < kVec; ++i) f[i] = static_cast<float>(((qh >> (j + i)) & 1) << 4);
+  for (int64_t e = 0; e < kVec; ++e) {
+    const uint8_t b = q.b[i * kVec + e];
+    f[e] = kSigned ? static_cast<float>(static_cast<int8_t>(b)) : static_cast<float>(b);
+  }
   return Vec::loadu(f);
 }
+#endif
 
-// Elements j .. j + kVec of a 32-weight block of nibbles: 0-15 are the low nibbles of qs[0..16),
-// 16-31 the high ones.
-C10_ALWAYS_INLINE Vec nibbles(const uint8_t* qs, int j) { return bytes(qs + j % 16, 4 * (j / 16), 15); }
+// ---------------------------------------------------------------- the formats
+// 32 weights unpacked into bytes q (signed where the format says kSigned): weight e is
+// (e < 16 ? lo : hi) * q[e] + offset.
+struct Group {
+  Bytes q;
+  float lo, hi, offset;
+};
 
-// One format each: kElems weights in kBytes; each(b, use) calls use(j, w) with the weights
-// j .. j + kVec of block b dequantized, for j = 0, kVec, ... < kElems.
+// One struct each: kElems weights in kBytes; group(b, g) unpacks the g-th 32 weights of the
+// block at b. kOffset: whether a group's offset can be non-zero.
 struct Q4_0 {
   static constexpr int kElems = 32, kBytes = 18;
-  template <typename Use>
-  C10_ALWAYS_INLINE static void each(const uint8_t* b, Use&& use) {
-    const Vec d(f16(b)), eight(8.f);
-    for (int j = 0; j < kElems; j += kVec) use(j, d * (nibbles(b + 2, j) - eight));
+  static constexpr bool kSigned = false, kOffset = true;
+  C10_ALWAYS_INLINE static Group group(const uint8_t* b, int) {
+    const float d = f16(b);
+    return {nibbles(b + 2), d, d, -8.f * d};
   }
 };
 
 struct Q4_1 {
   static constexpr int kElems = 32, kBytes = 20;
-  template <typename Use>
-  C10_ALWAYS_INLINE static void each(const uint8_t* b, Use&& use) {
-    const Vec d(f16(b)), m(f16(b + 2));
-    for (int j = 0; j < kElems; j += kVec) use(j, at::vec::fmadd(d, nibbles(b + 4, j), m));
+  static constexpr bool kSigned = false, kOffset = true;
+  C10_ALWAYS_INLINE static Group group(const uint8_t* b, int) {
+    const float d = f16(b);
+    return {nibbles(b + 4), d, d, f16(b + 2)};
   }
 };
 
-struct Q5_0 {
+struct Q5_0 {  // the fifth bit of weight e is bit e of the 32-bit word at byte 2
   static constexpr int kElems = 32, kBytes = 22;
-  template <typename Use>
-  C10_ALWAYS_INLINE static void each(const uint8_t* b, Use&& use) {
-    const Vec d(f16(b)), sixteen(16.f);
-    const uint32_t qh = u32(b + 2);
-    for (int j = 0; j < kElems; j += kVec) use(j, d * (nibbles(b + 6, j) + fifth_bits(qh, j) - sixteen));
+  static constexpr bool kSigned = false, kOffset = true;
+  C10_ALWAYS_INLINE static Group group(const uint8_t* b, int) {
+    const float d = f16(b);
+    return {nibbles(b + 6) | bits_as(u32(b + 2), 16), d, d, -16.f * d};
   }
 };
 
 struct Q5_1 {
   static constexpr int kElems = 32, kBytes = 24;
-  template <typename Use>
-  C10_ALWAYS_INLINE static void each(const uint8_t* b, Use&& use) {
-    const Vec d(f16(b)), m(f16(b + 2));
-    const uint32_t qh = u32(b + 4);
-    for (int j = 0; j < kElems; j += kVec) use(j, at::vec::fmadd(d, nibbles(b + 8, j) + fifth_bits(qh, j), m));
+  static constexpr bool kSigned = false, kOffset = true;
+  C10_ALWAYS_INLINE static Group group(const uint8_t* b, int) {
+    const float d = f16(b);
+    return {nibbles(b + 8) | bits_as(u32(b + 4), 16), d, d, f16(b + 2)};
   }
 };
 
 struct Q8_0 {
   static constexpr int kElems = 32, kBytes = 34;
-  template <typename Use>
-  C10_ALWAYS_INLINE static void each(const uint8_t* b, Use&& use) {
-    const Vec d(f16(b));
-    for (int j = 0; j < kElems; j += kVec) use(j, d * bytes<true>(b + 2 + j));
+  static constexpr bool kSigned = true, kOffset = false;
+  C10_ALWAYS_INLINE static Group group(const uint8_t* b, int) {
+    const float d = f16(b);
+    return {load(b + 2), d, d, 0.f};
   }
 };
 
 // K-quants: 256 weights in sub-blocks of 32 (q4_K) or 16 (q6_K) with their own scales.
 struct Q4_K {
   static constexpr int kElems = 256, kBytes = 144;
-  template <typename Use>
-  C10_ALWAYS_INLINE static void each(const uint8_t* b, Use&& use) {
-    const float d = f16(b), dmin = f16(b + 2);
+  static constexpr bool kSigned = false, kOffset = true;
+  C10_ALWAYS_INLINE static Group group(const uint8_t* b, int sub) {
     const uint8_t* s = b + 4;  // 8 six-bit scales and 8 six-bit mins in 12 bytes
-    for (int sub = 0; sub < 8; ++sub) {
-      const int sc = sub < 4 ? s[sub] & 63 : (s[sub + 4] & 15) | ((s[sub - 4] >> 6) << 4);
-      const int mn = sub < 4 ? s[sub + 4] & 63 : (s[sub + 4] >> 4) | ((s[sub] >> 6) << 4);
-      const Vec scale(d * static_cast<float>(sc)), min(dmin * static_cast<float>(mn));
-      // sub-blocks 2i and 2i + 1: the low and high nibbles of the same 32 bytes
-      const uint8_t* q = b + 16 + 32 * (sub / 2);
-      for (int l = 0; l < 32; l += kVec) use(32 * sub + l, at::vec::fmsub(scale, bytes(q + l, 4 * (sub % 2), 15), min));
-    }
+    const int sc = sub < 4 ? s[sub] & 63 : (s[sub + 4] & 15) | ((s[sub - 4] >> 6) << 4);
+    const int mn = sub < 4 ? s[sub + 4] & 63 : (s[sub + 4] >> 4) | ((s[sub] >> 6) << 4);
+    const float scale = f16(b) * static_cast<float>(sc);
+    // sub-blocks 2i and 2i + 1: the low and high nibbles of the same 32 bytes
+    return {field(load(b + 16 + 32 * (sub / 2)), 4 * (sub % 2), 15), scale, scale, -f16(b + 2) * static_cast<float>(mn)};
   }
 };
 
 struct Q6_K {
   static constexpr int kElems = 256, kBytes = 210;
-  template <typename Use>
-  C10_ALWAYS_INLINE static void each(const uint8_t* b, Use&& use) {
+  static constexpr bool kSigned = true, kOffset = false;
+  C10_ALWAYS_INLINE static Group group(const uint8_t* b, int i) {
+    // in each half of 128 weights, group g of 32: nibble g / 2 of the (g % 2)-th 32 low bytes,
+    // bits 2g, 2g + 1 of the 32 high bytes; one int8 scale per 16 weights
+    const int half = i / 4, g = i % 4;
+    const Bytes low = field(load(b + 64 * half + 32 * (g % 2)), 4 * (g / 2), 15);
+    const Bytes high = field(load(b + 128 + 32 * half), 2 * g, 3);
     const float d = f16(b + 208);
-    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-    const Vec thirty_two(32.f);
-    for (int half = 0; half < 2; ++half) {
-      // group g of 32 weights: nibble g / 2 of the (g % 2)-th 32 low bytes, bits 2g, 2g + 1 of the high bytes
-      for (int g = 0; g < 4; ++g) {
-        const uint8_t* low = b + 64 * half + 32 * (g % 2);
-        const uint8_t* high = b + 128 + 32 * half;
-        for (int l = 0; l < 32; l += kVec) {
-          const Vec q = bytes(low + l, 4 * (g / 2), 15) + bytes(high + l, 2 * g, 3) * Vec(16.f) - thirty_two;
-          use(128 * half + 32 * g + l, Vec(d * static_cast<float>(sc[8 * half + 2 * g + l / 16])) * q);
-        }
-      }
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192) + 8 * half + 2 * g;
+    return {minus(low | shifted_left(high, 4), 32), d * static_cast<float>(sc[0]), d * static_cast<float>(sc[1]), 0.f};
+  }
+};
+
+// Group `index` of a row of W's blocks
+template <typename F>
+C10_ALWAYS_INLINE Group group_of(const uint8_t* row, int64_t index) {
+  constexpr int G = F::kElems / kGroup;
+  return F::group(row + index / G * F::kBytes, static_cast<int>(index % G));
+}
+
+// ---------------------------------------------------------------- x rounded to int8
+
+// The scale d = max |x| / 127 of a group of 32 features of x.
+C10_ALWAYS_INLINE float group_scale(const float* x) {
+  Vec amax(0.f);
+  for (int i = 0; i < kGroup; i += kVec) amax = at::vec::maximum(amax, Vec::loadu(x + i).abs());
+  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, amax) / 127.f;
+}
+
+C10_ALWAYS_INLINE float inverse_of(float d) { return d > 0.f ? 1.f / d : 0.f; }  // a group of zeros stays zero
+
+// x [M, K] rounded in groups of 32 for the fused kernel: q = round(x / d) as int8, and per group,
+// repeated in each of its 8 dot-product lanes: d, and d * sum(q) / 8 (the lanes of a group add
+// up to its sum of rounded x, which an offset of the weights multiplies). Padded by one group, which
+// the wide kernel may read past the last one, times a zero scale.
+struct RoundedRows {
+  int64_t K, groups;
+  std::vector<int8_t> q;     // [M, K]
+  std::vector<float> d, s;   // [M, groups, 8]
+
+  RoundedRows(const float* x, int64_t M, int64_t K)
+      : K(K), groups(K / kGroup), q(M * K + kGroup, 0), d((M * groups + 1) * 8, 0.f), s((M * groups + 1) * 8, 0.f) {
+    for (int64_t g = 0; g < M * groups; ++g) {
+      const float dg = group_scale(x + g * kGroup);
+      const int total = round_to_int8(x + g * kGroup, inverse_of(dg), q.data() + g * kGroup);
+      std::fill_n(d.data() + 8 * g, 8, dg);
+      std::fill_n(s.data() + 8 * g, 8, dg * static_cast<float>(total) / 8.f);
     }
   }
 };
 
-// y[m, n] = sum_k x[m, k] * W[n, k] for kRows rows of x (float32 [kRows, K]). The
-// accumulators stay in registers, two per row so that consecutive FMAs do not wait on each other.
-template <typename F, int kRows>
-void fused_rows(const float* x, int64_t K, const uint8_t* w, int64_t N, float* y) {
-  const int64_t blocks = K / F::kElems, row_bytes = blocks * F::kBytes;
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
-    Vec acc[kRows][2];
-    for (int m = 0; m < kRows; ++m) acc[m][0] = acc[m][1] = Vec(0.f);
-    const uint8_t* wn = w + n * row_bytes;
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* xb = x + b * F::kElems;
-      F::each(wn + b * F::kBytes, [&](int j, const Vec& wj) {
-        const int a = (j / kVec) & 1;
-        for (int m = 0; m < kRows; ++m) acc[m][a] = at::vec::fmadd(wj, Vec::loadu(xb + m * K + j), acc[m][a]);
-      });
-    }
-    for (int m = 0; m < kRows; ++m) {
-      y[m * N + n] = at::vec::vec_reduce_all<float>(std::plus<Vec>(), acc[m][0] + acc[m][1]);
+// x [M, K] rounded, as values d * q of type T (for the GEMM).
+template <typename T>
+void round_values(const float* x, int64_t M, int64_t K, T* out) {
+  for (int64_t g = 0; g < M * K / kGroup; ++g) {
+    const float* xg = x + g * kGroup;
+    const float dg = group_scale(xg);
+    const Vec d(dg), inverse(inverse_of(dg));
+    for (int i = 0; i < kGroup; i += kVec) {  // round(): to nearest, ties to even
+      cpu::store_float(out + g * kGroup + i, (Vec::loadu(xg + i) * inverse).round() * d);
     }
   }
 }
 
+// ---------------------------------------------------------------- the kernels
+
+// y[m, n] = sum_k x[m, k] * W[n, k] for the kRows rows of x, into y [kRows, N] float32.
+// On AVX-512 two groups go through each instruction; on AVX2 one.
+template <typename F, int kRows>
+void fused_rows(const RoundedRows& x, const uint8_t* w, int64_t N, float* y) {
+  const int64_t K = x.K, groups = x.groups, row_bytes = K / F::kElems * F::kBytes;
+  const int8_t* xq = x.q.data();
+  const float* xd = x.d.data();
+  const float* xs = x.s.data();
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const uint8_t* wn = w + n * row_bytes;
+#if defined(CPU_CAPABILITY_AVX512)
+    WideFloats acc[kRows], offsets[kRows];
+    for (int m = 0; m < kRows; ++m) acc[m] = offsets[m] = wide_zeros();
+    // groups `group` and `group + 1` of every row against q, scale and offset: two groups' worth
+    auto dot_rows = [&](int64_t group, WideBytes q, WideFloats scale, WideFloats offset) {
+      for (int m = 0; m < kRows; ++m) {
+        const WideBytes a = load_wide(xq + m * K + group * kGroup);
+        const __m512i dot = F::kSigned ? dot_signed(q, a) : dot_unsigned(q, a);
+        acc[m] = fmadd(dot, scale, load_wide(xd + (m * groups + group) * 8), acc[m]);
+        if (F::kOffset) offsets[m] = fmadd(offset, load_wide(xs + (m * groups + group) * 8), offsets[m]);
+      }
+    };
+    for (int64_t group = 0; group + 1 < groups; group += 2) {
+      const Group u = group_of<F>(wn, group), v = group_of<F>(wn, group + 1);
+      dot_rows(group, join(u.q, v.q), join(halves(u.lo, u.hi), halves(v.lo, v.hi)),
+               join(splat_floats(u.offset), splat_floats(v.offset)));
+    }
+    if (groups % 2) {  // an odd last group: zero scales in the place of a partner
+      const Group u = group_of<F>(wn, groups - 1);
+      const Floats zero = splat_floats(0.f);
+      dot_rows(groups - 1, join(u.q, u.q), join(halves(u.lo, u.hi), zero), join(splat_floats(u.offset), zero));
+    }
+    for (int m = 0; m < kRows; ++m) y[m * N + n] = sum(acc[m]) + sum(offsets[m]);
+#else
+    Floats acc[kRows], offsets[kRows];
+    for (int m = 0; m < kRows; ++m) acc[m] = offsets[m] = splat_floats(0.f);
+    for (int64_t group = 0; group < groups; ++group) {
+      const Group u = group_of<F>(wn, group);
+      const Floats scale = halves(u.lo, u.hi), offset = splat_floats(u.offset);
+      for (int m = 0; m < kRows; ++m) {
+        const Bytes a = load(xq + m * K + group * kGroup);
+        const Ints dot = F::kSigned ? dot_signed(u.q, a) : dot_unsigned(u.q, a);
+        acc[m] = fmadd(dot, scale, load_floats(xd + (m * groups + group) * 8), acc[m]);
+        if (F::kOffset) offsets[m] = fmadd(offset, load_floats(xs + (m * groups + group) * 8), offsets[m]);
+      }
+    }
+    for (int m = 0; m < kRows; ++m) y[m * N + n] = sum(acc[m]) + sum(offsets[m]);
+#endif
+  }
+}
+
 template <typename F>
-void fused(const float* x, int64_t rows, int64_t K, const uint8_t* w, int64_t N, float* y) {
+void fused(const RoundedRows& x, int64_t M, const uint8_t* w, int64_t N, float* y) {
   static_assert(kFusedRows == 8, "one case per row count");
-  switch (rows) {
-    case 1: return fused_rows<F, 1>(x, K, w, N, y);
-    case 2: return fused_rows<F, 2>(x, K, w, N, y);
-    case 3: return fused_rows<F, 3>(x, K, w, N, y);
-    case 4: return fused_rows<F, 4>(x, K, w, N, y);
-    case 5: return fused_rows<F, 5>(x, K, w, N, y);
-    case 6: return fused_rows<F, 6>(x, K, w, N, y);
-    case 7: return fused_rows<F, 7>(x, K, w, N, y);
-    case 8: return fused_rows<F, 8>(x, K, w, N, y);
+  switch (M) {
+    case 1: return fused_rows<F, 1>(x, w, N, y);
+    case 2: return fused_rows<F, 2>(x, w, N, y);
+    case 3: return fused_rows<F, 3>(x, w, N, y);
+    case 4: return fused_rows<F, 4>(x, w, N, y);
+    case 5: return fused_rows<F, 5>(x, w, N, y);
+    case 6: return fused_rows<F, 6>(x, w, N, y);
+    case 7: return fused_rows<F, 7>(x, w, N, y);
+    case 8: return fused_rows<F, 8>(x, w, N, y);
     default: return;  // no rows
+  }
+}
+
+// 32 dequantized weights, lo * q + offset then hi * q + offset, stored at o as T
+template <bool kSigned, typename T>
+C10_ALWAYS_INLINE void store_group(T* o, const Bytes& q, float lo, float hi, float offset) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {  // both halves in one conversion and one store
+    const Vec low = at::vec::fmadd(Vec(lo), to_floats<kSigned>(q, 0), Vec(offset));
+    const Vec high = at::vec::fmadd(Vec(hi), to_floats<kSigned>(q, 1), Vec(offset));
+    _mm512_storeu_si512(o, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low)));
+    return;
+  }
+#endif
+  for (int i = 0; i < kGroup / kVec; ++i) {
+    cpu::store_float(o + i * kVec, at::vec::fmadd(Vec(i * kVec < kGroup / 2 ? lo : hi), to_floats<kSigned>(q, i), Vec(offset)));
   }
 }
 
 // W's rows [n0, n0 + count) dequantized into out [count, K] of type T.
 template <typename F, typename T>
 void dequantize_rows(const uint8_t* w, int64_t K, int64_t n0, int64_t count, T* out) {
-  const int64_t blocks = K / F::kElems, row_bytes = blocks * F::kBytes;
+  const int64_t row_bytes = K / F::kElems * F::kBytes;
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < count; ++n) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      T* o = out + n * K + b * F::kElems;
-      F::each(w + (n0 + n) * row_bytes + b * F::kBytes, [&](int j, const Vec& wj) { cpu::store_float(o + j, wj); });
+    for (int64_t group = 0; group < K / kGroup; ++group) {
+      const Group u = group_of<F>(w + (n0 + n) * row_bytes, group);
+      store_group<F::kSigned>(out + n * K + group * kGroup, u.q, u.lo, u.hi, u.offset);
     }
   }
 }
 
 template <typename F>
 at::Tensor linear(const at::Tensor& x, const at::Tensor& blocks) {
-  const int64_t rows = x.size(0), K = x.size(1), N = blocks.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0);
   const uint8_t* w = blocks.data_ptr<uint8_t>();
-  if (rows <= kFusedRows) {
-    const at::Tensor xf = x.to(at::kFloat).contiguous();
-    at::Tensor y = at::empty({rows, N}, x.options().dtype(at::kFloat));
-    fused<F>(xf.data_ptr<float>(), rows, K, w, N, y.data_ptr<float>());
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  if (M <= kFusedRows) {
+    at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+    fused<F>(RoundedRows(xf.data_ptr<float>(), M, K), M, w, N, y.data_ptr<float>());
     return y.to(x.scalar_type());
   }
-  at::Tensor y = at::empty({rows, N}, x.options());
+  at::Tensor xr = at::empty({M, K}, x.options());
+  at::Tensor y = at::empty({M, N}, x.options());
   at::Tensor panel = at::empty({std::min(N, kPanelRows), K}, x.options());
-  for (int64_t n0 = 0; n0 < N; n0 += kPanelRows) {
-    const int64_t count = std::min(kPanelRows, N - n0);
-    TTSEARCH_DISPATCH_FLOAT_TYPES(x.scalar_type(), "quantized_linear", [&] {
+  TTSEARCH_DISPATCH_FLOAT_TYPES(x.scalar_type(), "quantized_linear", [&] {
+    round_values(xf.data_ptr<float>(), M, K, xr.data_ptr<scalar_t>());
+    for (int64_t n0 = 0; n0 < N; n0 += kPanelRows) {
+      const int64_t count = std::min(kPanelRows, N - n0);
       dequantize_rows<F, scalar_t>(w, K, n0, count, panel.data_ptr<scalar_t>());
-    });
-    y.narrow(1, n0, count).copy_(at::mm(x, panel.narrow(0, 0, count).t()));
-  }
+      at::Tensor out = y.narrow(1, n0, count);
+      at::mm_out(out, xr, panel.narrow(0, 0, count).t());
+    }
+  });
   return y;
 }
 

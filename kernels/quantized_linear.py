@@ -2,7 +2,8 @@
 ttsearch/ops/quantized.py). Each program owns a tile of outputs and walks K one quantized
 block at a time, 32 weights at a time: the tile of W is read as bytes, dequantized in
 registers, and multiplied with ``tl.dot``, accumulating in float32; W is never written out
-dequantized."""
+dequantized. x is rounded to int8 per group of 32 features in the same loop, as the op's
+contract says (``quantized.round_groups``)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,17 @@ def _dequantize(block, e, QTYPE: tl.constexpr):
 
 
 @triton.jit
+def _round_group(x):
+    """``x [rows, 32]`` float32 rounded as ``quantized.round_groups`` rounds each row."""
+    d = tl.max(tl.abs(x), axis=1) / 127
+    inverse = tl.where(d > 0, 1 / tl.where(d > 0, d, 1.0), 0.0)  # a row of zeros (masked off) stays zero
+    scaled = x * inverse[:, None]
+    # to nearest, ties to even: adding and taking away 1.5 * 2**23 drops the fraction (|scaled| <= 127)
+    rounded = (scaled + 12582912.0) - 12582912.0
+    return rounded * d[:, None]
+
+
+@triton.jit
 def _quantized_linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, stride_x, stride_y, QTYPE: tl.constexpr,
                              ELEMS: tl.constexpr, BYTES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              DOT: tl.constexpr):
@@ -85,7 +97,7 @@ def _quantized_linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, stride_x, 
             w = _dequantize(blocks, e[None, :], QTYPE)  # [BLOCK_N, 32]
             x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + b * ELEMS + e[None, :],
                         mask=row_ok[:, None], other=0.0)
-            acc += tl.dot(x.to(DOT), tl.trans(w).to(DOT), input_precision="ieee" if DOT == tl.float32 else None)
+            acc += tl.dot(_round_group(x.to(tl.float32)).to(DOT), tl.trans(w).to(DOT), input_precision="ieee" if DOT == tl.float32 else None)
     out = y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 

@@ -89,7 +89,7 @@ def test_building_an_unknown_level_fails_naming_the_levels(monkeypatch):
 
 def vector_instructions(level: str) -> set[str]:
     """The register files the module's code touches: xmm/ymm/zmm in VEX/EVEX-encoded
-    (AVX) instructions, 'xmm16+' (EVEX only) and 'k' (AVX-512 masks); and the bf16 dot."""
+    (AVX) instructions, 'xmm16+' (EVEX only) and 'k' (AVX-512 masks); and the bf16 and int8 dots."""
     path = importlib.util.find_spec(f"ttsearch._C_{level}").origin
     text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", path], capture_output=True, text=True,
                           check=True).stdout
@@ -101,8 +101,9 @@ def vector_instructions(level: str) -> set[str]:
             found.add("xmm16+")
         if re.search(r"%k[0-7]\b", operands):
             found.add("k")
-        if mnemonic.startswith("vdpbf16ps"):
-            found.add("vdpbf16ps")
+        for dot in ("vdpbf16ps", "vpdpbusd"):  # the bf16 and the int8 (VNNI) dot products
+            if mnemonic.startswith(dot):
+                found.add(dot)
     return found
 
 
@@ -119,7 +120,8 @@ def test_a_module_holds_no_instructions_above_its_level(level):
     elif level == "avx2":
         assert "ymm" in found and not found & {"zmm", "xmm16+", "k", "vdpbf16ps"}, sorted(found)
     else:
-        assert "zmm" in found and ("vdpbf16ps" in found) == (level == "avx512_bf16"), sorted(found)
+        widest = level == "avx512_bf16"
+        assert "zmm" in found and ("vdpbf16ps" in found) == widest and ("vpdpbusd" in found) == widest, sorted(found)
 
 
 # ----------------------------------------------------------------------------- the subprocess
@@ -209,6 +211,16 @@ def check_level(level: str) -> None:
                             aggregation)
                     for actual, expected in zip(ops.prm_step_score(*args), reference.prm_step_score(*args)):
                         assert (actual - expected).abs().max() <= t.TOL[dtype], (num_rows, width, aggregation)
+
+    import test_quantized as q  # every format through both paths of the quantized products
+
+    for qtype in q.FORMATS:
+        for rows in (1, 5, 8, 9):
+            for dtype in (torch.float32, torch.bfloat16):
+                q.test_the_kernels_match_the_reference("cpp", rows, qtype, dtype, None)
+    for qtype in ("q8_0", "q4_1"):
+        for rows in (2, 12):
+            q.test_the_kernel_rounds_x_as_the_contract_says(qtype, rows)
 
     import test_fused_ops as f  # the fused ops' own checks, run on this level's kernels
 

@@ -1,7 +1,8 @@
 """GGUF's quantized block formats: our torch dequantization against the gguf package's own
-(bit for bit), and ``quantized_linear`` on the C++ kernel against that reference over the
-formats, shapes, batch sizes and dtypes (both its paths: weights dequantized in registers
-for a few rows, a dequantized panel and ATen's GEMM for more).
+(bit for bit), the rounding of x to int8 groups that the op's contract fixes, and
+``quantized_linear`` on the C++ kernel against that reference over the formats, shapes,
+batch sizes and dtypes (both its paths: int8 dot products in registers for up to 8 rows,
+a dequantized panel and ATen's GEMM for more).
 
 Random blocks make every bit pattern of the quantized values appear; the fp16 scales are
 drawn small and finite, as a quantizer writes them."""
@@ -82,11 +83,36 @@ def kernel(impl: str, monkeypatch):
     return lambda x, blocks, qtype: triton_module.quantized_linear(x.to(device), blocks.to(device), qtype).cpu()
 
 
+TIES = torch.tensor([127.0, 2.5, 3.5, -2.5, 1.4, -0.6, *[0.0] * 26])  # max 127: d = 1, and three ties
+
+
+def test_x_is_rounded_to_int8_groups_of_32_ties_to_even():
+    x = torch.stack([torch.cat([TIES, 0.5 * TIES]), torch.zeros(64)])  # the second group: d = 0.5
+    rounded = torch.tensor([127.0, 2.0, 4.0, -2.0, 1.0, -1.0, *[0.0] * 26])
+    assert torch.equal(quantized.round_groups(x), torch.stack([torch.cat([rounded, 0.5 * rounded]), torch.zeros(64)]))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="ttsearch._C is not loaded")
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_1"])
+@pytest.mark.parametrize("rows", [2, 12])  # the fused path, and the GEMM's
+def test_the_kernel_rounds_x_as_the_contract_says(qtype, rows):
+    """With a diagonal W, output feature f is w_ff times x_f rounded: a kernel rounding a tie
+    the other way, or by another scale, is off by w_ff / 127 of the group's largest value."""
+    eye = torch.eye(64)
+    blocks = torch.from_numpy(gguf.quants.quantize(eye.numpy(), gguf_type(qtype)))
+    diagonal = quantized.dequantize(blocks, qtype).diagonal()
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(5)) * 3
+    x[0] = torch.cat([TIES, -TIES])
+    torch.testing.assert_close(ops.quantized_linear(x, blocks, qtype), quantized.round_groups(x) * diagonal,
+                               atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("impl, rows", CASES)
 @pytest.mark.parametrize("qtype", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_kernels_match_the_reference(impl, rows, qtype, dtype, monkeypatch):
-    out_features, in_features = 96, 512
+    # 480 features: 15 groups of 32, an odd count (the AVX-512 kernel takes groups in pairs)
+    out_features, in_features = 96, 480 if quantized.FORMATS[qtype].elems == 32 and rows % 2 else 512
     blocks = random_blocks(out_features, in_features, qtype, seed=rows)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
     got = kernel(impl, monkeypatch)(x, blocks, qtype)
@@ -133,11 +159,19 @@ def test_packed_loading_keeps_the_files_blocks_and_rejects_an_unknown_choice():
         load_checkpoint("smollm2-135m", progress=False, weights="int4")
 
 
+#: the largest logit difference packed weights may make on SmolLM2 in float32 (measured 1.05
+#: on the prompts below; logits span about 30): x rounded to int8 groups in every linear layer,
+#: as llama.cpp rounds it, where the dequantized path multiplies x as it is
+PACKED_LOGIT_ERROR = 1.5
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_CPP, reason="ttsearch._C is not loaded")
 def test_smollm2_packed_decodes_as_its_dequantized_twin_in_float32(smollm2_engine_fp32):
-    """Same file, float32: the logits within 1e-3 and greedy decoding equal for 32 steps on two
-    prompts, with the weights held in under a fifth of the bytes."""
+    """Same file, float32, greedy for 32 steps on two prompts, with the weights held in under a
+    fifth of the bytes: the logits within PACKED_LOGIT_ERROR, and the tokens equal until the
+    dequantized path's top two are closer than that: a near tie, which the rounding of x may
+    break either way. Prints the figures."""
     from ttsearch import GREEDY, Engine
 
     engines = {"dequantized": smollm2_engine_fp32,
@@ -148,14 +182,20 @@ def test_smollm2_packed_decodes_as_its_dequantized_twin_in_float32(smollm2_engin
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
                                        return_dict=False)
                for q in ("What is 12 * 7 + 5?", "Solve step by step: 48 / 6 - 3 = ?")]
-    seqs = {w: [e.add(p) for p in prompts] for w, e in engines.items()}
-    for _ in range(32):
-        for dequantized, packed in zip(seqs["dequantized"], seqs["packed"]):
-            torch.testing.assert_close(engines["packed"].logits(packed), engines["dequantized"].logits(dequantized),
-                                       atol=1e-3, rtol=0)
+    for i, prompt in enumerate(prompts):
+        seqs = {w: e.add(prompt) for w, e in engines.items()}
+        error, same = 0.0, 0
+        for step in range(32):
+            want, got = engines["dequantized"].logits(seqs["dequantized"]), engines["packed"].logits(seqs["packed"])
+            error = max(error, (got - want).abs().max().item())
+            assert error < PACKED_LOGIT_ERROR, (i, step, error)
+            for w, e in engines.items():
+                e.step([seqs[w]], GREEDY)
+            if seqs["packed"].token_ids[-1] != seqs["dequantized"].token_ids[-1]:
+                top2 = want.topk(2).values
+                assert top2[0] - top2[1] < 2 * error, f"prompt {i} diverged at step {step} with a clear winner: {top2}"
+                break
+            same += 1
+        print(f"prompt {i}: max logit difference {error:.3f}, greedy tokens equal for {same} of 32 steps")
         for w, e in engines.items():
-            e.step(seqs[w], GREEDY)
-    assert [s.token_ids for s in seqs["packed"]] == [s.token_ids for s in seqs["dequantized"]]
-    for w, e in engines.items():
-        for s in seqs[w]:
-            e.free(s)
+            e.free(seqs[w])

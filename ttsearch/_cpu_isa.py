@@ -28,7 +28,9 @@ _AVX512_CPU = (*_AVX2_CPU, "avx512_f", "avx512_bw", "avx512_vl", "avx512_dq")
 #: -march=x86-64, which also overrides any -march in CFLAGS.
 LEVELS: dict[str, dict[str, tuple[list[str], tuple[str, ...]]]] = {
     "x86_64": {
-        "avx512_bf16": (["-march=x86-64", *_AVX512, "-mavx512bf16"], (*_AVX512_CPU, "avx512_bf16")),
+        # every CPU with AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4) also has AVX512_VNNI
+        "avx512_bf16": (["-march=x86-64", *_AVX512, "-mavx512bf16", "-mavx512vnni"],
+                        (*_AVX512_CPU, "avx512_bf16", "avx512_vnni")),
         "avx512": (["-march=x86-64", *_AVX512], _AVX512_CPU),
         "avx2": (["-march=x86-64", *_AVX2], _AVX2_CPU),
         "default": (["-march=x86-64"], ()),

@@ -649,7 +649,8 @@ __all__ = [
 def quantized_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     """``x [..., K] @ W.T`` for a weight ``W [N, K]`` kept in GGUF's quantized blocks ``blocks
     [N, K / block_elems * block_bytes]`` (uint8, ``ttsearch.ops.quantized`` has the layouts)
-    -> ``[..., N]`` in x's dtype."""
+    -> ``[..., N]`` in x's dtype. x is taken rounded to int8 in groups of 32 features, as
+    llama.cpp takes it (``quantized.round_groups``)."""
     _check(qtype in quantized.FORMATS, f"qtype {qtype!r}: expected one of {', '.join(quantized.FORMATS)}")
     fmt = quantized.FORMATS[qtype]
     _check(blocks.dim() == 2 and blocks.dtype == torch.uint8 and blocks.shape[1] % fmt.bytes == 0,

@@ -1,6 +1,11 @@
 """GGUF's quantized weight formats, kept in their blocks: the layouts and a pure-torch
 dequantization, the reference body of ``quantized_linear``.
 
+``quantized_linear`` multiplies by ``x`` rounded to int8 in groups of 32 features, each
+group with its float32 scale (llama.cpp rounds its activations likewise), so that the
+kernels can take a block's product with x as one integer dot product: ``round_groups``
+says how, and every implementation rounds the same way at every batch size.
+
 A quantized weight ``[N, K]`` is a uint8 tensor ``[N, K / block_elems * block_bytes]``: each
 row is the row's blocks in file order, exactly as llama.cpp writes them (ggml's
 ``block_q4_0`` and friends, little-endian, fp16 scales). The fast implementations dequantize
@@ -105,9 +110,22 @@ def dequantize(blocks: torch.Tensor, qtype: str) -> torch.Tensor:
     return w.reshape(n, -1)
 
 
+GROUP = 32  # features of x per int8 group
+
+
+def round_groups(x: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` rounded as ``quantized_linear`` rounds it, as float32: in each group of 32
+    features, ``d = max |x| / 127`` and ``x -> d * round(x / d)`` (to nearest, ties to even;
+    a group of zeros stays zero). Every value is then one of 255 multiples of its group's d."""
+    groups = x.float().reshape(*x.shape[:-1], -1, GROUP)
+    d = groups.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))  # the kernels multiply by 1 / d
+    return (torch.round(groups * inverse) * d).reshape(x.shape)
+
+
 def quantized_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str) -> torch.Tensor:
-    """``x [M, K] @ dequantize(blocks).T`` -> ``[M, N]`` in x's dtype, accumulated in float32."""
-    return (x.float() @ dequantize(blocks, qtype).T).to(x.dtype)
+    """``round_groups(x [M, K]) @ dequantize(blocks).T`` -> ``[M, N]`` in x's dtype, in float32."""
+    return (round_groups(x) @ dequantize(blocks, qtype).T).to(x.dtype)
 
 
 @dataclass(frozen=True)
