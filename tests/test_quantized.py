@@ -159,19 +159,20 @@ def test_packed_loading_keeps_the_files_blocks_and_rejects_an_unknown_choice():
         load_checkpoint("smollm2-135m", progress=False, weights="int4")
 
 
-#: the largest logit difference packed weights may make on SmolLM2 in float32 (measured 1.05
-#: on the prompts below; logits span about 30): x rounded to int8 groups in every linear layer,
-#: as llama.cpp rounds it, where the dequantized path multiplies x as it is
-PACKED_LOGIT_ERROR = 1.5
+#: the logit differences packed weights may make on SmolLM2 in float32, over the vocabulary and
+#: on the five likeliest tokens of each step: x rounded to int8 groups in every linear layer,
+#: as llama.cpp rounds it, where the dequantized path multiplies x as it is. Measured on the
+#: prompts below: at most 1.50 and 0.56, with the top logit at 18-40.
+LOGIT_ERROR, TOP5_LOGIT_ERROR = 2.0, 0.75
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_CPP, reason="ttsearch._C is not loaded")
 def test_smollm2_packed_decodes_as_its_dequantized_twin_in_float32(smollm2_engine_fp32):
     """Same file, float32, greedy for 32 steps on two prompts, with the weights held in under a
-    fifth of the bytes: the logits within PACKED_LOGIT_ERROR, and the tokens equal until the
-    dequantized path's top two are closer than that: a near tie, which the rounding of x may
-    break either way. Prints the figures."""
+    fifth of the bytes: the logits within the bounds above, and the tokens equal until the
+    dequantized path's top two are closer than twice TOP5_LOGIT_ERROR: a near tie, which the
+    rounding of x may break either way. Prints the figures."""
     from ttsearch import GREEDY, Engine
 
     engines = {"dequantized": smollm2_engine_fp32,
@@ -184,18 +185,23 @@ def test_smollm2_packed_decodes_as_its_dequantized_twin_in_float32(smollm2_engin
                for q in ("What is 12 * 7 + 5?", "Solve step by step: 48 / 6 - 3 = ?")]
     for i, prompt in enumerate(prompts):
         seqs = {w: e.add(prompt) for w, e in engines.items()}
-        error, same = 0.0, 0
+        error = top5_error = 0.0
+        same = 0
         for step in range(32):
             want, got = engines["dequantized"].logits(seqs["dequantized"]), engines["packed"].logits(seqs["packed"])
             error = max(error, (got - want).abs().max().item())
-            assert error < PACKED_LOGIT_ERROR, (i, step, error)
+            top5_error = max(top5_error, (got - want)[want.topk(5).indices].abs().max().item())
+            assert error < LOGIT_ERROR and top5_error < TOP5_LOGIT_ERROR, (i, step, error, top5_error)
             for w, e in engines.items():
                 e.step([seqs[w]], GREEDY)
             if seqs["packed"].token_ids[-1] != seqs["dequantized"].token_ids[-1]:
                 top2 = want.topk(2).values
-                assert top2[0] - top2[1] < 2 * error, f"prompt {i} diverged at step {step} with a clear winner: {top2}"
+                assert top2[0] - top2[1] < 2 * TOP5_LOGIT_ERROR, f"prompt {i} diverged at step {step}: {top2}"
+                print(f"prompt {i}: diverged at step {step}, where the dequantized top two were "
+                      f"{(top2[0] - top2[1]).item():.2f} apart")
                 break
             same += 1
-        print(f"prompt {i}: max logit difference {error:.3f}, greedy tokens equal for {same} of 32 steps")
+        print(f"prompt {i}: max logit difference {error:.2f} (five likeliest tokens: {top5_error:.2f}), "
+              f"greedy tokens equal for {same} of 32 steps")
         for w, e in engines.items():
             e.free(seqs[w])
