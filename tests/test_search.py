@@ -12,10 +12,10 @@ import pytest
 
 from ttsearch.engine.step_writer import StepResult
 from ttsearch.eval.datasets import Problem
+from ttsearch.eval.selection import budgets, select
 from ttsearch.search.config import ConfigError, SearchConfig
 from ttsearch.search.runner import make_record
 from ttsearch.search.scheduler import Job, Scheduler
-from ttsearch.search.selection import budgets, select
 from ttsearch.search.strategies import SEARCHES
 
 

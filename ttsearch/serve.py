@@ -34,7 +34,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from ttsearch.api import Question, Searcher, SearchResult, question_id
+from ttsearch.api import Question, Searcher, question_id
 from ttsearch.errors import KVCacheFullError, TTSearchError
 from ttsearch.eval.datasets import Problem
 from ttsearch.eval.tree import path_to
@@ -42,7 +42,8 @@ from ttsearch import openai_protocol as protocol
 from ttsearch.openai_protocol import ChatRequest, CompletionRequest, Delta, RequestError, ScoreStepsRequest
 from ttsearch.search.config import ConfigError, SearchConfig
 from ttsearch.search.generation import Generation, GenerationParams
-from ttsearch.search.runner import make_job, make_record
+from ttsearch.search.result import SearchResult, search_result
+from ttsearch.search.runner import make_job
 from ttsearch.search.scheduler import Job, Scheduler
 from ttsearch.verifiers.path_scorer import PathScorer, ScoredPaths
 
@@ -337,11 +338,10 @@ class SearchService:
                      time.perf_counter() - job.started)
             ticket.future.set_result(generation)
             return
-        record = make_record(job)
-        result = SearchResult.from_record(record, job.problem.question)
+        result = search_result(job)
         log.info("request %d: %s n=%d, %d prompt tokens, %d generated, %d verified, %.2f s", ticket.number,
-                 record["strategy"], record["n"], record["prompt_tokens"], record["tokens_generated"],
-                 record["tokens_verified"], record["seconds"])
+                 result.strategy, result.n, result.prompt_tokens, result.tokens_generated, result.tokens_verified,
+                 result.seconds)
         self.totals.update(search_requests=1, generated_tokens=job.tokens_generated,
                            verifier_tokens=job.tokens_verified)
         # the chosen path's steps not sent yet: the decided ones are a prefix of every answer's path
@@ -391,7 +391,7 @@ def _chosen_nodes(result: SearchResult) -> list[int]:
     """The node ids of the chosen path (empty when nothing was chosen)."""
     if result.chosen is None:
         return []
-    return path_to(result.record["completions"][result.chosen]["node"], result.nodes)
+    return path_to(result.completions[result.chosen].node, result.nodes)
 
 
 # ----------------------------------------------------------------------------- HTTP
@@ -710,7 +710,6 @@ async def _stream(service: SearchService, ticket: Ticket, steps: asyncio.Queue, 
 def _completion(result: SearchResult, reply_id: str, created: int, model: str) -> dict:
     chosen = result.completions[result.chosen] if result.chosen is not None else None
     finish = "length" if chosen is not None and chosen.finish == "length" else "stop"
-    record = result.record
     return {
         "id": reply_id,
         "object": "chat.completion",
@@ -724,8 +723,8 @@ def _completion(result: SearchResult, reply_id: str, created: int, model: str) -
         "ttsearch": {
             "answer": result.answer,
             "selections": result.selections,
-            "strategy": record["strategy"],
-            "n": record["n"],
+            "strategy": result.strategy,
+            "n": result.n,
             "iterations": result.iterations,
             "completions": [{"text": c.text, "answer": c.answer, "step_scores": c.step_scores,
                              "aggregate": c.aggregate, "finish": c.finish} for c in result.completions],

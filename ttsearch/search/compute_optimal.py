@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ttsearch.search.config import ConfigError, SearchConfig
+from ttsearch.errors import ConfigError
+from ttsearch.search.config import SearchConfig
 from ttsearch.search.strategies import SEARCHES, Beam, Strategy, Write
 
 TABLE_VERSION = 1

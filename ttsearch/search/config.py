@@ -7,6 +7,10 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ttsearch.engine.sampler import SamplingParams
+from ttsearch.errors import ConfigError
+from ttsearch.search.strategies import SEARCHES
+
 STRATEGIES = ("best_of_n", "beam_search", "dvts", "particle_filter", "rebase", "compute_optimal")
 AGGREGATIONS = ("last", "min", "prod", "mean")
 RESAMPLINGS = ("multinomial", "systematic")
@@ -18,10 +22,6 @@ DEFAULT_SYSTEM_PROMPT = (
     "Solve the following math problem efficiently and clearly. Think step by step, "
     "separate the steps with a blank line, and end with: The answer is \\boxed{ANSWER}."
 )
-
-
-class ConfigError(ValueError):
-    """A search setting with a bad value; the message names the setting."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,10 @@ class SearchConfig:
         return {"semantics": "modified" if any(ours.values()) else source, **ours,
                 "sort_completed": self.sort_completed, "filter_duplicates": self.filter_duplicates}
 
+    def sampling(self, seed: int) -> SamplingParams:
+        """The sampling of a search's steps, on the random stream ``seed``."""
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -163,8 +167,6 @@ class SearchConfig:
 
 def strategy_names() -> tuple[str, ...]:
     """The built-in strategies and any registered with ``register_strategy``."""
-    from ttsearch.search.strategies import SEARCHES  # strategies.py imports this module
-
     return tuple(dict.fromkeys(STRATEGIES + tuple(SEARCHES)))
 
 

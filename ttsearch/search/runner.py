@@ -15,13 +15,12 @@ from collections.abc import Callable, Iterable
 
 from tqdm import tqdm
 
-from ttsearch.engine.sampler import SamplingParams
 from ttsearch.eval.datasets import Problem
 from ttsearch.eval.grading import answer_key, extract_answer, is_equivalent
 from ttsearch.search.compute_optimal import ComputeOptimal, read_table
 from ttsearch.search.config import SearchConfig
 from ttsearch.search.scheduler import Job, Scheduler, SchedulerStats
-from ttsearch.search.selection import SELECTIONS, budgets, select
+from ttsearch.eval.selection import SELECTIONS, budgets, select
 from ttsearch.search.strategies import SEARCHES, Strategy
 
 log = logging.getLogger("ttsearch")
@@ -103,24 +102,24 @@ def make_job(problem: Problem, config: SearchConfig, scheduler: Scheduler) -> Jo
     prompt and first beams cannot fit even alone raises ``KVCacheFullError`` here."""
     search = make_search(problem, scheduler.policy, scheduler.verifier, config)
     scheduler.check_fits_alone(search, problem.id)
-    sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                              seed=problem_seed(config.seed, problem.id))
-    return Job(problem, search, sampling)
+    return Job(problem, search, config.sampling(problem_seed(config.seed, problem.id)))
 
 
 def run_jobs(
     items: Iterable[tuple[Problem, SearchConfig]],
     policy,
     verifier,
-    on_record: Callable[[dict], None],
+    on_record: Callable[[dict], None] | None = None,
     settings: dict | None = None,
     progress: bool = True,
     on_step: Callable[[Problem, dict], None] | None = None,
+    on_job: Callable[[Job, dict], None] | None = None,
 ) -> SchedulerStats:
     """Search every (problem, config) pair, as many at once as ``problems_in_flight`` and the
     KV pool allow. Every problem's prompt is checked against the pool before the first
     token: one that cannot fit even alone fails the run up front. ``on_step(problem, node)``
-    sees every scored step as it happens (a node of the record's tree)."""
+    sees every scored step as it happens (a node of the record's tree). Each finished problem's
+    record goes to ``on_record``, and with its job to ``on_job``."""
     scheduler = Scheduler(policy, verifier, on_step=None if on_step is None else
                           (lambda job, node: on_step(job.problem, node)))
     pending = [make_job(problem, config, scheduler) for problem, config in items]
@@ -138,7 +137,10 @@ def run_jobs(
             pending.pop(0)
         for job in scheduler.step():
             record = make_record(job, settings)
-            on_record(record)
+            if on_record is not None:
+                on_record(record)
+            if on_job is not None:
+                on_job(job, record)
             log.info("problem %s (%s, n=%d): %d tokens generated, %d verified, %.2f s", record["id"],
                      record["strategy"], record["n"], record["tokens_generated"], record["tokens_verified"],
                      record["seconds"])

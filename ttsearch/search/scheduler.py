@@ -24,12 +24,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ttsearch.engine.sampler import SamplingParams
+from ttsearch.engine.sampler import GREEDY, SamplingParams
 from ttsearch.engine.step_writer import StepInProgress, StepResult
 from ttsearch.errors import ContextLengthError, KVCacheFullError
 from ttsearch.search.strategies import Beam, Strategy
-
-GREEDY_TEMPERATURE = 0.0
 
 
 @dataclass(eq=False)
@@ -249,7 +247,7 @@ class Scheduler:
         for beam in beams:
             write = job.search.write_for(beam)
             self._writing[id(beam.seq)] = (job, beam)
-            sampling = SamplingParams(temperature=GREEDY_TEMPERATURE) if write.greedy else job.sampling
+            sampling = GREEDY if write.greedy else job.sampling
             self.writer.add([beam.seq], sampling, stop=write.stop, max_tokens=write.max_tokens)
 
     def cancel(self, job: Job) -> None:

@@ -23,12 +23,14 @@ import itertools
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ttsearch.eval.grading import answer_key, extract_answer
-from ttsearch.search.config import SearchConfig
+
+if TYPE_CHECKING:
+    from ttsearch.search.config import SearchConfig
 
 
 @dataclass(eq=False)
