@@ -166,7 +166,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from ttsearch.search.compute_optimal import fit_table
+    from ttsearch.search.strategies.compute_optimal import fit_table
 
     table = fit_table(_records(args.results), pilot_samples=args.pilot_samples, bins=args.bins)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from ttsearch.eval.selection import SELECTIONS, budgets, select
 from ttsearch.search.config import STRATEGIES, ConfigError, SearchConfig
 from ttsearch.search.results import ResultsWriter, read_results
-from ttsearch.eval.selection import SELECTIONS, budgets, select
 
 #: settings that change how fast a run goes, never what it writes
 NOT_SETTINGS = ("n", "problems_in_flight")
@@ -76,10 +76,6 @@ def run(
         problems = problems[start:end]
     if limit is not None:
         problems = problems[:limit]
-    if config.strategy == "compute_optimal":
-        from ttsearch.search.compute_optimal import read_table
-
-        read_table(config.optimal_table)
     settings = run_settings(config, model if policy is None else policy, verifier, verifier_options, dtype, weights)
     with ResultsWriter(output, settings) as writer:
         todo = [(p, replace(config, n=n)) for n in budgets_to_run for p in problems if (p.id, n) not in writer.done]

@@ -17,10 +17,9 @@ from tqdm import tqdm
 
 from ttsearch.eval.datasets import Problem
 from ttsearch.eval.grading import answer_key, extract_answer, is_equivalent
-from ttsearch.search.compute_optimal import ComputeOptimal, read_table
+from ttsearch.eval.selection import SELECTIONS, budgets, select
 from ttsearch.search.config import SearchConfig
 from ttsearch.search.scheduler import Job, Scheduler, SchedulerStats
-from ttsearch.eval.selection import SELECTIONS, budgets, select
 from ttsearch.search.strategies import SEARCHES, Strategy
 
 log = logging.getLogger("ttsearch")
@@ -90,11 +89,7 @@ def problem_seed(seed: int, problem_id: str) -> int:
 def make_search(problem: Problem, policy, verifier, config: SearchConfig) -> Strategy:
     prompt_ids = build_prompt(policy.tokenizer, problem.question, config)
     seed = problem_seed(config.seed, problem.id)
-    question = question_text(problem.question)
-    if config.strategy == "compute_optimal":
-        table = read_table(config.optimal_table)
-        return ComputeOptimal(policy, verifier, config, prompt_ids, question, table, seed=seed)
-    return SEARCHES[config.strategy](policy, verifier, config, prompt_ids, question, seed=seed)
+    return SEARCHES[config.strategy](policy, verifier, config, prompt_ids, question_text(problem.question), seed=seed)
 
 
 def make_job(problem: Problem, config: SearchConfig, scheduler: Scheduler) -> Job:
@@ -153,12 +148,13 @@ def run_jobs(
     return scheduler.stats
 
 
-def selection_budgets(config: SearchConfig) -> list[int]:
-    """The budgets N a record selects at: every N for best-of-N (the first N samples are a
-    best-of-N run) and DVTS (its first N answers: a subsampled curve, labelled so in
-    reports); the other strategies, and any run that stops early, only at their own n,
-    since a smaller N is another search."""
-    return budgets(config.n) if config.strategy in ("best_of_n", "dvts") and not config.stops_early else [config.n]
+def selection_budgets(search: Strategy) -> list[int]:
+    """The budgets N a record selects at: every N for a strategy whose first N answers are
+    what n=N would give (best-of-N; DVTS as a subsampled curve, labelled so in reports); the
+    other strategies, and any run that stops early, only at their own n, since a smaller N is
+    another search."""
+    config = search.config
+    return budgets(config.n) if search.selects_every_budget and not config.stops_early else [config.n]
 
 
 def make_record(job: Job, settings: dict | None = None) -> dict:
@@ -179,7 +175,7 @@ def make_record(job: Job, settings: dict | None = None) -> dict:
     selections = {}
     for method in SELECTIONS:
         selections[method] = {}
-        for n in selection_budgets(config):
+        for n in selection_budgets(search):
             chosen = select([(c["answer"], c["aggregate"]) for c in completions[:n]], method, key=answer_key)
             selections[method][str(n)] = {"answer": chosen, **grade(chosen)}
     record = {
@@ -207,8 +203,7 @@ def make_record(job: Job, settings: dict | None = None) -> dict:
     }
     if search.early_stop is not None:
         record["early_stop"] = search.early_stop
-    if isinstance(search, ComputeOptimal):
-        record.update(pilot_level=search.pilot_level, choice=search.choice)
+    record.update(search.record_fields())
     if settings is not None:
         record["settings"] = settings
     return record
