@@ -12,10 +12,10 @@ import pytest
 
 from ttsearch.engine.step_writer import StepResult
 from ttsearch.eval.datasets import Problem
+from ttsearch.eval.selection import budgets, select
 from ttsearch.search.config import ConfigError, SearchConfig
 from ttsearch.search.runner import make_record
 from ttsearch.search.scheduler import Job, Scheduler
-from ttsearch.search.selection import budgets, select
 from ttsearch.search.strategies import SEARCHES
 
 
@@ -518,7 +518,7 @@ def fake_record(pid, strategy, n, first_scores, correct_at):
 
 
 def test_fit_picks_the_best_strategy_per_difficulty_bin(tmp_path):
-    from ttsearch.search.compute_optimal import choose, fit_table
+    from ttsearch.search.strategies.compute_optimal import choose, fit_table
 
     records = []
     for i in range(4):  # easy problems (high pilot scores): best-of-N wins
@@ -537,7 +537,7 @@ def test_fit_picks_the_best_strategy_per_difficulty_bin(tmp_path):
 def test_compute_optimal_runs_the_strategy_its_pilot_chooses(tmp_path):
     import json
 
-    from ttsearch.search.compute_optimal import ComputeOptimal
+    from ttsearch.search.strategies.compute_optimal import ComputeOptimal
 
     table = {"version": 1, "pilot_samples": 2, "edges": [0.5], "budgets": {"4": [
         {"strategy": "beam_search", "n": 4, "beam_width": 2, "selection": "naive", "accuracy": 1, "problems": 1},

@@ -21,70 +21,15 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ttsearch.eval.datasets import Problem
-from ttsearch.eval.grading import answer_key
-from ttsearch.eval.tree import path_to
 from ttsearch.search.config import ConfigError, SearchConfig
+from ttsearch.search.load import load_models
+from ttsearch.search.result import Completion, Question, SearchResult, search_result
 from ttsearch.search.runner import chat_messages, run_jobs
-from ttsearch.search.selection import SELECTIONS, chosen_path
 
-Question = str | list[dict]
-
-
-@dataclass
-class Completion:
-    """One finished path: its text, steps and their scores, and the answer in it."""
-
-    text: str
-    steps: list[str]
-    step_scores: list[float | None]
-    aggregate: float | None
-    finish: str | None  # "eos", "length" or "empty"
-    answer: str | None
-
-
-@dataclass
-class SearchResult:
-    question: Question
-    answer: str | None  # chosen by the verifier's best score (naive selection)
-    text: str | None  # the chosen path's text
-    chosen: int | None  # the chosen path's index in completions
-    selections: dict[str, str | None]  # the answer by each selection: naive, majority, weighted
-    completions: list[Completion]
-    prompt_tokens: int
-    tokens_generated: int
-    tokens_verified: int
-    seconds: float
-    iterations: int
-    nodes: list[dict] = field(default_factory=list)  # the tree: {"id", "parent", "score", "tokens", "text"}
-    early_stop: dict | None = None
-    record: dict = field(default_factory=dict, repr=False)  # the record `ttsearch run` would write
-
-    @classmethod
-    def from_record(cls, record: dict, question: Question) -> "SearchResult":
-        nodes = record["nodes"]
-        completions = [Completion(c["text"], [nodes[i]["text"] for i in path_to(c["node"], nodes)], c["step_scores"],
-                                  c["aggregate"], c["finish"], c["answer"]) for c in record["completions"]]
-        n = str(record["n"])
-        chosen = chosen_path([(c.answer, c.aggregate) for c in completions], "naive", key=answer_key)
-        return cls(
-            question=question,
-            answer=record["selections"]["naive"][n]["answer"],
-            text=completions[chosen].text if chosen is not None else None,
-            chosen=chosen,
-            selections={method: record["selections"][method][n]["answer"] for method in SELECTIONS},
-            completions=completions,
-            prompt_tokens=record["prompt_tokens"],
-            tokens_generated=record["tokens_generated"],
-            tokens_verified=record["tokens_verified"],
-            seconds=record["seconds"],
-            iterations=record["iterations"],
-            nodes=record["nodes"],
-            early_stop=record.get("early_stop"),
-            record=record,
-        )
+__all__ = ["Searcher", "SearchResult", "Completion", "StepEvent", "Question", "question_id"]
 
 
 @dataclass
@@ -106,28 +51,24 @@ class Searcher:
 
     ``model`` is an alias, a Hugging Face directory or a .gguf file (or pass ``policy``, an
     Engine); ``verifier`` is "arithmetic", "self", a registered name, a PRM's path, or a
-    ``Verifier``; ``settings`` are ``SearchConfig``'s. ``prefix_caching=False`` gives the
+    ``Verifier``; ``settings`` are ``SearchConfig``'s (or pass ``config``, a SearchConfig). ``prefix_caching=False`` gives the
     policy's engine no prefix cache (for measuring what it saves). One search runs at a time on a
     Searcher (calls from several threads wait their turn; ``ttsearch serve`` batches
     concurrent requests instead)."""
 
     def __init__(self, model: str = "smollm2-135m", verifier="arithmetic", *, verifier_options: dict | None = None,
                  dtype: str | None = None, kv_cache_gib: float | None = None, policy=None, progress: bool = False,
-                 prefix_caching: bool = True, weights: str = "dequantized", **settings):
-        self.config = SearchConfig.from_dict(settings, source="Searcher")
+                 prefix_caching: bool = True, weights: str = "dequantized", config: SearchConfig | None = None,
+                 **settings):
+        if config is not None and settings:
+            raise TypeError("Searcher: give config or settings, not both")
+        self.config = config if config is not None else SearchConfig.from_dict(settings, source="Searcher")
         if kv_cache_gib is not None and not (isinstance(kv_cache_gib, (int, float)) and kv_cache_gib > 0):
             raise ConfigError(f"kv_cache_gib={kv_cache_gib!r}: expected a positive size in GiB")
-        if policy is None:
-            from ttsearch.engine.engine import DEFAULT_KV_CACHE_BYTES, Engine
-
-            size = int(kv_cache_gib * (1 << 30)) if kv_cache_gib else DEFAULT_KV_CACHE_BYTES
-            policy = Engine(model, dtype=dtype, kv_cache_bytes=size, progress=progress, prefix_caching=prefix_caching,
-                            weights=weights)
-        self.policy = policy
-        from ttsearch.verifiers import Verifier, load_verifier
-
-        self.verifier = verifier if isinstance(verifier, Verifier) else load_verifier(
-            verifier, policy_engine=policy, aggregation=self.config.aggregation, **(verifier_options or {}))
+        self.policy, self.verifier = load_models(
+            model, verifier, verifier_options=verifier_options, dtype=dtype, weights=weights, policy=policy,
+            kv_cache_bytes=int(kv_cache_gib * (1 << 30)) if kv_cache_gib else None, progress=progress,
+            prefix_caching=prefix_caching, aggregation=self.config.aggregation)
         self._lock = threading.Lock()
 
     def settings(self, **overrides) -> SearchConfig:
@@ -162,15 +103,15 @@ class Searcher:
             index_of.setdefault(pid, []).append(i)
         results: list[SearchResult | None] = [None] * len(questions)
 
-        def collect(record: dict) -> None:
+        def collect(job, record: dict) -> None:
             i = index_of[record["id"]].pop(0)
-            results[i] = SearchResult.from_record(record, questions[i])
+            results[i] = search_result(job, record)
 
         step_hook = None
         if on_step is not None:
             position = {id(p): i for i, p in enumerate(problems)}
             step_hook = lambda problem, node: on_step(StepEvent(position[id(problem)], problem.question, dict(node)))  # noqa: E731
         with self._lock:
-            run_jobs([(p, config) for p in problems], self.policy, self.verifier, on_record=collect,
+            run_jobs([(p, config) for p in problems], self.policy, self.verifier, on_job=collect,
                      progress=progress, on_step=step_hook)
         return results

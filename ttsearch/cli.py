@@ -166,7 +166,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from ttsearch.search.compute_optimal import fit_table
+    from ttsearch.search.strategies.compute_optimal import fit_table
 
     table = fit_table(_records(args.results), pilot_samples=args.pilot_samples, bins=args.bins)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -193,8 +193,7 @@ def _serve(args: argparse.Namespace) -> int:
                         args.verifier or recipe.get("verifier", "arithmetic"),
                         verifier_options=_json_flag("--verifier-options", args.verifier_options), dtype=args.dtype,
                         weights=args.weights, kv_cache_gib=args.kv_cache_gib, progress=True,
-                        prefix_caching=not args.no_prefix_caching,
-                        **config.to_dict())
+                        prefix_caching=not args.no_prefix_caching, config=config)
     searched = f"every chat request searched with {config.strategy} n={config.n}" if args.search_by_default else \
         f"generation, and {config.strategy} n={config.n} for requests with a search object"
     print(f"serving {searcher.policy.name} ({searcher.policy.dtype}): {searched}, on "

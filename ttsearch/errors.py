@@ -5,6 +5,10 @@ class TTSearchError(Exception):
     """Base class of ttsearch's own errors."""
 
 
+class ConfigError(ValueError):
+    """A search setting with a bad value; the message names the setting."""
+
+
 class ModelLoadError(TTSearchError, ValueError):
     """A model directory, config or weight file that cannot be used (corrupt, wrong shape, ...)."""
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ttsearch.errors import TTSearchError
 from ttsearch.eval.grading import answer_key
-from ttsearch.search.selection import chosen_path as chosen_index
+from ttsearch.eval.selection import chosen_index
 
 
 class TreeError(TTSearchError, ValueError):

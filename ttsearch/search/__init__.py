@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from ttsearch.eval.selection import SELECTIONS, budgets, select
 from ttsearch.search.config import STRATEGIES, ConfigError, SearchConfig
 from ttsearch.search.results import ResultsWriter, read_results
-from ttsearch.search.selection import SELECTIONS, budgets, select
 
 #: settings that change how fast a run goes, never what it writes
 NOT_SETTINGS = ("n", "problems_in_flight")
@@ -76,32 +76,23 @@ def run(
         problems = problems[start:end]
     if limit is not None:
         problems = problems[:limit]
-    if config.strategy == "compute_optimal":
-        from ttsearch.search.compute_optimal import read_table
-
-        read_table(config.optimal_table)
     settings = run_settings(config, model if policy is None else policy, verifier, verifier_options, dtype, weights)
     with ResultsWriter(output, settings) as writer:
         todo = [(p, replace(config, n=n)) for n in budgets_to_run for p in problems if (p.id, n) not in writer.done]
         if not todo:
             return None
+        load_args = dict(model=model, verifier=verifier, verifier_options=verifier_options, dtype=dtype,
+                         weights=weights, kv_cache_bytes=kv_cache_bytes, aggregation=config.aggregation)
         if distributed:
             from ttsearch.search.distributed import run_on_workers
 
-            searcher_args = dict(model=model, verifier=verifier, verifier_options=verifier_options, dtype=dtype,
-                                 weights=weights,
-                                 kv_cache_gib=kv_cache_bytes / (1 << 30) if kv_cache_bytes else None,
-                                 **config.to_dict())
-            return run_on_workers(todo, writer.write, settings, searcher_args, workers=workers,
-                                  ray_address=ray_address, imports=imports, progress=progress, threads=worker_threads)
-        from ttsearch.api import Searcher
+            return run_on_workers(todo, writer.write, settings, load_args, workers=workers, ray_address=ray_address,
+                                  imports=imports, progress=progress, threads=worker_threads)
+        from ttsearch.search.load import load_models
         from ttsearch.search.runner import run_jobs
 
-        searcher = Searcher(model, verifier, verifier_options=verifier_options, dtype=dtype, weights=weights, policy=policy,
-                            kv_cache_gib=kv_cache_bytes / (1 << 30) if kv_cache_bytes else None, progress=progress,
-                            **config.to_dict())
-        return run_jobs(todo, searcher.policy, searcher.verifier, on_record=writer.write, settings=settings,
-                        progress=progress)
+        policy, verifier = load_models(**load_args, policy=policy, progress=progress)
+        return run_jobs(todo, policy, verifier, on_record=writer.write, settings=settings, progress=progress)
 
 
 def _budgets(config: SearchConfig, ns: list[int] | None) -> list[int]:

@@ -7,7 +7,10 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-STRATEGIES = ("best_of_n", "beam_search", "dvts", "particle_filter", "rebase", "compute_optimal")
+from ttsearch.engine.sampler import SamplingParams
+from ttsearch.errors import ConfigError
+from ttsearch.search.strategies import SEARCHES, STRATEGIES
+
 AGGREGATIONS = ("last", "min", "prod", "mean")
 RESAMPLINGS = ("multinomial", "systematic")
 PARTICLE_WEIGHTS = ("logit", "reward")
@@ -18,10 +21,6 @@ DEFAULT_SYSTEM_PROMPT = (
     "Solve the following math problem efficiently and clearly. Think step by step, "
     "separate the steps with a blank line, and end with: The answer is \\boxed{ANSWER}."
 )
-
-
-class ConfigError(ValueError):
-    """A search setting with a bad value; the message names the setting."""
 
 
 @dataclass(frozen=True)
@@ -75,12 +74,6 @@ class SearchConfig:
             bad("max_step_tokens", "must be a positive integer (or unset: max_tokens)")
         if not (isinstance(self.lookahead, int) and not isinstance(self.lookahead, bool) and self.lookahead >= 0):
             bad("lookahead", "must be an integer >= 0")
-        if self.lookahead and self.strategy not in ("beam_search", "dvts"):
-            bad("lookahead", "only beam_search and dvts roll out lookahead steps")
-        if self.strategy in ("beam_search", "dvts") and self.n % self.beam_width:
-            raise ConfigError(
-                f"n={self.n} is not a multiple of beam_width={self.beam_width} (strategy {self.strategy})"
-            )
         if self.aggregation not in AGGREGATIONS:
             bad("aggregation", f"expected one of {', '.join(AGGREGATIONS)}")
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
@@ -118,11 +111,7 @@ class SearchConfig:
         if (self.example_question is None) != (self.example_solution is None):
             bad("example_solution" if self.example_solution is None else "example_question",
                 "a worked example needs both example_question and example_solution")
-        if self.strategy == "compute_optimal":
-            if not self.optimal_table:
-                bad("optimal_table", "compute_optimal needs the table written by `ttsearch fit`")
-            if not Path(self.optimal_table).is_file():
-                bad("optimal_table", "no such file")
+        SEARCHES[self.strategy].check(self)  # what the strategy itself cannot run
 
     @property
     def step_tokens(self) -> int:
@@ -144,10 +133,13 @@ class SearchConfig:
         ours = {k: getattr(self, k) for k in ("stop_at_n_finished", "drop_length_cuts")}
         if self.stops_early:
             ours.update(stop_agree=self.stop_agree, stop_share=self.stop_share, stop_window=self.agreement_window)
-        source = {"particle_filter": "Puri et al. 2025", "rebase": "Wu et al. 2024"}.get(
-            self.strategy, "search-and-learn" if self.strategy in STRATEGIES else "custom")
+        source = SEARCHES[self.strategy].source if self.strategy in STRATEGIES else "custom"
         return {"semantics": "modified" if any(ours.values()) else source, **ours,
                 "sort_completed": self.sort_completed, "filter_duplicates": self.filter_duplicates}
+
+    def sampling(self, seed: int) -> SamplingParams:
+        """The sampling of a search's steps, on the random stream ``seed``."""
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,9 +155,7 @@ class SearchConfig:
 
 def strategy_names() -> tuple[str, ...]:
     """The built-in strategies and any registered with ``register_strategy``."""
-    from ttsearch.search.strategies import SEARCHES  # strategies.py imports this module
-
-    return tuple(dict.fromkeys(STRATEGIES + tuple(SEARCHES)))
+    return tuple(SEARCHES)
 
 
 def _positive_int(value) -> bool:

@@ -1,5 +1,5 @@
 """Data-parallel runs on Ray: one driver, N worker actors, each owning a policy Engine and its
-verifier (``Searcher``) on its own cores, or one GPU each on a GPU machine.
+verifier (``load_models``) on its own cores, or one GPU each on a GPU machine.
 
 The driver hands out problems a few at a time (fewer as the run nears its end, so a slow
 worker does not hold the tail), writes each worker's records to the one results file as
@@ -17,14 +17,13 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict
 
 from tqdm import tqdm
 
 from ttsearch import batch_invariant
-from ttsearch.errors import TTSearchError
+from ttsearch.errors import ConfigError, TTSearchError
 from ttsearch.eval.datasets import Problem
-from ttsearch.search.config import ConfigError, SearchConfig
+from ttsearch.search.config import SearchConfig
 
 log = logging.getLogger("ttsearch")
 
@@ -73,9 +72,9 @@ def probe(address: str) -> None:
 
 
 class SearchWorker:
-    """One worker: a Searcher, and a method that searches a chunk of problems as one batch."""
+    """One worker: a policy and its verifier, and a method that searches a chunk of problems as one batch."""
 
-    def __init__(self, searcher_args: dict, threads: int | None, imports: list[str], batch_invariant: bool = False):
+    def __init__(self, load_args: dict, threads: int | None, imports: list[str], batch_invariant: bool = False):
         import importlib
 
         import torch
@@ -87,33 +86,32 @@ class SearchWorker:
             torch.set_num_threads(threads)
         for module in imports:  # strategies and verifiers registered by the user's modules
             importlib.import_module(module)
-        from ttsearch.api import Searcher
+        from ttsearch.search.load import load_models
 
-        self.searcher = Searcher(**searcher_args)
+        self.policy, self.verifier = load_models(**load_args)
 
     def describe(self) -> dict:
         import socket
 
         return {"pid": os.getpid(), "host": socket.gethostname()}
 
-    def search(self, items: list[tuple[dict, dict]], settings: dict | None) -> list[dict]:
+    def search(self, items: list[tuple[Problem, SearchConfig]], settings: dict | None) -> list[dict]:
         from ttsearch.search.runner import run_jobs
 
         records = []
-        jobs = [(Problem(**problem), SearchConfig(**config)) for problem, config in items]
-        run_jobs(jobs, self.searcher.policy, self.searcher.verifier, on_record=records.append, settings=settings,
-                 progress=False)
+        run_jobs(items, self.policy, self.verifier, on_record=records.append, settings=settings, progress=False)
         return records
 
 
 def run_on_workers(todo: list[tuple[Problem, SearchConfig]], on_record: Callable[[dict], None], settings: dict | None,
-                   searcher_args: dict, workers: int | None = None, ray_address: str | None = None,
+                   load_args: dict, workers: int | None = None, ray_address: str | None = None,
                    imports: list[str] | None = None, progress: bool = True, threads: int | None = None) -> dict:
     """Search ``todo`` on Ray workers, handing each record to ``on_record`` once. Starts a
     local Ray instance (``workers`` actors) unless ``ray_address`` names a cluster to join
     (then ``workers`` defaults to one per GPU, else one per CPU). On CPUs each worker gets
     ``threads`` cores (default: an equal share). Returns the workers started and lost, the
-    problems requeued and the driver's own seconds per record."""
+    problems requeued and the driver's own seconds per record. Each worker loads its models
+    with ``load_models(**load_args)``."""
     ray = import_ray()
     started_here = False
     if not ray.is_initialized():
@@ -128,13 +126,13 @@ def run_on_workers(todo: list[tuple[Problem, SearchConfig]], on_record: Callable
             raise ConfigError(f"cannot start or join {where}: {exc}") from exc
         started_here = True
     try:
-        return _drive(ray, todo, on_record, settings, searcher_args, workers, imports or [], progress, threads)
+        return _drive(ray, todo, on_record, settings, load_args, workers, imports or [], progress, threads)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _drive(ray, todo, on_record, settings, searcher_args, workers, imports, progress, threads) -> dict:
+def _drive(ray, todo, on_record, settings, load_args, workers, imports, progress, threads) -> dict:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
     count = workers or max(1, gpus or cpus)
@@ -145,12 +143,12 @@ def _drive(ray, todo, on_record, settings, searcher_args, workers, imports, prog
         options = {"num_cpus": min(threads, cpus)}
     actor = ray.remote(SearchWorker)
     # a worker that dies is not restarted: its problems go to the others
-    pool = {i: actor.options(**options, max_restarts=0).remote(searcher_args, threads, imports, batch_invariant.enabled())
+    pool = {i: actor.options(**options, max_restarts=0).remote(load_args, threads, imports, batch_invariant.enabled())
             for i in range(count)}
     for i, info in zip(pool, ray.get([w.describe.remote() for w in pool.values()])):
         log.info("worker %d: pid %d on %s", i, info["pid"], info["host"])
 
-    pending = deque((asdict(problem), config.to_dict()) for problem, config in todo)
+    pending = deque(todo)
     in_flight: dict = {}  # object ref -> (worker, its items)
     lost, requeued = [], 0
     bar = tqdm(total=len(pending), desc=f"{todo[0][1].strategy} on {count} workers", unit="problem",
@@ -182,7 +180,7 @@ def _drive(ray, todo, on_record, settings, searcher_args, workers, imports, prog
                 del pool[worker]
                 lost.append(worker)
             log.warning("worker %d died (%s); requeued %s", worker, type(exc).__name__,
-                        ", ".join(p["id"] for p, _ in items))
+                        ", ".join(p.id for p, _ in items))
             if not pool:
                 bar.close()
                 raise WorkersLostError(f"every worker died; {len(pending)} problems were not searched: rerun the same "

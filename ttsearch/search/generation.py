@@ -80,6 +80,11 @@ class Generation:
     def done(self) -> bool:
         return not self.live
 
+    @property
+    def first_beams(self) -> int:
+        """The sequences it writes with first: its choices."""
+        return self.params.n
+
     def held(self) -> list[Choice]:
         return self.live
 

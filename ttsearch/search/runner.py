@@ -15,13 +15,11 @@ from collections.abc import Callable, Iterable
 
 from tqdm import tqdm
 
-from ttsearch.engine.sampler import SamplingParams
 from ttsearch.eval.datasets import Problem
 from ttsearch.eval.grading import answer_key, extract_answer, is_equivalent
-from ttsearch.search.compute_optimal import ComputeOptimal, read_table
+from ttsearch.eval.selection import SELECTIONS, budgets, select
 from ttsearch.search.config import SearchConfig
 from ttsearch.search.scheduler import Job, Scheduler, SchedulerStats
-from ttsearch.search.selection import SELECTIONS, budgets, select
 from ttsearch.search.strategies import SEARCHES, Strategy
 
 log = logging.getLogger("ttsearch")
@@ -91,11 +89,7 @@ def problem_seed(seed: int, problem_id: str) -> int:
 def make_search(problem: Problem, policy, verifier, config: SearchConfig) -> Strategy:
     prompt_ids = build_prompt(policy.tokenizer, problem.question, config)
     seed = problem_seed(config.seed, problem.id)
-    question = question_text(problem.question)
-    if config.strategy == "compute_optimal":
-        table = read_table(config.optimal_table)
-        return ComputeOptimal(policy, verifier, config, prompt_ids, question, table, seed=seed)
-    return SEARCHES[config.strategy](policy, verifier, config, prompt_ids, question, seed=seed)
+    return SEARCHES[config.strategy](policy, verifier, config, prompt_ids, question_text(problem.question), seed=seed)
 
 
 def make_job(problem: Problem, config: SearchConfig, scheduler: Scheduler) -> Job:
@@ -103,24 +97,24 @@ def make_job(problem: Problem, config: SearchConfig, scheduler: Scheduler) -> Jo
     prompt and first beams cannot fit even alone raises ``KVCacheFullError`` here."""
     search = make_search(problem, scheduler.policy, scheduler.verifier, config)
     scheduler.check_fits_alone(search, problem.id)
-    sampling = SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                              seed=problem_seed(config.seed, problem.id))
-    return Job(problem, search, sampling)
+    return Job(problem, search, config.sampling(problem_seed(config.seed, problem.id)))
 
 
 def run_jobs(
     items: Iterable[tuple[Problem, SearchConfig]],
     policy,
     verifier,
-    on_record: Callable[[dict], None],
+    on_record: Callable[[dict], None] | None = None,
     settings: dict | None = None,
     progress: bool = True,
     on_step: Callable[[Problem, dict], None] | None = None,
+    on_job: Callable[[Job, dict], None] | None = None,
 ) -> SchedulerStats:
     """Search every (problem, config) pair, as many at once as ``problems_in_flight`` and the
     KV pool allow. Every problem's prompt is checked against the pool before the first
     token: one that cannot fit even alone fails the run up front. ``on_step(problem, node)``
-    sees every scored step as it happens (a node of the record's tree)."""
+    sees every scored step as it happens (a node of the record's tree). Each finished problem's
+    record goes to ``on_record``, and with its job to ``on_job``."""
     scheduler = Scheduler(policy, verifier, on_step=None if on_step is None else
                           (lambda job, node: on_step(job.problem, node)))
     pending = [make_job(problem, config, scheduler) for problem, config in items]
@@ -138,7 +132,10 @@ def run_jobs(
             pending.pop(0)
         for job in scheduler.step():
             record = make_record(job, settings)
-            on_record(record)
+            if on_record is not None:
+                on_record(record)
+            if on_job is not None:
+                on_job(job, record)
             log.info("problem %s (%s, n=%d): %d tokens generated, %d verified, %.2f s", record["id"],
                      record["strategy"], record["n"], record["tokens_generated"], record["tokens_verified"],
                      record["seconds"])
@@ -151,12 +148,13 @@ def run_jobs(
     return scheduler.stats
 
 
-def selection_budgets(config: SearchConfig) -> list[int]:
-    """The budgets N a record selects at: every N for best-of-N (the first N samples are a
-    best-of-N run) and DVTS (its first N answers: a subsampled curve, labelled so in
-    reports); the other strategies, and any run that stops early, only at their own n,
-    since a smaller N is another search."""
-    return budgets(config.n) if config.strategy in ("best_of_n", "dvts") and not config.stops_early else [config.n]
+def selection_budgets(search: Strategy) -> list[int]:
+    """The budgets N a record selects at: every N for a strategy whose first N answers are
+    what n=N would give (best-of-N; DVTS as a subsampled curve, labelled so in reports); the
+    other strategies, and any run that stops early, only at their own n, since a smaller N is
+    another search."""
+    config = search.config
+    return budgets(config.n) if search.selects_every_budget and not config.stops_early else [config.n]
 
 
 def make_record(job: Job, settings: dict | None = None) -> dict:
@@ -177,7 +175,7 @@ def make_record(job: Job, settings: dict | None = None) -> dict:
     selections = {}
     for method in SELECTIONS:
         selections[method] = {}
-        for n in selection_budgets(config):
+        for n in selection_budgets(search):
             chosen = select([(c["answer"], c["aggregate"]) for c in completions[:n]], method, key=answer_key)
             selections[method][str(n)] = {"answer": chosen, **grade(chosen)}
     record = {
@@ -205,8 +203,7 @@ def make_record(job: Job, settings: dict | None = None) -> dict:
     }
     if search.early_stop is not None:
         record["early_stop"] = search.early_stop
-    if isinstance(search, ComputeOptimal):
-        record.update(pilot_level=search.pilot_level, choice=search.choice)
+    record.update(search.record_fields())
     if settings is not None:
         record["settings"] = settings
     return record

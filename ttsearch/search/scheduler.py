@@ -24,12 +24,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ttsearch.engine.sampler import SamplingParams
+from ttsearch.engine.sampler import GREEDY, SamplingParams
 from ttsearch.engine.step_writer import StepInProgress, StepResult
 from ttsearch.errors import ContextLengthError, KVCacheFullError
 from ttsearch.search.strategies import Beam, Strategy
-
-GREEDY_TEMPERATURE = 0.0
 
 
 @dataclass(eq=False)
@@ -94,14 +92,6 @@ class Scheduler:
         verifier = self.verifier.blocks_to_start(search.question) if search.scored else 0
         return (policy + verifier, 0) if self.shared_pool else (policy, verifier)
 
-    @staticmethod
-    def first_beams(search) -> int:
-        """The beams a search (or a generation's choices) writes with first."""
-        if not search.scored:
-            return search.params.n
-        c = search.config
-        return c.pilot_samples if c.strategy == "compute_optimal" else c.n
-
     def check_fits_alone(self, search: Strategy, problem_id: str) -> None:
         """A problem whose prompt leaves no room in the context, or whose prompt and first
         beams cannot fit even in an empty pool, fails here, before its first token."""
@@ -109,7 +99,7 @@ class Scheduler:
         if len(search.prompt_ids) >= self.policy.max_model_len:
             raise ContextLengthError(f"problem {problem_id!r}: its prompt is {len(search.prompt_ids)} tokens, with no "
                                      f"room left for a step in the context length {self.policy.max_model_len}")
-        beams = c.n if c.strategy != "compute_optimal" else max(c.n, c.pilot_samples)
+        beams = search.peak_beams
         policy, verifier = self.blocks_to_start(search)
         scoring = self.verifier.blocks_to_score(beams)
         needs = [(self.policy, policy + beams + (scoring if self.shared_pool else 0), "the policy's",
@@ -143,7 +133,7 @@ class Scheduler:
 
     def has_room_for(self, search: Strategy) -> bool:
         policy, verifier = self.blocks_to_start(search)
-        policy_mark, verifier_mark = self._watermarks(search, self.first_beams(search))
+        policy_mark, verifier_mark = self._watermarks(search, search.first_beams)
         room = self.policy.blocks.num_available >= policy + policy_mark
         if self.verifier.engine is not None and not self.shared_pool:
             room = room and self.verifier.engine.blocks.num_available >= verifier + verifier_mark
@@ -249,7 +239,7 @@ class Scheduler:
         for beam in beams:
             write = job.search.write_for(beam)
             self._writing[id(beam.seq)] = (job, beam)
-            sampling = SamplingParams(temperature=GREEDY_TEMPERATURE) if write.greedy else job.sampling
+            sampling = GREEDY if write.greedy else job.sampling
             self.writer.add([beam.seq], sampling, stop=write.stop, max_tokens=write.max_tokens)
 
     def cancel(self, job: Job) -> None:

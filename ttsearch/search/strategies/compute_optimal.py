@@ -14,11 +14,15 @@ import json
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ttsearch.search.config import ConfigError, SearchConfig
-from ttsearch.search.strategies import SEARCHES, Beam, Strategy, Write
+from ttsearch.errors import ConfigError
+from ttsearch.search.strategies.base import Beam, Strategy, Write
+
+if TYPE_CHECKING:
+    from ttsearch.search.config import SearchConfig
 
 TABLE_VERSION = 1
 
@@ -89,15 +93,40 @@ def choose(table: dict, budget: int, level: float) -> dict:
 
 class ComputeOptimal(Strategy):
     """Pilot first: ``pilot_samples`` paths write and score one step. Then the fitted
-    table's strategy runs with the budget ``n``; this object delegates to it."""
+    table's strategy runs with the budget ``n``; this object delegates to it. ``table``: the
+    fitted table (default: read from ``optimal_table``)."""
 
-    def __init__(self, policy, verifier, config: SearchConfig, prompt_ids, question, table: dict, seed: int = 0):
+    source = "search-and-learn"
+
+    def __init__(self, policy, verifier, config: SearchConfig, prompt_ids, question, table: dict | None = None,
+                 seed: int = 0):
         super().__init__(policy, verifier, config, prompt_ids, question, seed=seed)
-        self.table = table
+        self.table = table if table is not None else read_table(config.optimal_table)
         self.inner: Strategy | None = None
         self.choice: dict | None = None
         self.pilot_level: float | None = None
         self.prompt: Beam | None = None  # kept through the pilot: the chosen search forks from it
+
+    @classmethod
+    def check(cls, config: SearchConfig) -> None:
+        super().check(config)
+        if not config.optimal_table:
+            raise ConfigError(f"optimal_table={config.optimal_table!r}: compute_optimal needs the table written by "
+                              "`ttsearch fit`")
+        if not Path(config.optimal_table).is_file():
+            raise ConfigError(f"optimal_table={config.optimal_table!r}: no such file")
+        read_table(config.optimal_table)
+
+    @property
+    def first_beams(self) -> int:
+        return self.config.pilot_samples  # the pilot's
+
+    @property
+    def peak_beams(self) -> int:
+        return max(self.config.n, self.config.pilot_samples)
+
+    def record_fields(self) -> dict:
+        return {"pilot_level": self.pilot_level, "choice": self.choice}
 
     @property
     def waits_for_all(self) -> bool:
@@ -128,6 +157,8 @@ class ComputeOptimal(Strategy):
             inner_config = replace(
                 self.config, strategy=self.choice["strategy"], n=self.choice["n"], beam_width=self.choice["beam_width"]
             )
+            from ttsearch.search.strategies import SEARCHES  # the registry holds this class too
+
             self.inner = SEARCHES[inner_config.strategy](
                 self.policy, self.verifier, inner_config, self.prompt_ids, self.question, seed=self.seed
             )

@@ -47,8 +47,8 @@ def select(candidates: list[tuple[str | None, float | None]], method: str, key=l
     return representative[winner]
 
 
-def chosen_path(candidates: list[tuple[str | None, float | None]], method: str = "naive", key=lambda a: a) -> int | None:
-    """The index of the path that stands for ``select``'s answer: the best-scored path with
+def chosen_index(candidates: list[tuple[str | None, float | None]], method: str = "naive", key=lambda a: a) -> int | None:
+    """The index of the candidate that stands for ``select``'s answer: the best-scored path with
     that answer (ties: the earliest); the best-scored path of all when none has an answer;
     None without candidates."""
     if not candidates:
