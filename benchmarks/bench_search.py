@@ -125,15 +125,18 @@ def gemm_timer():
         Linear._matmul = matmul
 
 
-def run_ours(config: SearchConfig, verifier, count: int = PROBLEMS, weights: str = "dequantized") -> dict:
-    meter = Meter(policy(weights))
+def run_ours(config: SearchConfig, verifier, count: int = PROBLEMS, weights: str = "dequantized",
+             engine: Engine | None = None) -> dict:
+    """One search over the first ``count`` problems on ``engine`` (default: the CPU policy)."""
+    engine = policy(weights) if engine is None else engine
+    meter = Meter(engine)
     records: list[dict] = []
     with gemm_timer() as gemm_seconds:
         start = time.perf_counter()
         stats = run_jobs([(p, config) for p in problems(count)], meter, verifier, on_record=records.append,
                          progress=False)
         seconds = time.perf_counter() - start
-    block_tokens = meter.peak_blocks * policy(weights).block_size
+    block_tokens = meter.peak_blocks * engine.block_size
     return {
         "seconds_per_problem": seconds / len(records),
         "generated_tokens_per_problem": sum(r["tokens_generated"] for r in records) / len(records),
