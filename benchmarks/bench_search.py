@@ -125,10 +125,9 @@ def gemm_timer():
         Linear._matmul = matmul
 
 
-def run_ours(config: SearchConfig, verifier, count: int = PROBLEMS, weights: str = "dequantized",
-             engine: Engine | None = None) -> dict:
+def run_ours(config: SearchConfig, verifier, count: int = PROBLEMS, engine: Engine | None = None) -> dict:
     """One search over the first ``count`` problems on ``engine`` (default: the CPU policy)."""
-    engine = policy(weights) if engine is None else engine
+    engine = policy() if engine is None else engine
     meter = Meter(engine)
     records: list[dict] = []
     with gemm_timer() as gemm_seconds:
@@ -312,7 +311,7 @@ def test_beam_search_with_prm_weights(benchmark, weights):
     the tokens per problem, may differ a little. Run both in one session to compare."""
     config = SearchConfig(strategy="beam_search", **SETTINGS)
     prm = load_verifier("smollm2-135m", policy_engine=policy(weights), family="math-shepherd", tag=PRM_TAG)
-    result = benchmark.pedantic(run_ours, args=(config, prm, PROBLEMS, weights), rounds=1, iterations=1)
+    result = benchmark.pedantic(run_ours, args=(config, prm, PROBLEMS, policy(weights)), rounds=1, iterations=1)
     benchmark.extra_info.update({"problems": PROBLEMS, "dtype": str(policy(weights).dtype), "weights": weights,
                                  "weight_bytes": policy(weights).model.weight_bytes, **result})
 

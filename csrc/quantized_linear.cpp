@@ -37,7 +37,9 @@ constexpr int kGroup = 32;           // features per int8 group of x, and per in
 // Up to 8 rows of x go through the fused kernel, their accumulators in registers. Past 8 on
 // a Zen 4 the int8 products per row cost more than dequantizing W once for ATen's bf16 GEMM.
 constexpr int64_t kFusedRows = 8;
-constexpr int64_t kPanelRows = 1024;  // output features dequantized at a time for the GEMM
+// output features dequantized at a time for the GEMM: a whole layer's matrix, or a few MB of a
+// vocabulary-sized one, which stays in the last-level cache for the GEMM to read
+constexpr int64_t kPanelRows = 4096;
 
 inline float f16(const uint8_t* p) {
   uint16_t h;
