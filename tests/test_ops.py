@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ttsearch.ops as ops
-from ttsearch.ops import reference
+from ttsearch.ops import checks, reference
 
 HAS_CPP = ops.IMPLEMENTATIONS["cpu"].startswith("cpp")  # "cpp-<isa level>"
 NO_CPP = "ttsearch._C is not built (or TTSEARCH_OPS=reference): no C++ kernels to compare"
@@ -985,13 +985,13 @@ def test_a_forward_checks_its_metadata_once_on_the_host(tiny_checkpoints, monkey
     layers = engine.model.config.num_layers
     assert layers > 1
     checked: list[torch.device] = []
-    real = ops._check_block_table_indices
+    real = checks.check_block_table_indices
 
     def counting(block_tables, *args):
         checked.append(block_tables.device)
         return real(block_tables, *args)
 
-    monkeypatch.setattr(ops, "_check_block_table_indices", counting)
+    monkeypatch.setattr(checks, "check_block_table_indices", counting)
     root = engine.add(list(range(3, 3 + 2 * BLOCK + 3)))  # an extend forward
     beams = engine.fork(root, 3)
     engine.step(beams, [SamplingParams(temperature=1.0, seed=i) for i in range(3)])  # a cascade decode forward

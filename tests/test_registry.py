@@ -55,11 +55,11 @@ def test_the_cpp_extension_serves_every_op_on_the_cpu():
     import torch
 
     import ttsearch.ops as ops
-    from ttsearch import _cpu_isa
+    from ttsearch.ops import cpu_isa, registry
 
     impl = ops.IMPLEMENTATIONS["cpu"]
-    assert impl.startswith("cpp-") and impl[4:] in _cpu_isa.levels(), f"no ttsearch._C_<isa> loaded: {impl}"
+    assert impl.startswith("cpp-") and impl[4:] in cpu_isa.levels(), f"no ttsearch._C_<isa> loaded: {impl}"
     loaded = [name for name in sys.modules if name.startswith("ttsearch._C")]
     assert loaded == [f"ttsearch._C_{impl[4:]}"], f"one ISA level's module per process, got {loaded}"
-    missing = [name for name in ops._SCHEMAS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ttsearch::{name}", "CPU")]
+    missing = [name for name in registry.SCHEMAS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ttsearch::{name}", "CPU")]
     assert not missing, f"ttsearch._C_{impl[4:]} registers no CPU kernel for {missing}"

@@ -56,7 +56,7 @@ from ttsearch.kernels import rms_norm as rms_norm_module  # noqa: E402
 from ttsearch.kernels import quantized_linear as quantized_linear_module  # noqa: E402
 from ttsearch.kernels import rotary as rotary_module  # noqa: E402
 from ttsearch.kernels import sampling as sampling_module  # noqa: E402
-from ttsearch.ops import reference  # noqa: E402
+from ttsearch.ops import reference, registry  # noqa: E402
 
 KERNEL_MODULES = [store_kv, decode_attention, cascade_module, extend_attention, copy_blocks_module, prm_step_score,
                   split_kv]
@@ -607,9 +607,9 @@ def test_register_cuda_registers_every_op_with_its_schema_arguments():
 
     register_cuda(Recorder())
 
-    assert sorted(name for name, _, _ in calls) == sorted(ops._SCHEMAS)
+    assert sorted(name for name, _, _ in calls) == sorted(registry.SCHEMAS)
     for name, fn, key in calls:
         assert key == "CUDA"
-        schema = torch._C.parse_schema(ops._SCHEMAS[name])
+        schema = torch._C.parse_schema(registry.SCHEMAS[name])
         assert list(inspect.signature(fn).parameters) == [arg.name for arg in schema.arguments], name
         assert fn is LAUNCHERS[name]

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from ttsearch import ops
-from ttsearch._cpu_isa import has_fast_bf16
+from ttsearch.ops.cpu_isa import has_fast_bf16
 from ttsearch.batch_invariant import set_enabled as set_batch_invariant
 from ttsearch.engine.block_manager import BlockManager
 from ttsearch.engine.cuda_graphs import CudaGraphRunner, use_cuda_graphs
