@@ -124,9 +124,6 @@ class Verifier:
         if state.seq is not None:
             self.engine.restore(state.seq)
 
-    def blocks_to_restore(self, state: VerifierState) -> int:
-        return self.engine.blocks_to_restore(state.seq) if state.seq is not None else 0
-
     def blocks_to_start(self, question: str) -> int:
         """Blocks of the verifier's pool that ``new(question)`` takes (0 for a checker)."""
         return 0
