@@ -153,6 +153,7 @@ def check_level(level: str) -> None:
     import test_ops as t  # tests/ is sys.path[0]: this file runs as a script
 
     import ttsearch.ops as ops
+    from ttsearch.aggregation import AGGREGATIONS
     from ttsearch.ops import reference as reference_module
 
     reference = OneThread(reference_module)
@@ -204,7 +205,7 @@ def check_level(level: str) -> None:
             for rows, positive_index in ((2, 1), (1, 0)):
                 hidden, norm_weight, head_weight, head_bias, prev_agg, prev_count = t.prm_inputs(
                     num_rows, width, rows, dtype, seed=num_rows)
-                for aggregation in reference.AGGREGATIONS:
+                for aggregation in AGGREGATIONS:
                     args = (hidden, norm_weight, 1e-5, head_weight, head_bias, positive_index, prev_agg, prev_count,
                             aggregation)
                     for actual, expected in zip(ops.prm_step_score(*args), reference.prm_step_score(*args)):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import ttsearch.ops as ops
+from ttsearch.aggregation import AGGREGATIONS
 from ttsearch.ops import checks, reference
 
 HAS_CPP = ops.IMPLEMENTATIONS["cpu"].startswith("cpp")  # "cpp-<isa level>"
@@ -599,7 +600,7 @@ PRM_SHAPES = [(1, 64), (7, 1000), (64, 576), (256, 4096)]  # 1000: not a multipl
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("aggregation", reference.AGGREGATIONS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("head", PRM_HEADS)
 @pytest.mark.parametrize("num_rows,width", PRM_SHAPES, ids=[f"n{n}-h{w}" for n, w in PRM_SHAPES])
 def test_prm_step_score(impl, dtype, aggregation, head, num_rows, width):

@@ -32,6 +32,7 @@ with contextlib.suppress(ImportError):  # Triton imports it at the first launch:
     import triton.experimental.gluon  # noqa: F401
 
 import ttsearch.ops as ops  # noqa: E402
+from ttsearch.aggregation import AGGREGATIONS  # noqa: E402
 from test_ops import (  # noqa: E402  (tests/ is on sys.path under pytest)
     CASCADE_TREES,
     COPY_BLOCKS_CASES,
@@ -550,7 +551,7 @@ def prm_inputs(num_rows, width, rows, dtype, count_dtype, seed):
     return hidden, norm_weight, head_weight, head_bias, prev_agg, prev_count
 
 
-@pytest.mark.parametrize("aggregation", reference.AGGREGATIONS)
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize(
     "rows,positive_index,use_norm,use_bias",
     [(2, 1, True, False), (2, 0, True, True), (1, 0, False, True), (1, 0, True, False)],

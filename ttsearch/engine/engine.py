@@ -312,7 +312,8 @@ class Engine:
         }
 
     def _tokens_held(self) -> int:
-        """Tokens stored in the used blocks, each shared block counted once: U in DESIGN.md."""
+        """Tokens stored in the used blocks, each shared block counted once: U, the unique tokens
+        of the search trees (a decode step moves W + U * kappa bytes, see kv_cache.bytes_per_token)."""
         fill: dict[int, int] = {}
         bs = self.block_size
         for seq in self._live.values():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ttsearch.ops.reference import AGGREGATIONS
+from ttsearch.aggregation import AGGREGATIONS
 
 #: attention ops take head_dim in multiples of one AVX-512 float vector
 HEAD_DIM_MULTIPLE = 16

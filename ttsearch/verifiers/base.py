@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ttsearch.aggregation import AGGREGATIONS, update_aggregate
 from ttsearch.engine.sequence import Seq
-from ttsearch.ops.reference import AGGREGATIONS, update_aggregate
 
 _ids = itertools.count()
 
