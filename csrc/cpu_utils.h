@@ -3,7 +3,7 @@
 // Include this header before any other ATen header: it selects the ISA of ATen's
 // Vectorized<T>. Torch's own build sets CPU_CAPABILITY_* per dispatch target; setup.py
 // compiles csrc/ once per ISA level (ttsearch._C_<level>) with that level's explicit -m
-// flags (ttsearch/_cpu_isa.py), and this header takes the widest ISA those flags enable.
+// flags (ttsearch/ops/cpu_isa.py), and this header takes the widest ISA those flags enable.
 #pragma once
 
 #ifdef VECTOR_WIDTH
