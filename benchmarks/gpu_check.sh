@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA side of ttsearch on this machine's NVIDIA GPU, within 8 minutes in all:
 #
-#   1. the CUDA graph and engine tests (tests/test_cuda_graphs.py, the CUDA cases of tests/test_ops.py);
-#   2. the Triton kernels natively on CUDA (tests/test_triton_kernels.py without its
-#      interpreter cases, which `make test` runs on any machine; tests/test_fused_ops.py);
+#   1. the CUDA graph and engine tests (tests/test_cuda_graphs.py, the CUDA cases of tests/test_ops_checks.py);
+#   2. the Triton kernels natively on CUDA (the Triton cases of tests/test_ops_*.py without their
+#      interpreter cases, which `make test` runs on any machine);
 #   3. the Triton benchmarks (benchmarks/bench_triton.py: decode, cascade, extend, store,
 #      copy against this GPU's copy bandwidth) into benchmarks/results/gpu_<gpu name>.json;
 #   4. end-to-end decode of a 1B-shaped Llama with and without CUDA graphs
@@ -103,10 +103,10 @@ mkdir -p "$RESULTS"
 PYTEST=("$PY" -m pytest -q -rfEs -p no:cacheprovider)
 
 # (cap, reserve) per stage: the caps sum to about the budget, the reserves keep the benchmarks' time
-stage "CUDA graph and engine tests" 120 330 "${PYTEST[@]}" tests/test_cuda_graphs.py tests/test_ops.py -k cuda \
+stage "CUDA graph and engine tests" 120 330 "${PYTEST[@]}" tests/test_cuda_graphs.py tests/test_ops_checks.py -k cuda \
     --junitxml "$RESULTS/gpu_${NAME}_tests_engine.xml"
-stage "Triton kernel tests on CUDA" 150 210 "${PYTEST[@]}" tests/test_triton_kernels.py tests/test_fused_ops.py \
-    -k "not cpu" --junitxml "$RESULTS/gpu_${NAME}_tests_kernels.xml"
+stage "Triton kernel tests on CUDA" 150 210 "${PYTEST[@]}" tests/test_ops_*.py \
+    -k "(triton or cuda) and not cpu" --junitxml "$RESULTS/gpu_${NAME}_tests_kernels.xml"
 stage "Triton benchmarks" 100 120 "${PYTEST[@]}" benchmarks/bench_triton.py --benchmark-only \
     --benchmark-json "$RESULTS/gpu_${NAME}.json"
 stage "GPU decode benchmark" 180 0 "${PYTEST[@]}" benchmarks/bench_gpu_decode.py --benchmark-only \

@@ -150,7 +150,7 @@ class OneThread:
 
 def check_level(level: str) -> None:
     """Every C++ op of ``level`` against its reference body, float32 tight and bfloat16 looser."""
-    import test_ops as t  # tests/ is sys.path[0]: this file runs as a script
+    import ops_cases as t  # tests/ is sys.path[0]: this file runs as a script
 
     import ttsearch.ops as ops
     from ttsearch.aggregation import AGGREGATIONS
@@ -211,14 +211,15 @@ def check_level(level: str) -> None:
                     for actual, expected in zip(ops.prm_step_score(*args), reference.prm_step_score(*args)):
                         assert (actual - expected).abs().max() <= t.TOL[dtype], (num_rows, width, aggregation)
 
-    import test_fused_ops as f  # the fused ops' own checks, run on this level's kernels
+    import test_ops_elementwise as e  # the fused ops' own checks, run on this level's kernels
+    import test_ops_sampling as s
 
-    for dtype in f.DTYPES:
-        for check in (f.test_rms_norm, f.test_fused_add_rms_norm, f.test_rotary_embedding, f.test_silu_and_mul):
+    for dtype in e.DTYPES:
+        for check in (e.test_rms_norm, e.test_fused_add_rms_norm, e.test_rotary_embedding, e.test_silu_and_mul):
             check("cpp", dtype)
-    f.check_sampling("cpp", f.sampling_batch(64, f.SMOLLM2_VOCAB, seed=11))
+    s.check_sampling("cpp", s.sampling_batch(64, s.SMOLLM2_VOCAB, seed=11))
     for dtype in (torch.bfloat16, torch.float16):
-        f.test_sample_tokens_widens_half_logits("cpp", dtype)
+        s.test_sample_tokens_widens_half_logits("cpp", dtype)
     print("ok")
 
 
