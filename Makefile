@@ -10,8 +10,8 @@ TORCH_VERSION := 2.13.0
 .PHONY: demo test bench lock drift
 
 # The package with its C++ ops (only the ISA levels this CPU runs, plus the portable baseline:
-# see setup.py) and the embedded default model; ttsearch/_cpu_isa.py holds each level's flags
-$(VENV)/.package-stamp: constraints.txt pyproject.toml setup.py ttsearch/_cpu_isa.py $(wildcard csrc/*.cpp csrc/*.h)
+# see setup.py) and the embedded default model; ttsearch/ops/cpu_isa.py holds each level's flags
+$(VENV)/.package-stamp: constraints.txt pyproject.toml setup.py ttsearch/ops/cpu_isa.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) pip setuptools wheel
 	$(PIP) torch

@@ -1,7 +1,7 @@
 """Builds csrc/ into the extensions ttsearch._C_<level>, one per CPU ISA level.
 
 Every csrc/*.cpp goes into every level's module, compiled with that level's explicit flags
-(ttsearch/_cpu_isa.py lists them; never -march=native), so a wheel runs on any CPU of its
+(ttsearch/ops/cpu_isa.py lists them; never -march=native), so a wheel runs on any CPU of its
 architecture: at import, ttsearch.ops loads the widest level the CPU supports. The levels
 build side by side, each in its own temp folder, with MAX_JOBS (ninja's workers per level)
 defaulting to the cores shared out among them.
@@ -31,8 +31,8 @@ SOURCES = sorted(glob.glob("csrc/*.cpp"))
 
 
 def load_cpu_isa():
-    """ttsearch/_cpu_isa.py, loaded by path: the package is not importable yet."""
-    spec = importlib.util.spec_from_file_location("_cpu_isa", os.path.join("ttsearch", "_cpu_isa.py"))
+    """ttsearch/ops/cpu_isa.py, loaded by path: the package is not importable yet."""
+    spec = importlib.util.spec_from_file_location("cpu_isa", os.path.join("ttsearch", "ops", "cpu_isa.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

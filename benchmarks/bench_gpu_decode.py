@@ -41,8 +41,8 @@ if not torch.cuda.is_available():
 
 from ttsearch import Engine, ops  # noqa: E402
 from ttsearch.engine import engine as engine_module  # noqa: E402
-from ttsearch.models.config import config_from_hf  # noqa: E402
-from ttsearch.models.loader import Checkpoint, check_weights, expected_shapes  # noqa: E402
+from ttsearch.models.checkpoint import Checkpoint, check_weights, expected_shapes  # noqa: E402
+from ttsearch.models.hf import config_from_hf  # noqa: E402
 
 DEVICE = torch.device("cuda")
 GPU = torch.cuda.get_device_name(DEVICE)

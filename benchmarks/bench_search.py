@@ -3,7 +3,8 @@
 - ``test_strategy[...]``: each strategy with the arithmetic checker, every problem in flight:
   seconds and tokens (generated, verified) per problem, decode batch occupancy (sequences
   decoded over live beams, per token), the share of wall time spent scoring, and the peak
-  KV blocks held against the unique tokens of the search trees at that moment (U in DESIGN.md).
+  KV blocks held against the unique tokens of the search trees at that moment (U, each shared
+  token counted once).
 - ``test_beam_search_with_prm``: beam search with SmolLM2 as a Math-Shepherd-format PRM, ours
   with every problem in flight and with one in flight, against search-and-learn's beam search
   written plainly on transformers with its batching: one problem at a time, its n beams in

@@ -1,7 +1,12 @@
 """Shared setup of the benchmark suites: what machine and software produced the numbers.
 
-Run a suite with ``--benchmark-json benchmarks/results/<name>.json``; the hook below adds
-to the json's ``machine_info`` what pytest-benchmark does not record itself.
+Run a suite with ``--benchmark-json benchmarks/results/<name>.json``; the hooks below add
+to the json's ``machine_info`` what pytest-benchmark does not record itself, and keep each
+benchmark's statistics but not its every round's time (a fast op runs tens of thousands of
+rounds: ``bench_ops.py`` wrote 8.7 MB). Committed results stay under
+``RESULTS_SIZE_LIMIT`` bytes (``tests/test_benchmark_results.py`` checks). The rounds' times
+go to pytest-benchmark's own storage, ``.benchmarks/`` (not in git), with
+``--benchmark-autosave --benchmark-save-data``.
 """
 
 from __future__ import annotations
@@ -50,3 +55,18 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     else:
         machine_info["ops_mode"] = ops.MODE
         machine_info["ops_implementation"] = dict(ops.IMPLEMENTATIONS)
+
+
+#: the most bytes a json under benchmarks/results may hold
+RESULTS_SIZE_LIMIT = 200_000
+
+
+def trim_rounds(output_json: dict) -> dict:
+    """Drop every benchmark's per-round times (``stats["data"]``); the statistics stay."""
+    for bench in output_json.get("benchmarks", ()):
+        bench.get("stats", {}).pop("data", None)
+    return output_json
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    trim_rounds(output_json)

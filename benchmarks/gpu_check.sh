@@ -3,9 +3,9 @@
 #
 #   1. the compile check (tests/test_gpu_compile.py: every Triton kernel compiled for sm_80
 #      and sm_90, registers, spills, shared memory; `make test` runs it on any machine too);
-#   2. the CUDA graph and engine tests (tests/test_cuda_graphs.py, the CUDA cases of tests/test_ops.py);
-#   3. the Triton kernels natively on CUDA (tests/test_triton_kernels.py without its
-#      interpreter cases, which `make test` runs on any machine; tests/test_fused_ops.py);
+#   2. the CUDA graph and engine tests (tests/test_cuda_graphs.py, the CUDA cases of tests/test_ops_checks.py);
+#   3. the Triton kernels natively on CUDA (the Triton cases of tests/test_ops_*.py without their
+#      interpreter cases, which `make test` runs on any machine);
 #   4. flash-attn, the yardstick, installed only if a prebuilt wheel comes within a minute
 #      (flash-attn publishes no wheels on PyPI: its setup.py downloads one matching this
 #      torch and CUDA from its GitHub releases, else compiles for half an hour or more, which
@@ -142,10 +142,10 @@ sys.exit(0 if "block_table" in inspect.signature(f).parameters else 1)'
 # tests take only what is left at the end. No GPU has run this yet: the caps are estimates.
 stage "compile check (sm_80, sm_90)" 60 330 "${PYTEST[@]}" tests/test_gpu_compile.py \
     --junitxml "$RESULTS/gpu_${NAME}_tests_compile.xml"
-stage "CUDA graph and engine tests" 70 290 "${PYTEST[@]}" tests/test_cuda_graphs.py tests/test_ops.py -k cuda \
+stage "CUDA graph and engine tests" 70 290 "${PYTEST[@]}" tests/test_cuda_graphs.py tests/test_ops_checks.py -k cuda \
     --junitxml "$RESULTS/gpu_${NAME}_tests_engine.xml"
-stage "Triton kernel tests on CUDA" 80 230 "${PYTEST[@]}" tests/test_triton_kernels.py tests/test_fused_ops.py \
-    -k "not cpu" --junitxml "$RESULTS/gpu_${NAME}_tests_kernels.xml"
+stage "Triton kernel tests on CUDA" 80 230 "${PYTEST[@]}" tests/test_ops_*.py \
+    -k "(triton or cuda) and not cpu" --junitxml "$RESULTS/gpu_${NAME}_tests_kernels.xml"
 if seconds=$(slot 60 200); then
     echo "gpu_check: flash-attn from a prebuilt wheel (at most ${seconds}s, $(left)s left)"
     flash_attn_wheel "$seconds" ||

@@ -19,6 +19,8 @@
 // take the shared path — as in paged decode attention.
 // Both phases leave un-normalized partial outputs with their softmax max and sum; a last
 // pass merges them per (sequence, head) by log-sum-exp.
+// In the code: plan_cascade (on one thread: the nodes, the partitions, the items), then
+// run_items (both phases' items, in parallel), then merge_partials (in parallel).
 #include "cpu_utils.h"  // first: selects ATen's vector ISA
 
 #include <ATen/core/Tensor.h>
@@ -97,9 +99,9 @@ struct PrefixScratch {
   std::vector<uint32_t> p_pairs;   // P^T as bf16 pairs [step keys / 2, ld]
   std::vector<uint32_t> v_pairs;   // V as bf16 pairs [step keys / 2, D]
   std::vector<float> k_buf;        // one block of keys widened to float32
-  std::vector<float> row_max, row_sum, alpha;
+  cpu::OnlineSoftmax softmax;
 
-  PrefixScratch(int64_t ld, int64_t dim, int64_t block_size) {
+  PrefixScratch(int64_t ld, int64_t dim, int64_t block_size) : softmax(ld) {
     const int64_t keys = kStepBlocks * block_size + 1;  // + 1: the pad of an odd count
     q_t.resize(dim * ld);
     q_pairs.resize(dim / 2 * ld);
@@ -107,9 +109,6 @@ struct PrefixScratch {
     p_pairs.resize((keys / 2 + 1) * ld);
     v_pairs.resize((keys / 2 + 1) * dim);
     k_buf.resize(block_size * dim);
-    row_max.resize(ld);
-    row_sum.resize(ld);
-    alpha.resize(ld);
   }
 };
 
@@ -145,8 +144,7 @@ void attend_prefix(const scalar_t* query, int64_t num_heads, const int32_t* memb
       for (int64_t d = 0; d < dim; ++d) s.q_t[d * ld + i] = static_cast<float>(q[d]) * scale;
     }
   }
-  std::fill(s.row_max.begin(), s.row_max.begin() + ld, kNegInf);
-  std::fill(s.row_sum.begin(), s.row_sum.begin() + ld, 0.f);
+  s.softmax.reset(ld);
   std::fill(acc, acc + rows * dim, 0.f);
 
   for (int64_t step = block0; step < block1; step += kStepBlocks) {
@@ -173,10 +171,9 @@ void attend_prefix(const scalar_t* query, int64_t num_heads, const int32_t* memb
     // Online softmax, lane-wise across rows; p = 2^(s * scale * log2(e) - max * log2(e)).
     const Vec log2_scale(score_scale * kLog2e);
     for (int64_t j = 0; j < ld; j += kVec) {
-      const Vec old_max = Vec::loadu(s.row_max.data() + j);
       Vec top(kNegInf);
       for (int64_t t = 0; t < n; ++t) top = cpu::max_no_nan(top, Vec::loadu(scores + t * ld + j));
-      const Vec new_max = at::vec::maximum(old_max, top * Vec(score_scale));
+      const Vec new_max = at::vec::maximum(s.softmax.max(j), top * Vec(score_scale));
       const Vec shift = new_max * Vec(kLog2e);
       Vec sum(0.f);
       if constexpr (kBf16Dot) {
@@ -199,14 +196,9 @@ void attend_prefix(const scalar_t* query, int64_t num_heads, const int32_t* memb
           sum = sum + p;
         }
       }
-      const Vec alpha = (old_max - new_max).exp_u20();
-      (Vec::loadu(s.row_sum.data() + j) * alpha + sum).store(s.row_sum.data() + j);
-      new_max.store(s.row_max.data() + j);
-      alpha.store(s.alpha.data() + j);
+      s.softmax.update(j, new_max, sum);
     }
-    for (int64_t i = 0; i < rows; ++i) {
-      if (s.alpha[i] != 1.f) cpu::scale_inplace(acc + i * dim, s.alpha[i], dim);
-    }
+    s.softmax.rescale(acc, rows, dim);
 
     // acc [rows, D] += P [rows, n] . V [n, D]
     if constexpr (kBf16Dot) {
@@ -232,119 +224,131 @@ void attend_prefix(const scalar_t* query, int64_t num_heads, const int32_t* memb
       }
     }
   }
-  std::copy(s.row_max.begin(), s.row_max.begin() + rows, out_max);
-  std::copy(s.row_sum.begin(), s.row_sum.begin() + rows, out_sum);
+  std::copy(s.softmax.row_max.begin(), s.softmax.row_max.begin() + rows, out_max);
+  std::copy(s.softmax.row_sum.begin(), s.softmax.row_sum.begin() + rows, out_sum);
 }
 
-template <typename scalar_t>
-void cascade_kernel(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                    const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& prefix_tables,
-                    const at::Tensor& prefix_lens, const at::Tensor& seq_group, float scale, at::Tensor& out) {
-  const int64_t batch = query.size(0), num_heads = query.size(1);
-  const CacheLayout cache{k_cache.size(1), k_cache.size(2), k_cache.size(3)};
-  const int64_t dim = cache.head_dim, block_size = cache.block_size, kv_heads = cache.kv_heads;
-  const int64_t hpk = num_heads / kv_heads;
-  const int64_t num_nodes = prefix_lens.size(0), levels = seq_group.size(1);
+// One call's tensors as the planner, the items and the merge read them.
+struct Batch {
+  int64_t batch, num_heads, hpk, levels, num_nodes;
+  CacheLayout cache;
+  const int32_t* tables;  // [B, table_stride]
+  int64_t table_stride;
+  const int32_t* lens;
+  const int32_t* prefix_ids;  // [num_nodes, prefix_stride]
+  int64_t prefix_stride;
+  const int32_t* prefix_len;
+  const int32_t* path;  // [B, levels]: node at (sequence, level), or -1
+};
 
-  const scalar_t* q = query.data_ptr<scalar_t>();
-  const scalar_t* k = k_cache.data_ptr<scalar_t>();
-  const scalar_t* v = v_cache.data_ptr<scalar_t>();
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
-  const int64_t table_stride = block_tables.size(1);
-  const int32_t* lens = context_lens.data_ptr<int32_t>();
-  const int32_t* prefix_ids = prefix_tables.data_ptr<int32_t>();
-  const int64_t prefix_stride = prefix_tables.size(1);
-  const int32_t* prefix_len = prefix_lens.data_ptr<int32_t>();
-  const int32_t* path = seq_group.data_ptr<int32_t>();  // [B, levels]: node at (sequence, level), or -1
-  scalar_t* o = out.data_ptr<scalar_t>();
-  const int64_t threads = omp_get_max_threads();
-
-  // Members of each node, at whatever level, then the nodes that take the shared-prefix path.
-  std::vector<int64_t> count(num_nodes, 0);
-  for (int64_t i = 0; i < batch * levels; ++i) {
-    if (path[i] >= 0) ++count[path[i]];
-  }
-  std::vector<int64_t> cascade_of(num_nodes, -1);  // node -> index in `nodes`
+// What a call computes and where each result goes: the nodes that take the shared-prefix
+// path with their members, phase 2's partitions, and the work items of both phases.
+struct Plan {
+  std::vector<int64_t> cascade_of;    // node -> index in `nodes`, or -1 (the plain path)
   std::vector<Node> nodes;
+  std::vector<int32_t> member_seqs;   // the nodes' members, node by node
+  std::vector<int64_t> member_index;  // (sequence, level) -> its member index in that node, or -1
+  std::vector<Partition> partitions;
+  std::vector<int64_t> part_start;    // sequence b's partitions: [part_start[b], part_start[b + 1])
+  int64_t suffix_work = 0;            // query-head tokens phase 2 reads
+  std::vector<Item> items;            // longest first
+  int64_t partial_floats = 0;         // the phase-1 partials, all nodes
+  int64_t max_tile = kVec;            // the most rows of a phase-1 item
+};
+
+// The partials of node `node`'s (kv head h, chunk c): acc [rows, D] | max [rows] | sum [rows].
+inline int64_t prefix_partials_at(const Node& node, int64_t h, int64_t c, int64_t dim) {
+  return node.partials + (h * node.chunks + c) * node.rows * (dim + 2);
+}
+
+// Members of each node, at whatever level, then the nodes that take the shared-prefix path.
+void plan_nodes(const Batch& in, Plan& plan) {
+  std::vector<int64_t> count(in.num_nodes, 0);
+  for (int64_t i = 0; i < in.batch * in.levels; ++i) {
+    if (in.path[i] >= 0) ++count[in.path[i]];
+  }
+  plan.cascade_of.assign(in.num_nodes, -1);
   int64_t members_total = 0;
-  for (int64_t g = 0; g < num_nodes; ++g) {
-    if (count[g] < kMinMembers || count[g] * hpk < kMinRows) continue;
-    cascade_of[g] = static_cast<int64_t>(nodes.size());
+  for (int64_t g = 0; g < in.num_nodes; ++g) {
+    if (count[g] < kMinMembers || count[g] * in.hpk < kMinRows) continue;
+    plan.cascade_of[g] = static_cast<int64_t>(plan.nodes.size());
     Node node{};
     node.first_member = members_total;
     node.members = count[g];
-    node.rows = count[g] * hpk;
-    node.prefix = prefix_ids + g * prefix_stride;
-    node.prefix_blocks = prefix_len[g] / block_size;
-    nodes.push_back(node);
+    node.rows = count[g] * in.hpk;
+    node.prefix = in.prefix_ids + g * in.prefix_stride;
+    node.prefix_blocks = in.prefix_len[g] / in.cache.block_size;
+    plan.nodes.push_back(node);
     members_total += count[g];
   }
-  std::vector<int32_t> member_seqs(members_total);
-  std::vector<int64_t> member_index(batch * levels, -1);  // (sequence, level) -> row block in its node
-  {
-    std::vector<int64_t> filled(nodes.size(), 0);
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t l = 0; l < levels; ++l) {
-        const int32_t g = path[b * levels + l];
-        if (g < 0 || cascade_of[g] < 0) continue;
-        const Node& node = nodes[cascade_of[g]];
-        member_index[b * levels + l] = filled[cascade_of[g]]++;
-        member_seqs[node.first_member + member_index[b * levels + l]] = static_cast<int32_t>(b);
-      }
+  plan.member_seqs.resize(members_total);
+  plan.member_index.assign(in.batch * in.levels, -1);
+  std::vector<int64_t> filled(plan.nodes.size(), 0);
+  for (int64_t b = 0; b < in.batch; ++b) {
+    for (int64_t l = 0; l < in.levels; ++l) {
+      const int32_t g = in.path[b * in.levels + l];
+      if (g < 0 || plan.cascade_of[g] < 0) continue;
+      const Node& node = plan.nodes[plan.cascade_of[g]];
+      plan.member_index[b * in.levels + l] = filled[plan.cascade_of[g]]++;
+      plan.member_seqs[node.first_member + plan.member_index[b * in.levels + l]] = static_cast<int32_t>(b);
     }
   }
+}
 
-  // Phase 2's token ranges: what of each context no shared node serves (the nodes that took
-  // the plain path, and the sequence's own suffix), in block-aligned runs.
+// Phase 2's token ranges: what of each context no shared node serves (the nodes that took
+// the plain path, and the sequence's own suffix), in block-aligned runs, split into
+// partitions as paged decode splits contexts.
+void plan_partitions(const Batch& in, int64_t threads, Plan& plan) {
   std::vector<std::pair<int64_t, int64_t>> ranges;
-  std::vector<int64_t> range_start(batch + 1, 0);
-  int64_t max_unserved = 0, suffix_work = 0;
-  for (int64_t b = 0; b < batch; ++b) {
+  std::vector<int64_t> range_start(in.batch + 1, 0);
+  int64_t max_unserved = 0;
+  for (int64_t b = 0; b < in.batch; ++b) {
     int64_t pos = 0, first = 0, unserved = 0;
     auto add_range = [&](int64_t end) {  // [first, end), when not empty
       if (end <= first) return;
       ranges.emplace_back(first, end);
       unserved += end - first;
     };
-    for (int64_t l = 0; l < levels; ++l) {
-      const int32_t g = path[b * levels + l];
+    for (int64_t l = 0; l < in.levels; ++l) {
+      const int32_t g = in.path[b * in.levels + l];
       if (g < 0) continue;
-      if (cascade_of[g] >= 0) {
+      if (plan.cascade_of[g] >= 0) {
         add_range(pos);
-        first = pos + prefix_len[g];
+        first = pos + in.prefix_len[g];
       }
-      pos += prefix_len[g];
+      pos += in.prefix_len[g];
     }
-    add_range(lens[b]);
+    add_range(in.lens[b]);
     range_start[b + 1] = static_cast<int64_t>(ranges.size());
     max_unserved = std::max(max_unserved, unserved);
-    suffix_work += unserved * num_heads;
+    plan.suffix_work += unserved * in.num_heads;
   }
-  // ... split into partitions as paged decode splits contexts.
-  const int64_t parts_wanted = cpu::ceil_div(4 * threads, batch);
+  const int64_t block_size = in.cache.block_size;
+  const int64_t parts_wanted = cpu::ceil_div(4 * threads, in.batch);
   const int64_t part_blocks = std::max(cpu::ceil_div(cpu::ceil_div(std::max<int64_t>(max_unserved, 1), parts_wanted), block_size),
                                        cpu::ceil_div(cpu::kMinPartitionTokens, block_size));
   const int64_t part_len = part_blocks * block_size;
-  std::vector<Partition> partitions;
-  std::vector<int64_t> part_start(batch + 1, 0);
-  for (int64_t b = 0; b < batch; ++b) {
+  plan.part_start.assign(in.batch + 1, 0);
+  for (int64_t b = 0; b < in.batch; ++b) {
     for (int64_t r = range_start[b]; r < range_start[b + 1]; ++r) {
       for (int64_t first = ranges[r].first; first < ranges[r].second; first += part_len) {
-        partitions.push_back({b, first, std::min(ranges[r].second, first + part_len)});
+        plan.partitions.push_back({b, first, std::min(ranges[r].second, first + part_len)});
       }
     }
-    part_start[b + 1] = static_cast<int64_t>(partitions.size());
+    plan.part_start[b + 1] = static_cast<int64_t>(plan.partitions.size());
   }
+}
 
-  // Phase 1's items: row tiles of at most kRowTile rows, and the prefix split into chunks
-  // until the whole batch gives every thread several items.
+// Phase 1's items: row tiles of at most kRowTile rows, and the prefix split into chunks
+// until the whole batch gives every thread several items; then phase 2's, one per
+// partition; longest first, so the short ones even out the dynamic schedule at the end.
+void plan_items(const Batch& in, int64_t threads, Plan& plan) {
+  const int64_t block_size = in.cache.block_size, kv_heads = in.cache.kv_heads, dim = in.cache.head_dim;
   int64_t prefix_work = 0;
-  for (const Node& node : nodes) prefix_work += node.rows * node.prefix_blocks * block_size;
-  const double total_work = static_cast<double>(prefix_work + 4 * suffix_work);  // a GEMV row costs more
-  int64_t partial_floats = 0;
-  std::vector<Item> items;
-  for (size_t ni = 0; ni < nodes.size(); ++ni) {
-    Node& node = nodes[ni];
+  for (const Node& node : plan.nodes) prefix_work += node.rows * node.prefix_blocks * block_size;
+  const double total_work = static_cast<double>(prefix_work + 4 * plan.suffix_work);  // a GEMV row costs more
+  for (size_t ni = 0; ni < plan.nodes.size(); ++ni) {
+    Node& node = plan.nodes[ni];
     node.tiles = cpu::ceil_div(node.rows, kRowTile);
     node.tile_rows = cpu::round_up(cpu::ceil_div(node.rows, node.tiles), kTileAlign);
     node.tiles = cpu::ceil_div(node.rows, node.tile_rows);
@@ -354,69 +358,87 @@ void cascade_kernel(const at::Tensor& query, const at::Tensor& k_cache, const at
     const int64_t chunks = std::clamp<int64_t>(cpu::ceil_div(wanted, node.tiles * kv_heads), 1, max_chunks);
     node.chunk_blocks = cpu::ceil_div(node.prefix_blocks, chunks);
     node.chunks = cpu::ceil_div(node.prefix_blocks, node.chunk_blocks);
-    node.partials = partial_floats;
-    partial_floats += kv_heads * node.chunks * node.rows * (dim + 2);
+    node.partials = plan.partial_floats;
+    plan.partial_floats += kv_heads * node.chunks * node.rows * (dim + 2);
     for (int64_t t = 0; t < node.tiles; ++t) {
       const int64_t rows = std::min(node.tile_rows, node.rows - t * node.tile_rows);
       for (int64_t h = 0; h < kv_heads; ++h) {
         for (int64_t c = 0; c < node.chunks; ++c) {
           const int64_t blocks = std::min(node.chunk_blocks, node.prefix_blocks - c * node.chunk_blocks);
-          items.push_back({rows * blocks * block_size, 0, static_cast<int32_t>(ni), static_cast<int32_t>(t),
-                           static_cast<int32_t>(h), static_cast<int32_t>(c)});
+          plan.items.push_back({rows * blocks * block_size, 0, static_cast<int32_t>(ni), static_cast<int32_t>(t),
+                                static_cast<int32_t>(h), static_cast<int32_t>(c)});
         }
       }
     }
+    plan.max_tile = std::max(plan.max_tile, node.tile_rows);
   }
-  const int64_t suffix_stride = num_heads * (dim + 2);  // per partition: acc [H, D] | max [H] | sum [H]
-  const int64_t num_partitions = static_cast<int64_t>(partitions.size());
-  // Uninitialized: every entry the merge reads is written first.
-  const std::unique_ptr<float[]> prefix_partials(new float[partial_floats]);
-  const std::unique_ptr<float[]> suffix_partials(new float[num_partitions * suffix_stride]);
-  for (int64_t p = 0; p < num_partitions; ++p) {
-    const int64_t tokens = partitions[p].end - partitions[p].first;
-    items.push_back({4 * tokens * num_heads, 1, static_cast<int32_t>(p), 0, 0, 0});
+  for (size_t p = 0; p < plan.partitions.size(); ++p) {
+    const int64_t tokens = plan.partitions[p].end - plan.partitions[p].first;
+    plan.items.push_back({4 * tokens * in.num_heads, 1, static_cast<int32_t>(p), 0, 0, 0});
   }
-  // Longest first, so the short ones even out the dynamic schedule at the end.
-  std::stable_sort(items.begin(), items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
-  const int64_t num_items = static_cast<int64_t>(items.size());
-  int64_t max_tile = kVec;
-  for (const Node& node : nodes) max_tile = std::max(max_tile, node.tile_rows);
+  std::stable_sort(plan.items.begin(), plan.items.end(), [](const Item& x, const Item& y) { return x.cost > y.cost; });
+}
 
+Plan plan_cascade(const Batch& in, int64_t threads) {
+  Plan plan;
+  plan_nodes(in, plan);
+  plan_partitions(in, threads, plan);
+  plan_items(in, threads, plan);
+  return plan;
+}
+
+// Runs every item: a phase-1 item leaves its partials in `prefix_partials`, a partition its
+// own in `suffix_partials` (per partition: acc [H, D] | max [H] | sum [H]).
+template <typename scalar_t>
+void run_items(const Batch& in, const Plan& plan, const scalar_t* q, const scalar_t* k, const scalar_t* v, float scale,
+               float* prefix_partials, float* suffix_partials) {
+  const int64_t num_heads = in.num_heads, dim = in.cache.head_dim, block_size = in.cache.block_size;
+  const int64_t suffix_stride = num_heads * (dim + 2);
+  const int64_t num_items = static_cast<int64_t>(plan.items.size());
 #pragma omp parallel
   {
-    PrefixScratch prefix_scratch(nodes.empty() ? 0 : max_tile, dim, block_size);
+    PrefixScratch prefix_scratch(plan.nodes.empty() ? 0 : plan.max_tile, dim, block_size);
     std::vector<float> q_buf(num_heads * dim), scores(num_heads * block_size);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_items; ++i) {
-      const Item& item = items[i];
+      const Item& item = plan.items[i];
       if (item.kind == 0) {
-        const Node& node = nodes[item.a];
+        const Node& node = plan.nodes[item.a];
         const int64_t row0 = item.b * node.tile_rows, rows = std::min(node.tile_rows, node.rows - row0);
         const int64_t h = item.c, c = item.d;
-        float* base = prefix_partials.get() + node.partials + (h * node.chunks + c) * node.rows * (dim + 2);
+        float* base = prefix_partials + prefix_partials_at(node, h, c, dim);
         const int64_t block0 = c * node.chunk_blocks, block1 = std::min(node.prefix_blocks, block0 + node.chunk_blocks);
-        attend_prefix(q, num_heads, member_seqs.data() + node.first_member, hpk, row0, rows, h, k, v, cache,
+        attend_prefix(q, num_heads, plan.member_seqs.data() + node.first_member, in.hpk, row0, rows, h, k, v, in.cache,
                       node.prefix, block0, block1, scale, base + row0 * dim, base + node.rows * dim + row0,
                       base + node.rows * (dim + 1) + row0, prefix_scratch);
       } else {
-        const Partition& part = partitions[item.a];
+        const Partition& part = plan.partitions[item.a];
         const int64_t b = part.seq;
-        float* acc = suffix_partials.get() + item.a * suffix_stride;
+        float* acc = suffix_partials + item.a * suffix_stride;
         cpu::load_scaled(q + b * num_heads * dim, scale, q_buf.data(), num_heads * dim);
         cpu::dispatch_head_dim(dim, [&](auto head_dim) {
-          cpu::attend_partition<head_dim>(q_buf.data(), k, v, cache, tables + b * table_stride, hpk, part.first,
-                                          part.end, acc, acc + num_heads * dim, acc + num_heads * (dim + 1),
-                                          scores.data());
+          cpu::attend_partition<head_dim>(q_buf.data(), k, v, in.cache, in.tables + b * in.table_stride, in.hpk,
+                                          part.first, part.end, acc, acc + num_heads * dim,
+                                          acc + num_heads * (dim + 1), scores.data());
         });
       }
     }
+  }
+}
 
-    // Merge each (sequence, head)'s partials: the chunks of every shared node on its path,
-    // then its partitions, weighted by exp(max_p - max) / sum.
+// Merges each (sequence, head)'s partials into `o`: the chunks of every shared node on its
+// path, then its partitions, weighted by exp(max_p - max) / sum.
+template <typename scalar_t>
+void merge_partials(const Batch& in, const Plan& plan, const float* prefix_partials, const float* suffix_partials,
+                    scalar_t* o) {
+  const int64_t num_heads = in.num_heads, dim = in.cache.head_dim, levels = in.levels, hpk = in.hpk;
+  const int64_t suffix_stride = num_heads * (dim + 2);
+#pragma omp parallel
+  {
     std::vector<const float*> part_acc;
     std::vector<float> part_max, part_sum;
 #pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < batch * num_heads; ++bh) {
+    for (int64_t bh = 0; bh < in.batch * num_heads; ++bh) {
       const int64_t b = bh / num_heads, hq = bh % num_heads;
       part_acc.clear();
       part_max.clear();
@@ -427,16 +449,16 @@ void cascade_kernel(const at::Tensor& query, const at::Tensor& k_cache, const at
         part_sum.push_back(sum);
       };
       for (int64_t l = 0; l < levels; ++l) {
-        if (member_index[b * levels + l] < 0) continue;
-        const Node& node = nodes[cascade_of[path[b * levels + l]]];
-        const int64_t row = member_index[b * levels + l] * hpk + hq % hpk, h = hq / hpk;
+        if (plan.member_index[b * levels + l] < 0) continue;
+        const Node& node = plan.nodes[plan.cascade_of[in.path[b * levels + l]]];
+        const int64_t row = plan.member_index[b * levels + l] * hpk + hq % hpk, h = hq / hpk;
         for (int64_t c = 0; c < node.chunks; ++c) {
-          const float* base = prefix_partials.get() + node.partials + (h * node.chunks + c) * node.rows * (dim + 2);
+          const float* base = prefix_partials + prefix_partials_at(node, h, c, dim);
           add(base + row * dim, base[node.rows * dim + row], base[node.rows * (dim + 1) + row]);
         }
       }
-      for (int64_t p = part_start[b]; p < part_start[b + 1]; ++p) {
-        const float* base = suffix_partials.get() + p * suffix_stride;
+      for (int64_t p = plan.part_start[b]; p < plan.part_start[b + 1]; ++p) {
+        const float* base = suffix_partials + p * suffix_stride;
         add(base + hq * dim, base[num_heads * dim + hq], base[num_heads * (dim + 1) + hq]);
       }
       const int64_t parts = static_cast<int64_t>(part_acc.size());
@@ -454,6 +476,34 @@ void cascade_kernel(const at::Tensor& query, const at::Tensor& k_cache, const at
       }
     }
   }
+}
+
+template <typename scalar_t>
+void cascade_kernel(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                    const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& prefix_tables,
+                    const at::Tensor& prefix_lens, const at::Tensor& seq_group, float scale, at::Tensor& out) {
+  const CacheLayout cache{k_cache.size(1), k_cache.size(2), k_cache.size(3)};
+  const Batch in{query.size(0),
+                 query.size(1),
+                 query.size(1) / cache.kv_heads,
+                 seq_group.size(1),
+                 prefix_lens.size(0),
+                 cache,
+                 block_tables.data_ptr<int32_t>(),
+                 block_tables.size(1),
+                 context_lens.data_ptr<int32_t>(),
+                 prefix_tables.data_ptr<int32_t>(),
+                 prefix_tables.size(1),
+                 prefix_lens.data_ptr<int32_t>(),
+                 seq_group.data_ptr<int32_t>()};
+  const Plan plan = plan_cascade(in, omp_get_max_threads());
+  // Uninitialized: every entry the merge reads is written first.
+  const std::unique_ptr<float[]> prefix_partials(new float[plan.partial_floats]);
+  const std::unique_ptr<float[]> suffix_partials(
+      new float[static_cast<int64_t>(plan.partitions.size()) * in.num_heads * (cache.head_dim + 2)]);
+  run_items(in, plan, query.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), scale,
+            prefix_partials.get(), suffix_partials.get());
+  merge_partials(in, plan, prefix_partials.get(), suffix_partials.get(), out.data_ptr<scalar_t>());
 }
 
 }  // namespace

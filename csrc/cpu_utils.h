@@ -3,7 +3,7 @@
 // Include this header before any other ATen header: it selects the ISA of ATen's
 // Vectorized<T>. Torch's own build sets CPU_CAPABILITY_* per dispatch target; setup.py
 // compiles csrc/ once per ISA level (ttsearch._C_<level>) with that level's explicit -m
-// flags (ttsearch/_cpu_isa.py), and this header takes the widest ISA those flags enable.
+// flags (ttsearch/ops/cpu_isa.py), and this header takes the widest ISA those flags enable.
 #pragma once
 
 #ifdef VECTOR_WIDTH
@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 // The cache dtypes the kernels handle; reductions always run in float32.
 #define TTSEARCH_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                 \
@@ -240,6 +241,41 @@ inline float exp_shift_sum(float* x, int64_t n, float shift) {
   }
   return at::vec::vec_reduce_all<float>(std::plus<Vec>(), sum);
 }
+
+// ---------------------------------------------------------------------------- online softmax
+
+// The running softmax of attention rows over steps of keys, one vector lane per row (rows
+// padded to `ld`, a multiple of kVec): per row the max so far, the sum of exp(score - max)
+// so far, and the factor by which the last step's new max rescales what was accumulated.
+struct OnlineSoftmax {
+  std::vector<float> row_max, row_sum, alpha;
+
+  explicit OnlineSoftmax(int64_t ld) : row_max(ld), row_sum(ld), alpha(ld) {}
+
+  // Before the first step of rows [0, ld): no max yet, nothing summed.
+  void reset(int64_t ld) {
+    std::fill(row_max.begin(), row_max.begin() + ld, kNegInf);
+    std::fill(row_sum.begin(), row_sum.begin() + ld, 0.f);
+  }
+
+  Vec max(int64_t j) const { return Vec::loadu(row_max.data() + j); }
+
+  // Rows [j, j + kVec) after a step whose max is `new_max` (at least the old max) and whose
+  // exp(score - new_max) add up to `sum`: the old sum is rescaled to the new max.
+  void update(int64_t j, const Vec& new_max, const Vec& sum) {
+    const Vec factor = (max(j) - new_max).exp_u20();
+    (Vec::loadu(row_sum.data() + j) * factor + sum).store(row_sum.data() + j);
+    new_max.store(row_max.data() + j);
+    factor.store(alpha.data() + j);
+  }
+
+  // The accumulated output rows [0, rows) of `dim` values, rescaled to the rows' new max.
+  void rescale(float* acc, int64_t rows, int64_t dim) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      if (alpha[r] != 1.f) scale_inplace(acc + r * dim, alpha[r], dim);
+    }
+  }
+};
 
 // ---------------------------------------------------------------------------- small GEMM
 //

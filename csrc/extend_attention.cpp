@@ -36,11 +36,12 @@ struct QueryTile {
 
 // Per-thread buffers for one tile of `rows_cap` (padded) rows.
 struct TileScratch {
-  std::vector<float> q_t, pos, scores, out, row_max, row_sum, alpha, k_buf;
+  std::vector<float> q_t, pos, scores, out, k_buf;
+  cpu::OnlineSoftmax softmax;
 
   TileScratch(int64_t rows_cap, int64_t dim, int64_t block_size)
-      : q_t(dim * rows_cap), pos(rows_cap), scores(block_size * rows_cap), out(rows_cap * dim), row_max(rows_cap),
-        row_sum(rows_cap), alpha(rows_cap), k_buf(block_size * dim) {}
+      : q_t(dim * rows_cap), pos(rows_cap), scores(block_size * rows_cap), out(rows_cap * dim),
+        k_buf(block_size * dim), softmax(rows_cap) {}
 };
 
 template <typename scalar_t>
@@ -65,8 +66,7 @@ void attend_tile(const QueryTile& tile, const scalar_t* query, scalar_t* out, co
     }
   }
   std::fill(s.out.begin(), s.out.begin() + ld * dim, 0.f);
-  std::fill(s.row_max.begin(), s.row_max.begin() + ld, kNegInf);
-  std::fill(s.row_sum.begin(), s.row_sum.begin() + ld, 0.f);
+  s.softmax.reset(ld);
 
   // Keys past the tile's last token are masked for every row: never read them.
   for (int64_t start = 0; start <= last_pos; start += block_size) {
@@ -90,8 +90,7 @@ void attend_tile(const QueryTile& tile, const scalar_t* query, scalar_t* out, co
     // Online softmax, vectorized across rows. Key 0 is visible to every row, so the
     // running max is finite from the first block on.
     for (int64_t j = 0; j < ld; j += kVec) {
-      const Vec old_max = Vec::loadu(s.row_max.data() + j);
-      Vec new_max = old_max;
+      Vec new_max = s.softmax.max(j);
       for (int64_t t = 0; t < n; ++t) new_max = at::vec::maximum(new_max, Vec::loadu(scores + t * ld + j));
       Vec sum(0.f);
       for (int64_t t = 0; t < n; ++t) {
@@ -99,14 +98,9 @@ void attend_tile(const QueryTile& tile, const scalar_t* query, scalar_t* out, co
         p.store(scores + t * ld + j);
         sum = sum + p;
       }
-      const Vec alpha = (old_max - new_max).exp_u20();
-      (Vec::loadu(s.row_sum.data() + j) * alpha + sum).store(s.row_sum.data() + j);
-      new_max.store(s.row_max.data() + j);
-      alpha.store(s.alpha.data() + j);
+      s.softmax.update(j, new_max, sum);
     }
-    for (int64_t r = 0; r < ld; ++r) {
-      if (s.alpha[r] != 1.f) cpu::scale_inplace(s.out.data() + r * dim, s.alpha[r], dim);
-    }
+    s.softmax.rescale(s.out.data(), ld, dim);
 
     cpu::small_gemm(ld, dim, n, scores, 1, ld, cache.row(v_cache, block, 0, kv_head), cache.token_stride(),
                     s.out.data(), dim, /*accumulate=*/true);
@@ -116,7 +110,7 @@ void attend_tile(const QueryTile& tile, const scalar_t* query, scalar_t* out, co
     for (int64_t g = 0; g < group; ++g) {
       const int64_t r = i * group + g;
       scalar_t* o_row = out + ((tile.first_row + i) * num_heads + kv_head * group + g) * dim;
-      cpu::store_scaled(s.out.data() + r * dim, 1.f / s.row_sum[r], o_row, dim);
+      cpu::store_scaled(s.out.data() + r * dim, 1.f / s.softmax.row_sum[r], o_row, dim);
     }
   }
 }

@@ -1,4 +1,4 @@
-// CPU kernels of the ttsearch ops; the schemas live in ttsearch/ops/__init__.py.
+// CPU kernels of the ttsearch ops; the schemas live in ttsearch/ops/registry.py.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,5 @@
-// Registers the CPU kernels for the ops that ttsearch/ops/__init__.py defines. Importing
-// ttsearch._C_<level> (one module per ISA level, all from these sources; ttsearch/_cpu_isa.py
+// Registers the CPU kernels for the ops that ttsearch/ops/registry.py defines. Importing
+// ttsearch._C_<level> (one module per ISA level, all from these sources; ttsearch/ops/cpu_isa.py
 // imports one) runs the static registration; the module exports only what it was compiled for.
 #include "cpu_utils.h"  // first: selects ATen's vector ISA, reported below
 

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ttsearch.kernels.attention_tile import attend_paged_tiles, decode_block_n, row_tile
-from ttsearch.kernels.decode_attention import paged_decode_attention_split
+from ttsearch.kernels.decode_attention import decode_epilogue, decode_prologue, paged_decode_attention_split
 from ttsearch.kernels.split_kv import choose_splits, merge_splits, split_range, split_scratch, store_split
 from ttsearch.kernels.utils import dot_dtype
 
@@ -129,17 +129,9 @@ def _suffix_kernel(
     if SPLIT:  # a constexpr: one split runs exactly the unsplit kernel
         lo, hi = split_range(lo, hi, BLOCK_N)
 
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    heads = kv_head * GROUP + g
-    q_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
-    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd, mask=q_mask, other=0.0)
-    q = q.to(DOT_DTYPE)
-
     # The sequence's own tokens, exactly as the decode kernel walks a context.
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    q, m, l, acc = decode_prologue(q_ptr, seq, kv_head, stride_qb, stride_qh, stride_qd,
+                                   GROUP, HEAD_DIM, BLOCK_G, BLOCK_D, DOT_DTYPE)
     m, l, acc = attend_paged_tiles(
         q, m, l, acc, lo, hi, k_cache_ptr, v_cache_ptr, tables_ptr + seq * stride_tb, kv_head,
         scale_log2, stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, stride_tn,
@@ -151,6 +143,9 @@ def _suffix_kernel(
     # o. A -1 entry reads nothing: lse = -inf gives it weight 0 and leaves m, l, acc as
     # they are. An empty suffix starts with m = -inf, l = 0, acc = 0; until some part is
     # finite, the shift stays 0 rather than computing (-inf) - (-inf).
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g
     for part in range(split, num_levels * node_splits, num_splits):
         node = tl.load(seq_group_ptr + seq * stride_sb + (part // node_splits) * stride_sl)
         rows = (seq * num_levels * node_splits + part) * num_heads + heads  # into the [B, L, P, H] scratch
@@ -170,18 +165,10 @@ def _suffix_kernel(
         acc = acc * alpha[:, None] + o * beta[:, None]
         m = m_new
 
-    if SPLIT:
-        # A split with no token and no finite part stores weight 0 (contexts are never
-        # empty, so some split of the sequence is finite).
-        rows = (seq * num_heads + heads) * num_splits + split  # into the [B, H, S] scratch
-        store_split(part_out_ptr, part_lse_ptr, rows, g < GROUP, m, l, acc, HEAD_DIM, BLOCK_D)
-    else:
-        out = acc / l[:, None]
-        tl.store(
-            out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od,
-            out.to(out_ptr.dtype.element_ty),
-            mask=q_mask,
-        )
+    # A split with no token and no finite part stores weight 0 (contexts are never empty,
+    # so some split of the sequence is finite).
+    decode_epilogue(out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, split, num_splits, num_heads, m, l, acc,
+                    stride_ob, stride_oh, stride_od, GROUP, HEAD_DIM, BLOCK_G, BLOCK_D, SPLIT)
 
 
 def cascade_decode_attention(

@@ -23,6 +23,52 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def decode_prologue(
+    q_ptr, seq, kv_head, stride_qb, stride_qh, stride_qd,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    """The query heads of kv head ``kv_head`` of sequence ``seq`` as one ``[BLOCK_G, BLOCK_D]``
+    tile in the dot dtype (padding rows and columns zero), and the online softmax's start:
+    running max (log2 domain), denominator and unnormalised output per query head."""
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g
+    q_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    q = q.to(DOT_DTYPE)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    return q, m, l, acc
+
+
+@triton.jit
+def decode_epilogue(
+    out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, split, num_splits, num_heads, m, l, acc,
+    stride_ob, stride_oh, stride_od,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """A decode program's result for its query heads: with one split the output, normalised
+    and in the output's dtype; with more, split ``split``'s partial and log-sum-exp in the
+    ``[B, H, S]`` scratch, for ``split_kv.merge_splits``."""
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g
+    if SPLIT:
+        rows = (seq * num_heads + heads) * num_splits + split  # into the [B, H, S] scratch
+        store_split(part_out_ptr, part_lse_ptr, rows, g < GROUP, m, l, acc, HEAD_DIM, BLOCK_D)
+    else:
+        out = acc / l[:, None]
+        tl.store(
+            out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od,
+            out.to(out_ptr.dtype.element_ty),
+            mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :],
+        )
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
     scale_log2, num_heads,
@@ -41,33 +87,15 @@ def _paged_decode_kernel(
     if SPLIT:  # a constexpr: one split runs exactly the unsplit kernel
         lo, hi = split_range(lo, hi, BLOCK_N)
 
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    heads = kv_head * GROUP + g
-    q_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
-    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :] * stride_qd, mask=q_mask, other=0.0)
-    q = q.to(DOT_DTYPE)
-
-    # Running max (log2 domain), denominator and unnormalised output per query head.
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    q, m, l, acc = decode_prologue(q_ptr, seq, kv_head, stride_qb, stride_qh, stride_qd,
+                                   GROUP, HEAD_DIM, BLOCK_G, BLOCK_D, DOT_DTYPE)
     m, l, acc = attend_paged_tiles(
         q, m, l, acc, lo, hi, k_cache_ptr, v_cache_ptr, tables_ptr + seq * stride_tb, kv_head, scale_log2,
         stride_kb, stride_ks, stride_kh, stride_kd, stride_vb, stride_vs, stride_vh, stride_vd, stride_tn,
         HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N, DOT_DTYPE,
     )
-
-    if SPLIT:
-        rows = (seq * num_heads + heads) * tl.num_programs(2) + tl.program_id(2)  # into the [B, H, S] scratch
-        store_split(part_out_ptr, part_lse_ptr, rows, g < GROUP, m, l, acc, HEAD_DIM, BLOCK_D)
-    else:
-        out = acc / l[:, None]
-        tl.store(
-            out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :] * stride_od,
-            out.to(out_ptr.dtype.element_ty),
-            mask=q_mask,
-        )
+    decode_epilogue(out_ptr, part_out_ptr, part_lse_ptr, seq, kv_head, tl.program_id(2), tl.num_programs(2), num_heads,
+                    m, l, acc, stride_ob, stride_oh, stride_od, GROUP, HEAD_DIM, BLOCK_G, BLOCK_D, SPLIT)
 
 
 def paged_decode_attention(

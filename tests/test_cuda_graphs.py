@@ -19,12 +19,11 @@ from ttsearch.engine.cuda_graphs import (
     CudaGraphRunner,
     StaticLayout,
     bucket_for,
-    fit_tree,
     pad_decode,
     tree_caps,
     use_cuda_graphs,
 )
-from ttsearch.engine.model_runner import PrefixTree, shared_prefix_tree
+from ttsearch.engine.prefix_tree import PrefixTree, fit_tree, shared_prefix_tree
 from ttsearch.models.llama import ForwardBatch
 
 BLOCK = 16

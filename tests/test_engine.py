@@ -390,7 +390,7 @@ def test_shared_prefix_tree_is_found_from_block_tables(engine):
 
 
 def test_shared_prefix_tree_levels():
-    from ttsearch.engine.model_runner import shared_prefix_tree
+    from ttsearch.engine.prefix_tree import shared_prefix_tree
 
     # two problems on one system prompt (block 1); problem a's beams share a step (block 3)
     tables = [[1, 2, 3, 10], [1, 2, 3, 11], [1, 2, 4, 12], [1, 5, 6, 13], [1, 5, 7, 14], [8, 9]]

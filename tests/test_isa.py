@@ -1,4 +1,4 @@
-"""The C++ kernels at every CPU ISA level built here (ttsearch._C_<level>, see ttsearch/_cpu_isa.py).
+"""The C++ kernels at every CPU ISA level built here (ttsearch._C_<level>, see ttsearch/ops/cpu_isa.py).
 
 A process imports one level's module, so each level runs in a subprocess: this file run as
 a script with TTSEARCH_CPU_ISA forced and TTSEARCH_OPS=fast, comparing every C++ op with
@@ -18,12 +18,12 @@ import sys
 import pytest
 import torch
 
-from ttsearch import _cpu_isa
+from ttsearch.ops import cpu_isa
 
-LEVELS = list(_cpu_isa.levels())
-RUNNABLE = _cpu_isa.runnable()
+LEVELS = list(cpu_isa.levels())
+RUNNABLE = cpu_isa.runnable()
 REFERENCE_RUN = os.environ.get("TTSEARCH_OPS") == "reference"
-BUILT = [] if REFERENCE_RUN else _cpu_isa.built()
+BUILT = [] if REFERENCE_RUN else cpu_isa.built()
 # What each level's flags must select in cpu_utils.h (the module reports it)
 CAPABILITY = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512", "avx512_bf16": "AVX512", "sve256": "SVE256"}
 
@@ -35,7 +35,7 @@ def run_python(args: list[str], env: dict[str, str]) -> subprocess.CompletedProc
 
 def skip_unless_runnable_and_built(level: str) -> None:
     if level not in RUNNABLE:
-        pytest.skip(f"this CPU lacks {', '.join(_cpu_isa.missing(level))}, which level {level} needs")
+        pytest.skip(f"this CPU lacks {', '.join(cpu_isa.missing(level))}, which level {level} needs")
     if REFERENCE_RUN:
         pytest.skip("a pure-Python run, chosen on purpose")
     if level not in BUILT:
@@ -61,30 +61,30 @@ def test_forcing_a_level_this_cpu_lacks_fails(level):
 def test_forcing_an_unknown_level_fails_even_in_auto_mode():
     out = run_python(["-c", "import ttsearch.ops"], {"TTSEARCH_OPS": "auto", "TTSEARCH_CPU_ISA": "avx9000"})
     assert out.returncode != 0
-    assert f"TTSEARCH_CPU_ISA='avx9000': not an ISA level on {_cpu_isa.arch()} (levels: {', '.join(LEVELS)})" in out.stderr
+    assert f"TTSEARCH_CPU_ISA='avx9000': not an ISA level on {cpu_isa.arch()} (levels: {', '.join(LEVELS)})" in out.stderr
 
 
 @pytest.mark.parametrize("can", [["avx2", "default"], ["avx512_bf16", "avx512", "avx2", "default"], ["default"]])
 def test_a_local_install_builds_what_this_cpu_runs_and_a_wheel_every_level(monkeypatch, can):
-    monkeypatch.setattr(_cpu_isa, "arch", lambda: "x86_64")
-    monkeypatch.setattr(_cpu_isa, "runnable", lambda: can)
-    every = list(_cpu_isa.LEVELS["x86_64"])
-    assert _cpu_isa.levels_to_build(None, local=True) == can  # the baseline is runnable everywhere
-    assert _cpu_isa.levels_to_build(None, local=False) == every
-    assert _cpu_isa.levels_to_build("all", local=True) == every
-    assert _cpu_isa.levels_to_build("default,avx2", local=False) == ["avx2", "default"]
+    monkeypatch.setattr(cpu_isa, "arch", lambda: "x86_64")
+    monkeypatch.setattr(cpu_isa, "runnable", lambda: can)
+    every = list(cpu_isa.LEVELS["x86_64"])
+    assert cpu_isa.levels_to_build(None, local=True) == can  # the baseline is runnable everywhere
+    assert cpu_isa.levels_to_build(None, local=False) == every
+    assert cpu_isa.levels_to_build("all", local=True) == every
+    assert cpu_isa.levels_to_build("default,avx2", local=False) == ["avx2", "default"]
 
 
 def test_a_local_install_keeps_the_baseline_even_where_the_cpu_runs_nothing_else(monkeypatch):
-    monkeypatch.setattr(_cpu_isa, "arch", lambda: "aarch64")
-    monkeypatch.setattr(_cpu_isa, "runnable", lambda: [])
-    assert _cpu_isa.levels_to_build(None, local=True) == ["default"]
+    monkeypatch.setattr(cpu_isa, "arch", lambda: "aarch64")
+    monkeypatch.setattr(cpu_isa, "runnable", lambda: [])
+    assert cpu_isa.levels_to_build(None, local=True) == ["default"]
 
 
 def test_building_an_unknown_level_fails_naming_the_levels(monkeypatch):
-    monkeypatch.setattr(_cpu_isa, "arch", lambda: "x86_64")
+    monkeypatch.setattr(cpu_isa, "arch", lambda: "x86_64")
     with pytest.raises(ValueError, match=r"unknown level\(s\) \['avx9000'\]; x86_64 has \['avx512_bf16'"):
-        _cpu_isa.levels_to_build("avx2,avx9000", local=True)
+        cpu_isa.levels_to_build("avx2,avx9000", local=True)
 
 
 def vector_instructions(level: str) -> set[str]:
@@ -107,7 +107,7 @@ def vector_instructions(level: str) -> set[str]:
     return found
 
 
-@pytest.mark.skipif(_cpu_isa.arch() != "x86_64" or not shutil.which("objdump"), reason="x86-64 with objdump only")
+@pytest.mark.skipif(cpu_isa.arch() != "x86_64" or not shutil.which("objdump"), reason="x86-64 with objdump only")
 @pytest.mark.parametrize("level", LEVELS)
 def test_a_module_holds_no_instructions_above_its_level(level):
     """The portability promise, checked on the binary: 'default' has no AVX at all, 'avx2'
@@ -152,9 +152,10 @@ class OneThread:
 
 def check_level(level: str) -> None:
     """Every C++ op of ``level`` against its reference body, float32 tight and bfloat16 looser."""
-    import test_ops as t  # tests/ is sys.path[0]: this file runs as a script
+    import ops_cases as t  # tests/ is sys.path[0]: this file runs as a script
 
     import ttsearch.ops as ops
+    from ttsearch.aggregation import AGGREGATIONS
     from ttsearch.ops import reference as reference_module
 
     reference = OneThread(reference_module)
@@ -206,13 +207,13 @@ def check_level(level: str) -> None:
             for rows, positive_index in ((2, 1), (1, 0)):
                 hidden, norm_weight, head_weight, head_bias, prev_agg, prev_count = t.prm_inputs(
                     num_rows, width, rows, dtype, seed=num_rows)
-                for aggregation in reference.AGGREGATIONS:
+                for aggregation in AGGREGATIONS:
                     args = (hidden, norm_weight, 1e-5, head_weight, head_bias, positive_index, prev_agg, prev_count,
                             aggregation)
                     for actual, expected in zip(ops.prm_step_score(*args), reference.prm_step_score(*args)):
                         assert (actual - expected).abs().max() <= t.TOL[dtype], (num_rows, width, aggregation)
 
-    import test_quantized as q  # every format through both paths of the quantized products
+    import test_ops_quantized as q  # every format through both paths of the quantized products
 
     for qtype in q.FORMATS:
         for rows in (1, 5, 8, 9):
@@ -222,14 +223,15 @@ def check_level(level: str) -> None:
         for rows in (2, 12):
             q.test_the_kernel_rounds_x_as_the_contract_says(qtype, rows)
 
-    import test_fused_ops as f  # the fused ops' own checks, run on this level's kernels
+    import test_ops_elementwise as e  # the fused ops' own checks, run on this level's kernels
+    import test_ops_sampling as s
 
-    for dtype in f.DTYPES:
-        for check in (f.test_rms_norm, f.test_fused_add_rms_norm, f.test_rotary_embedding, f.test_silu_and_mul):
+    for dtype in e.DTYPES:
+        for check in (e.test_rms_norm, e.test_fused_add_rms_norm, e.test_rotary_embedding, e.test_silu_and_mul):
             check("cpp", dtype)
-    f.check_sampling("cpp", f.sampling_batch(64, f.SMOLLM2_VOCAB, seed=11))
+    s.check_sampling("cpp", s.sampling_batch(64, s.SMOLLM2_VOCAB, seed=11))
     for dtype in (torch.bfloat16, torch.float16):
-        f.test_sample_tokens_widens_half_logits("cpp", dtype)
+        s.test_sample_tokens_widens_half_logits("cpp", dtype)
     print("ok")
 
 

@@ -22,9 +22,12 @@ from transformers import (
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ttsearch.errors import ModelLoadError, UnsupportedArchitectureError
+from ttsearch.models import gguf as gguf_format
 from ttsearch.models import loader
-from ttsearch.models.config import config_from_gguf, config_from_hf, rope_inv_freq
+from ttsearch.models.gguf import config_from_gguf
+from ttsearch.models.hf import config_from_hf
 from ttsearch.models.loader import SMOLLM2_ALIAS, expected_shapes, load_checkpoint, resolve_model_path
+from ttsearch.models.rope import rope_inv_freq
 
 TINY = dict(
     vocab_size=64,
@@ -309,7 +312,7 @@ def gguf_name(hf_name):
 def test_gguf_f32_round_trip(tmp_path, tokenizer, monkeypatch, arch):
     """A model written the way llama.cpp writes it (q/k rows permuted for llama only) loads back exactly."""
     # the GGUF tokenizer path is covered by the SmolLM2 tests; this file carries no vocabulary
-    monkeypatch.setattr(loader, "_gguf_tokenizer", lambda path: tokenizer)
+    monkeypatch.setattr(gguf_format, "_gguf_tokenizer", lambda path: tokenizer)
     torch.manual_seed(0)
     dims = {**TINY, "num_hidden_layers": 1, "tie_word_embeddings": False}
     model = tiny_llama(**dims) if arch == "llama" else Qwen2ForCausalLM(Qwen2Config(**dims))

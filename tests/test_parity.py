@@ -83,7 +83,7 @@ def test_smollm2_greedy_matches_transformers_generate(smollm2_engine_fp32, smoll
 def test_model_linear_matches_a_float64_product(rows, in_features, out_features, bias, dtype):
     """The model's Linear (oneDNN's packed GEMM where torch has it: float32 always, bfloat16
     where the CPU multiplies it in hardware) against float64 on the same rounded operands."""
-    from ttsearch._cpu_isa import has_fast_bf16
+    from ttsearch.ops.cpu_isa import has_fast_bf16
     from ttsearch.models.llama import Linear
 
     g = torch.Generator().manual_seed(rows + in_features)

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from ops_cases import LAUNCHERS, needs_triton  # tests/ is on sys.path under pytest
+
 # Make every ttsearch._C_<isa> (one module per CPU ISA level) fail to import, as in an install
 # without a compiler.
 BLOCK_C = """
@@ -55,11 +57,36 @@ def test_the_cpp_extension_serves_every_op_on_the_cpu():
     import torch
 
     import ttsearch.ops as ops
-    from ttsearch import _cpu_isa
+    from ttsearch.ops import cpu_isa, registry
 
     impl = ops.IMPLEMENTATIONS["cpu"]
-    assert impl.startswith("cpp-") and impl[4:] in _cpu_isa.levels(), f"no ttsearch._C_<isa> loaded: {impl}"
+    assert impl.startswith("cpp-") and impl[4:] in cpu_isa.levels(), f"no ttsearch._C_<isa> loaded: {impl}"
     loaded = [name for name in sys.modules if name.startswith("ttsearch._C")]
     assert loaded == [f"ttsearch._C_{impl[4:]}"], f"one ISA level's module per process, got {loaded}"
-    missing = [name for name in ops._SCHEMAS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ttsearch::{name}", "CPU")]
+    missing = [name for name in registry.SCHEMAS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ttsearch::{name}", "CPU")]
     assert not missing, f"ttsearch._C_{impl[4:]} registers no CPU kernel for {missing}"
+
+
+@needs_triton
+def test_register_cuda_registers_every_op_with_its_schema_arguments():
+    import inspect
+
+    import torch
+
+    from ttsearch.kernels.registration import register_cuda
+    from ttsearch.ops import registry
+
+    calls = []
+
+    class Recorder:
+        def impl(self, name, fn, key):
+            calls.append((name, fn, key))
+
+    register_cuda(Recorder())
+
+    assert sorted(name for name, _, _ in calls) == sorted(registry.SCHEMAS)
+    for name, fn, key in calls:
+        assert key == "CUDA"
+        schema = torch._C.parse_schema(registry.SCHEMAS[name])
+        assert list(inspect.signature(fn).parameters) == [arg.name for arg in schema.arguments], name
+        assert fn is LAUNCHERS[name]

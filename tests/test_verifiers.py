@@ -608,3 +608,13 @@ def test_arithmetic_equations_found():
     checker = load_verifier("arithmetic", neutral=0.25)
     states = checker.fork(checker.new(QUESTION), 3)
     assert checker.score(states, ["16 - 3 = 13", "16 - 3 = 12", "no numbers"]) == [1.0, 0.0, 0.25]
+
+
+def test_aggregation_names_agree_everywhere():
+    """ttsearch.aggregation owns the names; the search settings and the Triton kernel take the same."""
+    from ttsearch.aggregation import AGGREGATIONS
+    from ttsearch.search.config import AGGREGATIONS as SEARCH_AGGREGATIONS
+
+    assert SEARCH_AGGREGATIONS == AGGREGATIONS
+    kernels = pytest.importorskip("ttsearch.kernels.prm_step_score")
+    assert tuple(kernels._AGGREGATIONS) == AGGREGATIONS

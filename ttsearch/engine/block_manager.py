@@ -1,6 +1,6 @@
 """Block bookkeeping for the paged KV cache: ids and counts only, no tensors.
 
-Invariants (DESIGN.md, "KV cache"):
+Invariants:
 - a block is *used* while its refcount is > 0; full blocks are immutable and may be shared;
 - a full block is registered under a hash of (parent block's hash, its token ids) so a later
   request with the same prefix reuses it; token ids are compared on a hit;

@@ -22,7 +22,7 @@ static buffers sized for the largest bucket, into which each step copies its liv
   each shared by 2 or more) and ``max_levels`` levels. Padding nodes have no members, and
   the cascade kernel's programs for a node without members exit at once; a path shorter
   than ``max_levels`` ends in -1, which carries weight 0. A tree over those maxima is
-  first cut to fit (``fit_tree``: the nodes that save the most reads, each with its
+  first cut to fit (``prefix_tree.fit_tree``: the nodes that save the most reads, each with its
   ancestors), which only moves tokens from shared nodes to the sequences' own reads.
 
 Why pad the tree rather than capture plain paged decode only: the engine exists for beam
@@ -45,16 +45,14 @@ path eagerly on any device, which lets the CPU test everything here but the capt
 
 from __future__ import annotations
 
-import heapq
 import warnings
 from bisect import bisect_left
 from dataclasses import dataclass
-from itertools import takewhile
 
 import torch
 
 from ttsearch import batch_invariant, ops
-from ttsearch.engine.model_runner import PrefixTree
+from ttsearch.engine.prefix_tree import PrefixTree, fit_tree
 from ttsearch.models.llama import ForwardBatch, LlamaModel
 
 #: decode batch sizes captured; a batch runs in the smallest bucket that holds it, and a
@@ -99,46 +97,6 @@ def tree_caps(bucket: int, max_nodes: int = MAX_NODES, max_levels: int = MAX_LEV
     """(nodes, levels) of the padded tree of a bucket: a tree of ``bucket`` sequences, each
     node shared by at least two, has at most ``bucket - 1`` nodes."""
     return max(0, min(bucket - 1, max_nodes)), max_levels
-
-
-def fit_tree(tree: PrefixTree, max_nodes: int, max_levels: int) -> PrefixTree:
-    """``tree`` cut to at most ``max_nodes`` nodes and ``max_levels`` levels; ``tree``
-    itself when it fits.
-
-    A node is kept only with its parent, so every path keeps a prefix of itself and its
-    nodes still tile the start of its sequence's context (the cut nodes' tokens become the
-    sequences' own). From the roots down, the kept node is always the one whose single
-    read saves the most token reads, ``(members - 1) * blocks``, among those whose parent
-    is kept: a system prompt or a question before the steps below it. Kept nodes keep
-    their order; their ids are renumbered."""
-    if len(tree.nodes) <= max_nodes and all(len(p) <= max_levels for p in tree.paths):
-        return tree
-    members = [0] * len(tree.nodes)
-    children: dict[int, list[int]] = {}
-    roots, level = [], {}
-    for path in tree.paths:
-        for depth, g in enumerate(path):
-            members[g] += 1
-            if g not in level:
-                level[g] = depth
-                (children.setdefault(path[depth - 1], []) if depth else roots).append(g)
-
-    def entry(g: int) -> tuple[int, int]:
-        return -(members[g] - 1) * len(tree.nodes[g]), g
-
-    heap = [entry(g) for g in roots if max_levels > 0]
-    heapq.heapify(heap)
-    kept: set[int] = set()
-    while heap and len(kept) < max_nodes:
-        _, g = heapq.heappop(heap)
-        kept.add(g)
-        if level[g] + 1 < max_levels:
-            for child in children.get(g, ()):
-                heapq.heappush(heap, entry(child))
-    order = sorted(kept)
-    new_id = {g: i for i, g in enumerate(order)}
-    paths = [[new_id[g] for g in takewhile(kept.__contains__, path)] for path in tree.paths]
-    return PrefixTree([tree.nodes[g] for g in order], paths)
 
 
 @dataclass

@@ -19,14 +19,14 @@ from typing import Sequence
 import torch
 
 from ttsearch import ops
-from ttsearch._cpu_isa import has_fast_bf16
+from ttsearch.ops.cpu_isa import has_fast_bf16
 from ttsearch.batch_invariant import set_enabled as set_batch_invariant
 from ttsearch.engine.block_manager import BlockManager
 from ttsearch.engine.cuda_graphs import CudaGraphRunner, use_cuda_graphs
 from ttsearch.engine.kv_cache import allocate_kv_cache, bytes_per_token
 from ttsearch.engine.model_runner import ModelRunner
-from ttsearch.engine.sampler import (GREEDY, SamplingParams, TokenLogprobs, derive_seed, log_softmax_rows, sample,
-                                     token_logprobs)
+from ttsearch.engine.sampler import (GREEDY, SamplingParams, TokenLogprobs, derive_seed, log_softmax_rows, per_seq,
+                                     sample, token_logprobs)
 from ttsearch.engine.sequence import Seq
 from ttsearch.engine.step_writer import StepResult, StepWriter
 from ttsearch.errors import ContextLengthError, InvalidTokenError, UnsupportedArchitectureError
@@ -237,15 +237,9 @@ class Engine:
             raise
         seq.preempted = False
 
-    def blocks_to_restore(self, seq: Seq) -> int:
-        """Blocks ``restore(seq)`` would take now (its prefix blocks still cached are reused)."""
-        cached, _ = self.blocks.match_prefix(seq.token_ids[:-1])
-        return -(-len(seq) // self.block_size) - len(cached) + sum(1 for b in cached if self.blocks.ref_count[b] == 0)
-
     def logits(self, seq: Seq) -> torch.Tensor:
         """Float32 logits ``[vocab]`` after the last token of ``seq`` (a copy)."""
-        self._check_live([seq])
-        self._check_has_logits([seq])
+        self.check_steppable([seq])
         return seq.last_logits.to(torch.float32, copy=True)
 
     def step(self, seqs: Sequence[Seq], sampling: SamplingParams | Sequence[SamplingParams] = GREEDY) -> list[int]:
@@ -259,11 +253,11 @@ class Engine:
         """``step``, with each token's log-probabilities where its ``SamplingParams.logprobs``
         asks for them (None elsewhere)."""
         seqs = list(seqs)
-        params = self._per_seq(sampling, len(seqs))
+        params = per_seq(sampling, len(seqs))
         self._check_live(seqs)
         if not seqs:
             return []
-        self._check_has_logits(seqs)
+        _check_has_logits(seqs)
         for seq in seqs:
             self._check_room(len(seq) + 1, "step")
         needed = sum(self.runner.blocks_needed(s, 1) for s in seqs)
@@ -278,10 +272,6 @@ class Engine:
             found[i] = token_logprobs(rows[row], tokens[i], params[i].logprobs)
         self.runner.forward(seqs, [[t] for t in tokens])
         return list(zip(tokens, found))
-
-    def decode_blocks_needed(self, seqs: Sequence[Seq]) -> int:
-        """Blocks the next ``step`` of ``seqs`` takes from the pool."""
-        return sum(self.runner.blocks_needed(s, 1) for s in seqs)
 
     def generate_step(
         self,
@@ -322,7 +312,8 @@ class Engine:
         }
 
     def _tokens_held(self) -> int:
-        """Tokens stored in the used blocks, each shared block counted once: U in DESIGN.md."""
+        """Tokens stored in the used blocks, each shared block counted once: U, the unique tokens
+        of the search trees (a decode step moves W + U * kappa bytes, see kv_cache.bytes_per_token)."""
         fill: dict[int, int] = {}
         bs = self.block_size
         for seq in self._live.values():
@@ -364,20 +355,12 @@ class Engine:
                 raise ValueError(f"{seq!r} appears twice in one batch")
             seen.add(seq.seq_id)
 
-    @staticmethod
-    def _check_has_logits(seqs: list[Seq]) -> None:
-        for seq in seqs:
-            if seq.last_logits is None:
-                raise ValueError(f"{seq!r} has no next-token logits: its last tokens were written with logits=False")
-
-    @staticmethod
-    def _per_seq(sampling, n: int) -> list[SamplingParams]:
-        if isinstance(sampling, SamplingParams):
-            return [sampling] * n
-        params = list(sampling)
-        if len(params) != n or not all(isinstance(p, SamplingParams) for p in params):
-            raise ValueError(f"sampling: expected one SamplingParams or a list of {n}, got {sampling!r}")
-        return params
+    def check_steppable(self, seqs: Sequence[Seq]) -> None:
+        """Raise unless every one of ``seqs`` is a live sequence of this engine (not freed, not
+        preempted, once in the batch) with next-token logits: what ``step`` needs."""
+        seqs = list(seqs)
+        self._check_live(seqs)
+        _check_has_logits(seqs)
 
     # ------------------------------------------------------------------ helpers
     def _prefill(self, seqs: list[Seq], token_lists: list[list[int]], what: str) -> None:
@@ -405,6 +388,12 @@ class Engine:
         if seq.generator is None:
             seq.generator = torch.Generator().manual_seed(derive_seed(params.seed, seq.lineage))
         return seq.generator
+
+
+def _check_has_logits(seqs: Sequence[Seq]) -> None:
+    for seq in seqs:
+        if seq.last_logits is None:
+            raise ValueError(f"{seq!r} has no next-token logits: its last tokens were written with logits=False")
 
 
 def _stacked_logits(seqs: Sequence[Seq]) -> torch.Tensor:

@@ -8,7 +8,8 @@ from ttsearch.models.config import ModelConfig
 
 
 def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """kappa in DESIGN.md: K and V of one token in every layer."""
+    """kappa, the bytes of K and V of one token in every layer: a decode step over search trees
+    holding U unique tokens moves W + U * kappa bytes (W the weights' bytes)."""
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * torch.tensor([], dtype=dtype).element_size()
 
 

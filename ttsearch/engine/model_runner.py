@@ -8,70 +8,14 @@ shared block once for all the sequences below it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
 from ttsearch import batch_invariant, ops
 from ttsearch.engine.block_manager import BlockManager
+from ttsearch.engine.cuda_graphs import CudaGraphRunner
+from ttsearch.engine.prefix_tree import PrefixTree, shared_prefix_tree
 from ttsearch.engine.sequence import Seq
 from ttsearch.models.llama import ForwardBatch, LlamaModel
-
-if TYPE_CHECKING:
-    from ttsearch.engine.cuda_graphs import CudaGraphRunner
-
-MIN_SHARERS = 2  # sequences that must share a run of blocks before decode reads it once for all
-
-
-@dataclass
-class PrefixTree:
-    """Runs of full blocks shared by several sequences of a decode batch, as a tree.
-
-    ``nodes[g]`` lists node g's blocks. ``paths[b]`` lists the nodes on sequence b's path,
-    outermost first; they tile the start of b's block table, and b's own tokens follow."""
-
-    nodes: list[list[int]]
-    paths: list[list[int]]
-
-    def tokens_read(self, lengths: list[int], block_size: int) -> int:
-        """Tokens a cascade decode reads: every node once, then each sequence's own tokens."""
-        shared = sum(len(n) for n in self.nodes) * block_size
-        own = sum(length - sum(len(self.nodes[g]) for g in path) * block_size
-                  for length, path in zip(lengths, self.paths))
-        return shared + own
-
-
-def shared_prefix_tree(tables: list[list[int]], shareable: list[int]) -> PrefixTree:
-    """The tree of block runs that at least ``MIN_SHARERS`` of the sequences share.
-
-    ``tables[b]`` is sequence b's block table and ``shareable[b]`` how many of its leading
-    blocks are full (only those can be shared). A node is a maximal run of blocks that the
-    same set of sequences holds in the same columns; where that set splits, child nodes
-    start. Sequences that share a system prompt through the prefix cache get one node for
-    it, each problem's beams a node for its question and common steps below that, and so
-    on down to the steps two beams still share."""
-    nodes: list[list[int]] = []
-    paths: list[list[int]] = [[] for _ in tables]
-    pending = [(list(range(len(tables))), 0)]  # (sequences sharing columns [0, col), col)
-    while pending:
-        members, col = pending.pop()
-        by_block: dict[int, list[int]] = {}
-        for b in members:
-            if col < shareable[b]:
-                by_block.setdefault(tables[b][col], []).append(b)
-        for group in by_block.values():
-            if len(group) < MIN_SHARERS:
-                continue
-            first, end = tables[group[0]], col + 1
-            limit = min(shareable[b] for b in group)
-            while end < limit and all(tables[b][end] == first[end] for b in group):
-                end += 1
-            for b in group:
-                paths[b].append(len(nodes))
-            nodes.append(first[col:end])
-            pending.append((group, end))
-    return PrefixTree(nodes, paths)
 
 
 class ModelRunner:

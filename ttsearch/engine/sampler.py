@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -48,6 +49,16 @@ class SamplingParams:
 
 
 GREEDY = SamplingParams()
+
+
+def per_seq(sampling: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
+    """One ``SamplingParams`` for each of ``n`` sequences, from one for all or a list of ``n``."""
+    if isinstance(sampling, SamplingParams):
+        return [sampling] * n
+    params = list(sampling)
+    if len(params) != n or not all(isinstance(p, SamplingParams) for p in params):
+        raise ValueError(f"sampling: expected one SamplingParams or a list of {n}, got {sampling!r}")
+    return params
 
 
 @dataclass(frozen=True)

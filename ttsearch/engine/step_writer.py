@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
-from ttsearch.engine.sampler import GREEDY, SamplingParams, TokenLogprobs
+from ttsearch.engine.sampler import GREEDY, SamplingParams, TokenLogprobs, per_seq
 from ttsearch.engine.sequence import Seq
-
-if TYPE_CHECKING:
-    from ttsearch.engine.engine import Engine
 
 #: ``stop=WRITER_STOP`` in ``StepWriter.add``: the writer's own delimiter
 WRITER_STOP: Any = object()
@@ -37,6 +34,19 @@ class StepInProgress:
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # per written token, where asked for
 
 
+class StepEngine(Protocol):
+    """What a ``StepWriter`` uses of its engine (``ttsearch.engine.Engine``): public methods only."""
+
+    tokenizer: Any
+    eos_token_ids: Any  # a collection of token ids
+    max_model_len: int
+
+    def check_steppable(self, seqs: Sequence[Seq]) -> None: ...
+
+    def sample_step(self, seqs: Sequence[Seq], sampling: Sequence[SamplingParams]
+                    ) -> list[tuple[int, TokenLogprobs | None]]: ...
+
+
 class StepWriter:
     """Sequences writing one reasoning step each, decoded together a token at a time.
 
@@ -49,7 +59,7 @@ class StepWriter:
     out mid-step (a preempted problem) and ``resume`` puts them back where they were.
     """
 
-    def __init__(self, engine: Engine, stop: str | None = "\n\n", max_tokens: int = 256):
+    def __init__(self, engine: StepEngine, stop: str | None = "\n\n", max_tokens: int = 256):
         self.engine = engine
         self.stop = stop
         self.max_tokens = _check_max_tokens(max_tokens)
@@ -68,7 +78,7 @@ class StepWriter:
         max_tokens: int | None = None,
     ) -> None:
         seqs = list(seqs)
-        params = self.engine._per_seq(sampling, len(seqs))
+        params = per_seq(sampling, len(seqs))
         stop = self.stop if stop is WRITER_STOP else stop
         max_tokens = self.max_tokens if max_tokens is None else _check_max_tokens(max_tokens)
         self.resume([StepInProgress(seq, p, stop, max_tokens) for seq, p in zip(seqs, params)])
@@ -76,8 +86,7 @@ class StepWriter:
     def resume(self, steps: Sequence[StepInProgress]) -> None:
         """Continue steps taken out by ``remove`` (or start new ones)."""
         seqs = [s.seq for s in steps]
-        self.engine._check_live(seqs)
-        self.engine._check_has_logits(seqs)
+        self.engine.check_steppable(seqs)
         for seq in seqs:
             if seq.seq_id in self._writing:
                 raise ValueError(f"{seq!r} is already writing a step")

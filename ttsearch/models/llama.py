@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ttsearch import batch_invariant, ops
-from ttsearch._cpu_isa import has_fast_bf16
-from ttsearch.models.config import ModelConfig, rope_inv_freq
+from ttsearch.ops.cpu_isa import has_fast_bf16
+from ttsearch.models.config import ModelConfig
+from ttsearch.models.rope import rope_inv_freq
 from ttsearch.ops.quantized import QuantizedTensor
 
 

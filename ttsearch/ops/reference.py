@@ -4,8 +4,9 @@ These are the oracle for the fast implementations and what runs when no fast one
 registered for a device (or when ``TTSEARCH_OPS=reference``). They favour clarity over
 speed, but stay vectorized where that costs no clarity.
 
-Cache layout (see DESIGN.md): a layer's K or V pool is ``[num_blocks, block_size,
-num_kv_heads, head_dim]``; a token's slot is ``block_id * block_size + offset``.
+Cache layout (as ``ttsearch.engine.kv_cache`` allocates it): a layer's K or V pool is
+``[num_blocks, block_size, num_kv_heads, head_dim]``; a token's slot is
+``block_id * block_size + offset``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ttsearch.aggregation import update_aggregate
 from ttsearch.ops.quantized import quantized_linear  # noqa: F401  (GGUF's block formats live there)
 
 
@@ -220,9 +222,6 @@ def copy_blocks(kv_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) ->
         kv_cache[:, :, dst.long()] = kv_cache[:, :, src.long()]
 
 
-AGGREGATIONS = ("last", "min", "prod", "mean")
-
-
 def prm_step_score(
     hidden: torch.Tensor,
     norm_weight: torch.Tensor | None,
@@ -254,19 +253,6 @@ def prm_step_score(
     else:
         scores = torch.softmax(logits, dim=-1)[:, positive_index].contiguous()
     return scores, update_aggregate(prev_agg, prev_count, scores, aggregation)
-
-
-def update_aggregate(prev_agg: torch.Tensor, prev_count: torch.Tensor, scores: torch.Tensor, how: str) -> torch.Tensor:
-    """A beam's running aggregate after one more step score; count 0 starts from the score."""
-    first = prev_count == 0
-    if how == "last":
-        return scores.clone()  # outputs never alias each other
-    if how == "min":
-        return torch.where(first, scores, torch.minimum(prev_agg, scores))
-    if how == "prod":
-        return torch.where(first, scores, prev_agg * scores)
-    count = prev_count.float()
-    return torch.where(first, scores, (prev_agg * count + scores) / (count + 1))
 
 
 # ----------------------------------------------------------------------------- fused elementwise ops

@@ -1,6 +1,6 @@
-"""Verifiers that score reasoning steps on the engine's own tree (DESIGN.md, "Verifiers on the
-same tree"): model-based PRMs in their published formats, self-verification, and an
-arithmetic checker. ``load_verifier`` builds one from a spec."""
+"""Verifiers that score reasoning steps on the engine's own tree: model-based PRMs in their
+published formats, self-verification, and an arithmetic checker. ``load_verifier`` builds one
+from a spec."""
 
 from ttsearch.verifiers.arithmetic import ArithmeticChecker
 from ttsearch.verifiers.base import Verifier, VerifierState

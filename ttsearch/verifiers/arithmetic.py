@@ -44,7 +44,7 @@ from fractions import Fraction
 
 import torch
 
-from ttsearch.ops.reference import update_aggregate
+from ttsearch.aggregation import update_aggregate
 from ttsearch.eval.grading import extract_answer
 from ttsearch.verifiers.base import Verifier, VerifierState
 

@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ttsearch.aggregation import AGGREGATIONS, update_aggregate
 from ttsearch.engine.sequence import Seq
-from ttsearch.ops.reference import AGGREGATIONS, update_aggregate
 
 _ids = itertools.count()
 
@@ -123,9 +123,6 @@ class Verifier:
         """Recompute a preempted state's cache (``KVCacheFullError`` if the pool is full now)."""
         if state.seq is not None:
             self.engine.restore(state.seq)
-
-    def blocks_to_restore(self, state: VerifierState) -> int:
-        return self.engine.blocks_to_restore(state.seq) if state.seq is not None else 0
 
     def blocks_to_start(self, question: str) -> int:
         """Blocks of the verifier's pool that ``new(question)`` takes (0 for a checker)."""
