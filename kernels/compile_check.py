@@ -161,7 +161,7 @@ def _scenarios(m: ModelShape, dtype: torch.dtype) -> dict[str, Callable[[], None
     from ttsearch.kernels import (activation, cascade_decode_attention, copy_blocks, decode_attention,
                                   extend_attention, prm_step_score, quantized_linear, rms_norm, rotary, sampling,
                                   store_kv)
-    from ttsearch.ops.quantized import row_bytes
+    from ttsearch.block_formats import row_bytes
 
     g = gpu_like
     scale = m.head_dim**-0.5

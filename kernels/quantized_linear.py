@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ttsearch.kernels.utils import dot_dtype
-from ttsearch.ops.quantized import FORMATS
+from ttsearch.block_formats import FORMATS
 
 _QTYPES = {name: i for i, name in enumerate(FORMATS)}  # the kernel's QTYPE constexpr
 

@@ -89,6 +89,15 @@ def test_nothing_imports_a_top_level_kernels_module():
     assert offenders == []
 
 
+def test_imports_run_one_way_with_no_import_cycle():
+    """tools/module_graph.py over the tree: no package imports one above it or one that imports
+    it back, and no modules import each other at import time."""
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "module_graph.py"), "--root", str(ROOT)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "upward imports: 0" in out.stdout and "module-level import cycles: 0" in out.stdout
+
+
 # ----------------------------------------------------------------------------- the lock
 
 

@@ -1,5 +1,6 @@
-"""GGUF's quantized weight formats, kept in their blocks: the layouts and a pure-torch
-dequantization, the reference body of ``quantized_linear``.
+"""GGUF's quantized weight formats, kept in their blocks: the bit layouts (block sizes in
+``ttsearch.block_formats``), a pure-torch dequantization, and the reference body of
+``quantized_linear``.
 
 ``quantized_linear`` multiplies by ``x`` rounded to int8 in groups of 32 features, each
 group with its float32 scale (llama.cpp rounds its activations likewise), so that the
@@ -8,8 +9,8 @@ says how, and every implementation rounds the same way at every batch size.
 
 A quantized weight ``[N, K]`` is a uint8 tensor ``[N, K / block_elems * block_bytes]``: each
 row is the row's blocks in file order, exactly as llama.cpp writes them (ggml's
-``block_q4_0`` and friends, little-endian, fp16 scales). The fast implementations dequantize
-a block in registers and multiply at once; this file says what they must compute.
+``block_q4_0`` and friends, little-endian, fp16 scales). The fast implementations unpack a
+block in registers and multiply at once; this file says what they must compute.
 """
 
 from __future__ import annotations
@@ -18,33 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class BlockFormat:
-    elems: int  # weights per block
-    bytes: int  # bytes per block
-
-
-#: ggml's formats that small models ship in (llama.cpp's names, lower case)
-FORMATS = {
-    "q4_0": BlockFormat(32, 18),    # fp16 d, 16 bytes of 4-bit q:          w = d * (q - 8)
-    "q4_1": BlockFormat(32, 20),    # fp16 d, fp16 m, 16 bytes of 4-bit q:  w = d * q + m
-    "q5_0": BlockFormat(32, 22),    # fp16 d, 32 high bits, 16 bytes of low nibbles: w = d * (q - 16)
-    "q5_1": BlockFormat(32, 24),    # fp16 d, fp16 m, 32 high bits, 16 bytes:        w = d * q + m
-    "q8_0": BlockFormat(32, 34),    # fp16 d, 32 int8 q:                    w = d * q
-    "q4_K": BlockFormat(256, 144),  # fp16 d, fp16 dmin, 12 bytes of 6-bit sub-scales and mins, 128 bytes of q
-    "q6_K": BlockFormat(256, 210),  # 128 bytes low nibbles, 64 bytes high 2 bits, 16 int8 scales, fp16 d
-}
-
-
-def row_bytes(qtype: str, in_features: int) -> int:
-    fmt = FORMATS[qtype]
-    return in_features // fmt.elems * fmt.bytes
-
-
-def in_features(qtype: str, blocks: torch.Tensor) -> int:
-    fmt = FORMATS[qtype]
-    return blocks.shape[-1] // fmt.bytes * fmt.elems
+from ttsearch.block_formats import FORMATS, BlockFormat, in_features, row_bytes  # noqa: F401  (the layouts)
 
 
 def _f16(b: torch.Tensor) -> torch.Tensor:

@@ -7,11 +7,11 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ttsearch.aggregation import AGGREGATIONS
 from ttsearch.engine.sampler import SamplingParams
 from ttsearch.errors import ConfigError
 from ttsearch.search.strategies import SEARCHES, STRATEGIES
 
-AGGREGATIONS = ("last", "min", "prod", "mean")
 RESAMPLINGS = ("multinomial", "systematic")
 PARTICLE_WEIGHTS = ("logit", "reward")
 
