@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from ttsearch.engine.sampler import TokenLogprobs
+from ttsearch.engine.sampler import SamplingParams, TokenLogprobs
 from ttsearch.errors import TTSearchError
 from ttsearch.search.generation import GenerationParams, Output
 
@@ -216,14 +216,12 @@ def generation_params(request: _Request, prompt_tokens: int, max_model_len: int,
     if request.n < 1:
         raise RequestError(f"n={request.n}: must be at least 1")
     temperature = 1.0 if request.temperature is None else request.temperature
-    if temperature < 0:
-        raise RequestError(f"temperature={temperature}: must be >= 0")
     top_p = 1.0 if request.top_p is None else request.top_p
-    if not 0 < top_p <= 1:
-        raise RequestError(f"top_p={top_p}: must be in (0, 1]")
-    top_k = request.top_k if request.top_k not in (None, -1) else 0
-    if top_k < 0:
-        raise RequestError(f"top_k={request.top_k}: must be -1 or 0 (off), or positive")
+    top_k = request.top_k if request.top_k not in (None, -1) else 0  # vLLM's -1: off
+    if problem := SamplingParams.out_of_range(temperature, top_p, top_k):
+        field, rule = problem
+        value = {"temperature": temperature, "top_p": top_p, "top_k": request.top_k}[field]
+        raise RequestError(f"{field}={value}: {rule}")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise RequestError(f"logprobs={logprobs}: must be between 0 and {MAX_LOGPROBS}")
     return GenerationParams(n=request.n, max_tokens=max_tokens, stop=request.stops(),

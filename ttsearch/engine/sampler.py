@@ -32,16 +32,26 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            raise ValueError(f"SamplingParams.top_k must be an int >= 0, got {self.top_k!r}")
+        if problem := self.out_of_range(self.temperature, self.top_p, self.top_k):
+            field, rule = problem
+            raise ValueError(f"SamplingParams.{field} {rule}, got {getattr(self, field)!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"SamplingParams.seed must be an int, got {self.seed!r}")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and self.logprobs >= 0):
             raise ValueError(f"SamplingParams.logprobs must be None or an int >= 0, got {self.logprobs!r}")
+
+    @staticmethod
+    def out_of_range(temperature, top_p, top_k) -> tuple[str, str] | None:
+        """The first of these settings out of its range, as (name, the rule it breaks), or None:
+        the one statement of the rules, for every place a setting comes in (search settings,
+        HTTP requests, this class)."""
+        if not (isinstance(temperature, (int, float)) and temperature >= 0):
+            return "temperature", "must be >= 0"
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            return "top_p", "must be in (0, 1]"
+        if not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0):
+            return "top_k", "must be an int >= 0"
+        return None
 
     @property
     def greedy(self) -> bool:

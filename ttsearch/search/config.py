@@ -76,12 +76,8 @@ class SearchConfig:
             bad("lookahead", "must be an integer >= 0")
         if self.aggregation not in AGGREGATIONS:
             bad("aggregation", f"expected one of {', '.join(AGGREGATIONS)}")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
-            bad("temperature", "must be >= 0")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            bad("top_p", "must be in (0, 1]")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            bad("top_k", "must be an integer >= 0")
+        if problem := SamplingParams.out_of_range(self.temperature, self.top_p, self.top_k):
+            bad(*problem)
         if not isinstance(self.seed, int):
             bad("seed", "must be an integer")
         if not (isinstance(self.stop, str) and self.stop):
