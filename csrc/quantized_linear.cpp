@@ -13,6 +13,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <c10/util/Half.h>
 
@@ -37,9 +38,10 @@ constexpr int kGroup = 32;           // features per int8 group of x, and per in
 // Up to 8 rows of x go through the fused kernel, their accumulators in registers. Past 8 on
 // a Zen 4 the int8 products per row cost more than dequantizing W once for ATen's bf16 GEMM.
 constexpr int64_t kFusedRows = 8;
-// output features dequantized at a time for the GEMM: a whole layer's matrix, or a few MB of a
-// vocabulary-sized one, which stays in the last-level cache for the GEMM to read
-constexpr int64_t kPanelRows = 4096;
+// Output features dequantized at a time for the GEMM: 4 MB of them (a small model's whole
+// matrix, a slice of a vocabulary-sized one), which stay in the last-level cache for the GEMM.
+constexpr int64_t kPanelBytes = 4 << 20;
+constexpr int64_t kMinPanelRows = 64;
 
 inline float f16(const uint8_t* p) {
   uint16_t h;
@@ -370,11 +372,17 @@ C10_ALWAYS_INLINE Group group_of(const uint8_t* row, int64_t index) {
 
 // ---------------------------------------------------------------- x rounded to int8
 
-// The scale d = max |x| / 127 of a group of 32 features of x.
-C10_ALWAYS_INLINE float group_scale(const float* x) {
+// The scale d = max |x| / 127 of a group of 32 features of x, as kGroup / kVec vectors.
+C10_ALWAYS_INLINE float group_scale(const Vec* x) {
   Vec amax(0.f);
-  for (int i = 0; i < kGroup; i += kVec) amax = at::vec::maximum(amax, Vec::loadu(x + i).abs());
+  for (int i = 0; i < kGroup / kVec; ++i) amax = at::vec::maximum(amax, x[i].abs());
   return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, amax) / 127.f;
+}
+
+// Group g of x [*, K] of type T, as floats.
+template <typename T>
+C10_ALWAYS_INLINE void load_group(const T* x, int64_t g, Vec* out) {
+  for (int i = 0; i < kGroup / kVec; ++i) out[i] = cpu::load_float(x + g * kGroup + i * kVec);
 }
 
 C10_ALWAYS_INLINE float inverse_of(float d) { return d > 0.f ? 1.f / d : 0.f; }  // a group of zeros stays zero
@@ -391,7 +399,9 @@ struct RoundedRows {
   RoundedRows(const float* x, int64_t M, int64_t K)
       : K(K), groups(K / kGroup), q(M * K + kGroup, 0), d((M * groups + 1) * 8, 0.f), s((M * groups + 1) * 8, 0.f) {
     for (int64_t g = 0; g < M * groups; ++g) {
-      const float dg = group_scale(x + g * kGroup);
+      Vec v[kGroup / kVec];
+      load_group(x, g, v);
+      const float dg = group_scale(v);
       const int total = round_to_int8(x + g * kGroup, inverse_of(dg), q.data() + g * kGroup);
       std::fill_n(d.data() + 8 * g, 8, dg);
       std::fill_n(s.data() + 8 * g, 8, dg * static_cast<float>(total) / 8.f);
@@ -399,17 +409,26 @@ struct RoundedRows {
   }
 };
 
-// x [M, K] rounded, as values d * q of type T (for the GEMM).
+// x [M, K] of type T rounded, as values d * q of type T (for the GEMM).
 template <typename T>
-void round_values(const float* x, int64_t M, int64_t K, T* out) {
+void round_values(const T* x, int64_t M, int64_t K, T* out) {
   for (int64_t g = 0; g < M * K / kGroup; ++g) {
-    const float* xg = x + g * kGroup;
-    const float dg = group_scale(xg);
+    Vec v[kGroup / kVec];
+    load_group(x, g, v);
+    const float dg = group_scale(v);
     const Vec d(dg), inverse(inverse_of(dg));
-    for (int i = 0; i < kGroup; i += kVec) {  // round(): to nearest, ties to even
-      cpu::store_float(out + g * kGroup + i, (Vec::loadu(xg + i) * inverse).round() * d);
+    for (int i = 0; i < kGroup / kVec; ++i) {  // round(): to nearest, ties to even
+      cpu::store_float(out + g * kGroup + i * kVec, (v[i] * inverse).round() * d);
     }
   }
+}
+
+// A buffer of at least `bytes`, kept for the calling thread's next call: a fresh one each call
+// would be zeroed page by page by the kernel, which cost more than the dequantizing it holds.
+inline uint8_t* scratch(int64_t bytes) {
+  thread_local at::Tensor buffer;
+  if (!buffer.defined() || buffer.numel() < bytes) buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  return buffer.data_ptr<uint8_t>();
 }
 
 // ---------------------------------------------------------------- the kernels
@@ -515,22 +534,24 @@ template <typename F>
 at::Tensor linear(const at::Tensor& x, const at::Tensor& blocks) {
   const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0);
   const uint8_t* w = blocks.data_ptr<uint8_t>();
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
   if (M <= kFusedRows) {
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
     at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
     fused<F>(RoundedRows(xf.data_ptr<float>(), M, K), M, w, N, y.data_ptr<float>());
     return y.to(x.scalar_type());
   }
+  const at::Tensor xc = x.contiguous();
   at::Tensor xr = at::empty({M, K}, x.options());
   at::Tensor y = at::empty({M, N}, x.options());
-  at::Tensor panel = at::empty({std::min(N, kPanelRows), K}, x.options());
+  const int64_t panel_rows = std::min(N, std::max<int64_t>(kMinPanelRows, kPanelBytes / (K * x.element_size())));
   TTSEARCH_DISPATCH_FLOAT_TYPES(x.scalar_type(), "quantized_linear", [&] {
-    round_values(xf.data_ptr<float>(), M, K, xr.data_ptr<scalar_t>());
-    for (int64_t n0 = 0; n0 < N; n0 += kPanelRows) {
-      const int64_t count = std::min(kPanelRows, N - n0);
-      dequantize_rows<F, scalar_t>(w, K, n0, count, panel.data_ptr<scalar_t>());
+    round_values(xc.data_ptr<scalar_t>(), M, K, xr.data_ptr<scalar_t>());
+    scalar_t* panel = reinterpret_cast<scalar_t*>(scratch(panel_rows * K * x.element_size()));
+    for (int64_t n0 = 0; n0 < N; n0 += panel_rows) {
+      const int64_t count = std::min(panel_rows, N - n0);
+      dequantize_rows<F, scalar_t>(w, K, n0, count, panel);
       at::Tensor out = y.narrow(1, n0, count);
-      at::mm_out(out, xr, panel.narrow(0, 0, count).t());
+      at::mm_out(out, xr, at::from_blob(panel, {count, K}, x.options()).t());
     }
   });
   return y;
