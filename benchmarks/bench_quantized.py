@@ -4,7 +4,7 @@ bf16 at load, side by side in one run:
 
 - ``test_stream_bandwidth``: this machine's streaming read bandwidth (a sum over a 1 GiB
   float32 buffer, every core);
-- ``test_decode[weights-batch]``: one batched ``Engine.step`` of ``batch`` sequences with
+- ``test_decode[batch-weights]``: one batched ``Engine.step`` of ``batch`` sequences with
   256-token contexts (as bench_decode.py), in bf16; tokens/s, the bytes of weights one step
   reads (every matrix once, whatever the batch) and their rate as a fraction of the
   streaming bandwidth.
@@ -51,8 +51,9 @@ def engine_for(weights: str) -> Engine:
     return Engine("smollm2-135m", dtype="bfloat16", weights=weights, kv_cache_bytes=768 << 20, progress=False)
 
 
-@pytest.mark.parametrize("batch", [1, 4, 16, 64, 256])
+# the two weights of a batch size run back to back: a ratio is read from neighbouring timings
 @pytest.mark.parametrize("weights", WEIGHTS)
+@pytest.mark.parametrize("batch", [1, 4, 16, 64, 256])
 def test_decode(benchmark, weights, batch):
     engine = engine_for(weights)
     time_decode_step(benchmark, engine, batch, rounds=ROUNDS)
