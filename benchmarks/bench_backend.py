@@ -24,6 +24,9 @@ generated tokens differ: compare seconds per generated token beside seconds per 
 
     python -m pytest benchmarks/bench_backend.py --benchmark-only \\
         --benchmark-json benchmarks/results/backend_cpu_<machine>.json
+
+``BENCH_WEIGHTS=packed`` runs every side on the GGUF file's packed weights (``--weights
+packed`` on both servers, ``weights="packed"`` in process) instead of dequantized ones.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ STEP_TOKENS = 128  # room for a step to end at its blank line: a step cut short 
 TEMPERATURE = 0.8
 PRM_OPTIONS = {"family": "math-shepherd", "tag": "ки"}
 MODEL = "smollm2-135m"
+# the model's weights on every side: dequantized to the dtype at load, or packed (GGUF's blocks)
+WEIGHTS = os.environ.get("BENCH_WEIGHTS", "dequantized")
 
 
 def problems():
@@ -73,7 +78,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "ttsearch", "--log-level", "warning", "serve", "--port", str(self.port),
-                   "--verifier", MODEL, "--verifier-options", json.dumps(PRM_OPTIONS), *flags]
+                   "--verifier", MODEL, "--verifier-options", json.dumps(PRM_OPTIONS), "--weights", WEIGHTS, *flags]
         self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         deadline = time.time() + 300
         while True:
@@ -138,7 +143,7 @@ def engine():
     if _engine is None:
         from ttsearch import Engine
 
-        _engine = Engine(MODEL, progress=False)
+        _engine = Engine(MODEL, weights=WEIGHTS, progress=False)
         seq = _engine.add(_engine.tokenizer.encode("What is 2 + 2?"))  # warm up, outside the measured runs
         forks = _engine.fork(seq, 4)
         _engine.generate_step(forks, max_tokens=8)
@@ -181,7 +186,7 @@ def test_its_hub_particle_filtering(benchmark, servers, budget):
     alone, together = ours(budget, 1), ours(budget, PROBLEMS)
     benchmark.extra_info.update({
         "problems": PROBLEMS, "budget": budget, "max_steps": MAX_STEPS, "step_tokens": STEP_TOKENS,
-        "dtype": str(engine().dtype),
+        "dtype": str(engine().dtype), "weights": WEIGHTS,
         "load_average_1min_before_after": [load_before, os.getloadavg()[0]],
         "a_its_hub_through_server_with_reuse": reuse,
         "b_its_hub_through_server_without_reuse": no_reuse,
