@@ -98,7 +98,6 @@ C10_ALWAYS_INLINE Ints dot_unsigned(Bytes u, Bytes s) {
 }
 // the same for signed bytes w: |w| times s with w's sign
 C10_ALWAYS_INLINE Ints dot_signed(Bytes w, Bytes s) { return dot_unsigned(_mm256_sign_epi8(w, w), _mm256_sign_epi8(s, w)); }
-C10_ALWAYS_INLINE Floats zeros() { return _mm256_setzero_ps(); }
 // lo in the lanes of bytes 0-15, hi in those of bytes 16-31
 C10_ALWAYS_INLINE Floats halves(float lo, float hi) { return _mm256_set_m128(_mm_set1_ps(hi), _mm_set1_ps(lo)); }
 // the kVec bytes from byte i * kVec on, as floats
@@ -115,7 +114,6 @@ C10_ALWAYS_INLINE Vec to_floats(Bytes q, int i) {
 }
 #if defined(CPU_CAPABILITY_AVX512)
 // Two groups side by side in one 512-bit register: the fused kernel's unit on AVX-512.
-constexpr int kWide = 2;
 using WideBytes = __m512i;
 using WideFloats = __m512;
 C10_ALWAYS_INLINE WideBytes join(Bytes a, Bytes b) { return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1); }
@@ -139,8 +137,6 @@ C10_ALWAYS_INLINE WideFloats fmadd(__m512i i, WideFloats scale, WideFloats times
 }
 C10_ALWAYS_INLINE WideFloats fmadd(WideFloats a, WideFloats b, WideFloats acc) { return _mm512_fmadd_ps(a, b, acc); }
 C10_ALWAYS_INLINE float sum(WideFloats a) { return _mm512_reduce_add_ps(a); }
-#else
-constexpr int kWide = 1;
 #endif
 C10_ALWAYS_INLINE Floats splat_floats(float v) { return _mm256_set1_ps(v); }
 C10_ALWAYS_INLINE Floats load_floats(const float* p) { return _mm256_loadu_ps(p); }
@@ -176,7 +172,6 @@ C10_ALWAYS_INLINE int round_to_int8(const float* x, float inverse, int8_t* q) {
 #endif
 }
 #else  // plain loops, which the compiler vectorizes for the baseline ISA
-constexpr int kWide = 1;
 struct Bytes {
   uint8_t b[32];
 };
@@ -231,7 +226,6 @@ inline Ints dot(const Bytes& w, const Bytes& s) {
 }
 inline Ints dot_unsigned(const Bytes& u, const Bytes& s) { return dot<false>(u, s); }
 inline Ints dot_signed(const Bytes& w, const Bytes& s) { return dot<true>(w, s); }
-inline Floats zeros() { return Floats{}; }
 inline Floats halves(float lo, float hi) {
   Floats r;
   for (int i = 0; i < 8; ++i) r.v[i] = i < 4 ? lo : hi;
@@ -396,13 +390,16 @@ struct RoundedRows {
   std::vector<int8_t> q;     // [M, K]
   std::vector<float> d, s;   // [M, groups, 8]
 
-  RoundedRows(const float* x, int64_t M, int64_t K)
+  template <typename T>
+  RoundedRows(const T* x, int64_t M, int64_t K)
       : K(K), groups(K / kGroup), q(M * K + kGroup, 0), d((M * groups + 1) * 8, 0.f), s((M * groups + 1) * 8, 0.f) {
     for (int64_t g = 0; g < M * groups; ++g) {
       Vec v[kGroup / kVec];
       load_group(x, g, v);
       const float dg = group_scale(v);
-      const int total = round_to_int8(x + g * kGroup, inverse_of(dg), q.data() + g * kGroup);
+      alignas(64) float xg[kGroup];  // the group as floats, for the int8 rounding
+      for (int i = 0; i < kGroup / kVec; ++i) v[i].store(xg + i * kVec);
+      const int total = round_to_int8(xg, inverse_of(dg), q.data() + g * kGroup);
       std::fill_n(d.data() + 8 * g, 8, dg);
       std::fill_n(s.data() + 8 * g, 8, dg * static_cast<float>(total) / 8.f);
     }
@@ -534,13 +531,14 @@ template <typename F>
 at::Tensor linear(const at::Tensor& x, const at::Tensor& blocks) {
   const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0);
   const uint8_t* w = blocks.data_ptr<uint8_t>();
+  const at::Tensor xc = x.contiguous();
   if (M <= kFusedRows) {
-    const at::Tensor xf = x.to(at::kFloat).contiguous();
     at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-    fused<F>(RoundedRows(xf.data_ptr<float>(), M, K), M, w, N, y.data_ptr<float>());
+    TTSEARCH_DISPATCH_FLOAT_TYPES(x.scalar_type(), "quantized_linear", [&] {
+      fused<F>(RoundedRows(xc.data_ptr<scalar_t>(), M, K), M, w, N, y.data_ptr<float>());
+    });
     return y.to(x.scalar_type());
   }
-  const at::Tensor xc = x.contiguous();
   at::Tensor xr = at::empty({M, K}, x.options());
   at::Tensor y = at::empty({M, N}, x.options());
   const int64_t panel_rows = std::min(N, std::max<int64_t>(kMinPanelRows, kPanelBytes / (K * x.element_size())));

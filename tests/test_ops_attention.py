@@ -25,7 +25,6 @@ from ops_cases import (ATTENTION_CASES, ATTENTION_PARAMS, BLOCK, CONTEXTS, DTYPE
 from ttsearch.ops import reference
 
 
-
 # ----------------------------------------------------------------------------- reference and C++
 
 

@@ -39,7 +39,7 @@ DEMO_SETTINGS = dict(
 
 
 def run_demo(output_dir: str | Path = "runs/demo", limit: int | None = None, n: int | None = None,
-             weights: str | None = None) -> int:
+             weights: str = "dequantized") -> int:
     from ttsearch.engine.engine import Engine
     from ttsearch.eval.report import accuracy_rows, plot_accuracy
     from ttsearch.search import run
@@ -55,8 +55,9 @@ def run_demo(output_dir: str | Path = "runs/demo", limit: int | None = None, n: 
         "dvts": SearchConfig(strategy="dvts", n=n, beam_width=4 if n % 4 == 0 else 1, **DEMO_SETTINGS),
     }
     start = time.perf_counter()
-    policy = Engine("smollm2-135m", kv_cache_bytes=3 << 29, **({"weights": weights} if weights else {}))
-    print(f"SmolLM2-135M ({policy.dtype}, {policy.weights} weights) + arithmetic checker, {limit} bundled problems, N up to {n}")
+    policy = Engine("smollm2-135m", kv_cache_bytes=3 << 29, weights=weights)
+    print(f"SmolLM2-135M ({policy.dtype}, {policy.weights} weights) + arithmetic checker, {limit} bundled problems, "
+          f"N up to {n}")
     records = []
     labels = {"best_of_n": "best-of-N", "beam_search": "beam search", "dvts": "DVTS"}
     for name, config in configs.items():
