@@ -1,7 +1,8 @@
 """`ttsearch serve` as the backend of step-wise clients, on loopback: plain generation with vLLM's
 semantics through the official openai client, prefix reuse across requests, step scoring
-(``/v1/score_steps``), bad input, and its_hub itself (self-consistency, best-of-N with an LLM
-judge on the same server, particle filtering and beam search with our step scorer).
+(``/v1/score_steps``, and vLLM's ``/pooling`` shape for it), bad input, and its_hub itself
+(self-consistency, best-of-N with an LLM judge on the same server, particle filtering and beam
+search with our step scorer).
 
 The model's quality does not matter here: a tiny random Llama (tests/conftest.py) is the
 policy, and, on the same engine, a Math-Shepherd-format PRM (its scores are random too, but
@@ -10,6 +11,7 @@ computed on the verifier's KV tree like any PRM's)."""
 from __future__ import annotations
 
 import math
+import re
 
 import httpx
 import openai
@@ -256,6 +258,87 @@ def test_score_steps_scores_incrementally_as_scoring_from_scratch(base_url, serv
     with pytest.raises(ValueError, match="judges the policy's own beams"):
         PathScorer(SelfVerifier(engine, candidates=("=", "8"))).check(question, paths)
     no_leak(service, engine)
+
+
+# ----------------------------------------------------------------------------- vLLM's /pooling
+
+
+def tagged(steps: list[str]) -> str:
+    """Steps as a Math-Shepherd-format PRM reads them: each followed by its tag, before its own
+    trailing whitespace."""
+    return "".join(f"{s.rstrip()} {PRM['tag']}{s[len(s.rstrip()):]}" for s in steps)
+
+
+def test_pooling_gives_the_score_steps_scores_of_the_steps_it_finds(base_url, service, engine):
+    question = "What is 3 * 4 + 2?"  # scored by no other test: nothing is remembered for it yet
+    paths = [["3 * 4 = 12\n\n", "12 + 2 = 14\n\n"], ["3 * 4 = 12\n\n", "12 + 2 = 15\n\n", "So 15.\n\n"]]
+    # the chat form names the question: the question and steps that /v1/score_steps takes
+    chat = httpx.post(f"{base_url}/pooling", json={"model": MODEL, "messages": [
+        {"role": "user", "content": question}, {"role": "assistant", "content": tagged(paths[0])}]}).json()
+    assert chat["object"] == "list" and chat["id"].startswith("pool-") and chat["model"] == MODEL
+    (entry,) = chat["data"]
+    assert entry["index"] == 0 and entry["object"] == "pooling" and len(entry["data"]) == 2
+    score = httpx.post(f"{base_url}/v1/score_steps", json={"question": question, "paths": paths}).json()
+    # the same service path: the steps the chat form scored are remembered, with their very scores
+    assert score["usage"]["steps_remembered"] == 2 and score["usage"]["steps_scored"] == 2
+    assert [p_good for _, p_good in entry["data"]] == score["data"][0]["step_scores"]
+    # the completion form: the question, a space, then the steps; a list gives an entry per text, in order
+    texts = [f"{question} {tagged(path)}" for path in paths[::-1]]
+    completion = httpx.post(f"{base_url}/v1/pooling", json={"model": MODEL, "input": texts}).json()
+    assert [d["index"] for d in completion["data"]] == [0, 1]
+    for got, expected in zip(completion["data"], score["data"][::-1]):
+        assert [p_good for _, p_good in got["data"]] == pytest.approx(expected["step_scores"], abs=1e-6, rel=0)
+        assert all(p_bad == 1.0 - p_good and p_bad + p_good == pytest.approx(1.0, abs=1e-15)
+                   for p_bad, p_good in got["data"])
+    flat = [p for pair in completion["data"][1]["data"] for p in pair]
+    assert flat == pytest.approx([p for pair in chat["data"][0]["data"] for p in pair], abs=1e-6, rel=0)
+    to_last_tag = [t[: t.rindex(PRM["tag"]) + len(PRM["tag"])] for t in texts]
+    tokens = sum(len(engine.tokenizer.encode(t)) for t in to_last_tag)
+    assert completion["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}
+    no_leak(service, engine)
+
+
+def test_pooling_refuses_what_it_cannot_score_and_nothing_leaks(base_url, service, engine):
+    from ttsearch.openai_protocol import PoolingRequest, RequestError, pooling_texts
+    from ttsearch.verifiers import ArithmeticChecker
+
+    tag, question = PRM["tag"], "What is 3 * 4 + 2?"
+    good = f"{question} 3 * 4 = 12 {tag}\n\n"
+    long = f"{question} " + "3 * 4 = 12 and 12 + 2 = 14, so 14. " * 40 + tag
+    cases = [
+        ({"input": ""}, "input", "input: the text is empty"),
+        ({"input": []}, "input", "input: expected a text"),
+        ({"input": [good, question]}, "input[1]", r"input\[1\]: no step tag '<\|endoftext\|>'"),
+        ({"input": [1, 2, 3]}, "input", "token ids are not served"),
+        ({"input": 7}, "input", "input"),
+        ({"input": f"{question} 3 * 4 = 12{tag}"}, "input", "step 1 .* is not written as the verifier writes it"),
+        ({"input": f"{question} 3 * 4 = 12 {tag}12 + 2 = 14 {tag}"}, "input", "step 2 .* is not written"),
+        ({"input": long}, "input", "over the verifier's context length 512"),
+        ({"input": good, "encoding_format": "base64"}, "encoding_format", "encoding_format='base64': only 'float'"),
+        ({"input": good, "truncate_prompt_tokens": 4}, "truncate_prompt_tokens", "truncate_prompt_tokens=4"),
+        ({"input": good, "messages": [{"role": "user", "content": question}]}, "input", "not both"),
+        ({"messages": [{"role": "user", "content": question}]}, "messages[0].role", "must be the assistant's steps"),
+        ({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": "3 * 4 = 12"}]},
+         "messages[1].content", r"messages\[1\].content: no step tag"),
+        ({"messages": [{"role": "assistant", "content": f"3 * 4 = 12 {tag}"}]}, "messages", "no user message"),
+    ]
+    for body, param, message in cases:
+        reply = httpx.post(f"{base_url}/pooling", json={"model": MODEL, **body})
+        assert reply.status_code == 400 and reply.json()["error"]["param"].startswith(param), reply.text
+        assert reply.json()["error"]["type"] == "invalid_request_error"
+        assert re.search(message, reply.json()["error"]["message"]), reply.text
+    # more than the verifier's KV pool holds (512 blocks of 16): 24 paths of one question, each ~440 tokens
+    many = [f"{question} {i} {tag}\n" + "3 * 4 = 12 and 12 + 2 = 14, so 14. " * 19 + tag for i in range(24)]
+    reply = httpx.post(f"{base_url}/pooling", json={"model": MODEL, "input": many})
+    assert reply.status_code == 400 and "do not fit in the verifier's KV pool" in reply.text, reply.text
+    assert httpx.post(f"{base_url}/pooling", json={"model": "other", "input": good}).status_code == 404
+    # the server still answers, vLLM's fields it does not use are ignored, and no block is left behind
+    fine = httpx.post(f"{base_url}/pooling", json={"model": MODEL, "input": good, "add_special_tokens": True,
+                                                   "truncate_prompt_tokens": -1, "user": "u", "priority": 0})
+    assert fine.status_code == 200 and len(fine.json()["data"][0]["data"]) == 1
+    no_leak(service, engine)
+    with pytest.raises(RequestError, match="marks no step with a tag"):  # a verifier that writes no text
+        pooling_texts(ArithmeticChecker(), PoolingRequest(input=good))
 
 
 # ----------------------------------------------------------------------------- its_hub

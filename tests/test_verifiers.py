@@ -285,6 +285,45 @@ def test_qwen_prm_separators_equal_the_model_card(qwen_prm):
     assert deltas == [b - a for a, b in zip([len(prefix) - 1, *separators], separators)]
 
 
+def test_a_text_in_the_prms_format_reads_back_into_its_question_and_steps(math_shepherd, qwen_prm):
+    """What ``POST /pooling`` takes: a text the client wrote in the PRM's format, cut at its tags
+    into the steps the verifier scores, with the verifier's tokens equal to the text's."""
+    from ttsearch.verifiers.path_scorer import PathScorer
+    from ttsearch.verifiers.tagged_text import read_solution, read_text, step_tag
+
+    # Math-Shepherd: the model card's f"{question} {output}", encoded with the tokenizer's <s>
+    verifier = prm(math_shepherd[0])
+    output = "".join(STEPS).replace("\n\n", " ки\n\n") + " ки"
+    chat = read_solution(verifier, QUESTION, output)
+    assert (chat.question, chat.steps) == (QUESTION, STEPS)
+    text = read_text(verifier, f"{QUESTION} {output}")
+    assert text.tokens == chat.tokens == len(verifier.engine.tokenizer.encode(f"{QUESTION} {output}"))
+    assert f"{text.question} {''.join(text.steps)}" == f"{QUESTION} {''.join(STEPS)}"  # the space is the joint
+    state, _ = score_one_by_one(verifier)
+    scored = PathScorer(verifier).score(text.question, [text.steps]).step_scores[0]
+    torch.testing.assert_close(torch.tensor(scored), torch.tensor(state.step_scores), atol=TOL, rtol=0)
+    verifier.free(state)
+    with pytest.raises(ValueError, match="add_special_tokens=False: the verifier writes its text with"):
+        read_text(verifier, f"{QUESTION} {output}", add_special_tokens=False)
+    with pytest.raises(ValueError, match=r"step 2 .*not written as the verifier writes it"):
+        read_text(verifier, f"{QUESTION} {output}".replace("13 eggs. ки", "13 eggs.ки"))
+
+    # Qwen2.5-Math-PRM: the model card's whole conversation; the turn's end after the last separator is no step
+    verifier = prm(qwen_prm[0])
+    assert step_tag(verifier) == "<extra_0>"
+    content = "<extra_0>".join(s.strip() for s in STEPS) + "<extra_0>"
+    messages = [{"role": "system", "content": verifier.format.system_prompt}, {"role": "user", "content": QUESTION},
+                {"role": "assistant", "content": content}]
+    whole = verifier.engine.tokenizer.apply_chat_template(messages, tokenize=False)
+    text, chat = read_text(verifier, whole), read_solution(verifier, QUESTION, content)
+    assert (text.question, text.steps) == (chat.question, chat.steps) == (QUESTION, [s.strip() for s in STEPS])
+    assert text.tokens == len(verifier.engine.tokenizer.encode(whole[: whole.rindex("<extra_0>") + 9]))
+    with pytest.raises(ValueError, match="does not start as the PRM's prompt does"):
+        read_text(verifier, whole.replace("Please reason", "Reason"))
+    with pytest.raises(ValueError, match="marks no step with a tag"):
+        step_tag(ArithmeticChecker())
+
+
 def test_skywork_value_head_equals_prepare_input(skywork):
     path, base, head = skywork
     verifier = prm(path)

@@ -8,7 +8,8 @@ takes text or token ids (``echo``); both take ``n``, ``stop`` (a string or a lis
 ``"extra_body"`` object (as clients that post JSON themselves do) count as top-level ones.
 A field this server does not know is ignored, as vLLM ignores it (and named in the log); one
 that would change the result away from its default (penalties, logit bias, tools, structured
-output, ...) is refused with a 400 naming it.
+output, ...) is refused with a 400 naming it. ``PoolingRequest`` is vLLM's reward-model
+``/pooling`` request, read into the verifier's questions and steps by ``pooling_texts``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from ttsearch.engine.sampler import SamplingParams, TokenLogprobs
 from ttsearch.errors import TTSearchError
 from ttsearch.search.generation import GenerationParams, Output
+from ttsearch.verifiers.tagged_text import TaggedText, read_solution, read_text, step_tag
 
 log = logging.getLogger("ttsearch.serve")
 
@@ -29,7 +31,12 @@ MAX_LOGPROBS = 20  # as vLLM's default max_logprobs
 
 
 class RequestError(TTSearchError, ValueError):
-    """A request that can never be served as asked (HTTP 400)."""
+    """A request that can never be served as asked (HTTP 400); ``param``: the field at fault,
+    where the reply names it apart."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 #: vLLM's sampling fields that this server does not implement: the values that leave the result as it is
@@ -153,7 +160,96 @@ class ScoreStepsRequest(BaseModel):
     paths: list[list[str]]
 
 
+class PoolingRequest(BaseModel):
+    """vLLM's ``POST /pooling`` for a process reward model: the completion form (``input``, a
+    text or a list of texts, each in the PRM's format with a tag ending every step) or the chat
+    form (``messages``: the last user turn is the question, the final assistant message holds
+    the steps). vLLM's other fields (``priority``, ``request_id``, ``task``, ...) are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]] | None = None
+    messages: list[Message] | None = None
+    encoding_format: str = "float"
+    truncate_prompt_tokens: int | None = None
+    add_special_tokens: bool | None = None  # vLLM's default: true for input, false for messages
+    user: str | None = None
+    dimensions: int | None = None
+    use_activation: bool | None = None
+
+
 # ----------------------------------------------------------------------------- requests -> work
+
+
+def pooling_texts(verifier, request: PoolingRequest) -> list[TaggedText]:
+    """Each input of a /pooling request as the question and steps the verifier scores, in
+    order; a RequestError naming the field for anything it cannot score."""
+    if request.encoding_format != "float":
+        raise RequestError(f"encoding_format={request.encoding_format!r}: only 'float' is served", "encoding_format")
+    if request.dimensions is not None:
+        raise RequestError(f"dimensions={request.dimensions}: applies to embeddings, not to a reward model's steps",
+                           "dimensions")
+    if request.use_activation is False:
+        raise RequestError("use_activation=false: the verifier returns probabilities only; leave it unset",
+                           "use_activation")
+    truncate = request.truncate_prompt_tokens
+    if truncate is not None and truncate < -1:
+        raise RequestError(f"truncate_prompt_tokens={truncate}: must be -1 or at least 0", "truncate_prompt_tokens")
+    if (request.input is None) == (request.messages is None):
+        raise RequestError("input: send the texts in the PRM's format (input) or a chat (messages)"
+                           + (", not both" if request.input is not None else ""), "input")
+    try:
+        step_tag(verifier)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from exc
+    if request.messages is not None:
+        texts = [_pooling_chat(verifier, request.messages)]
+        names = ["messages"]
+    else:
+        inputs = request.input
+        if isinstance(inputs, list) and inputs and not all(isinstance(x, str) for x in inputs):
+            raise RequestError("input: token ids are not served; send the text (the verifier writes its own tokens)",
+                               "input")
+        if isinstance(inputs, list) and not inputs:
+            raise RequestError("input: expected a text or a non-empty list of texts", "input")
+        names = ["input"] if isinstance(inputs, str) else [f"input[{i}]" for i in range(len(inputs))]
+        special = request.add_special_tokens is not False
+        texts = []
+        for name, text in zip(names, [inputs] if isinstance(inputs, str) else inputs):
+            if not text.strip():
+                raise RequestError(f"{name}: the text is empty", name)
+            try:
+                texts.append(read_text(verifier, text, special))
+            except ValueError as exc:
+                raise RequestError(f"{name}: {exc}", name) from exc
+    if truncate is not None and truncate != -1:
+        for name, text in zip(names, texts):
+            if text.tokens > truncate:
+                raise RequestError(f"truncate_prompt_tokens={truncate}: {name} holds {text.tokens} tokens to its last "
+                                   "tag, and a cut text would lose its question; the verifier scores whole texts",
+                                   "truncate_prompt_tokens")
+    return texts
+
+
+def _pooling_chat(verifier, messages: list[Message]) -> TaggedText:
+    if not messages:
+        raise RequestError("messages: expected the question (a user message) and the steps (the assistant's)",
+                           "messages")
+    last = len(messages) - 1
+    if messages[last].role != "assistant":
+        raise RequestError(f"messages[{last}].role={messages[last].role!r}: the last message must be the assistant's "
+                           "steps, each ending with the verifier's step tag", f"messages[{last}].role")
+    users = [i for i, m in enumerate(messages) if m.role == "user"]
+    if not users:
+        raise RequestError("messages: no user message to take the question from", "messages")
+    question, solution = messages[users[-1]].text(), messages[last].text()
+    if not question.strip():
+        raise RequestError(f"messages[{users[-1]}].content: the question is empty", f"messages[{users[-1]}].content")
+    try:
+        return read_solution(verifier, question, solution)
+    except ValueError as exc:
+        raise RequestError(f"messages[{last}].content: {exc}", f"messages[{last}].content") from exc
 
 
 def chat_prompt(tokenizer, request: ChatRequest) -> list[int]:

@@ -15,7 +15,17 @@ so everything shares one decode batch and one KV pool; ``app.py`` is the HTTP la
   decode batch, and its prompt reuses the prefix cache, so a client that re-sends a path grown
   by one step pays only for the new tokens (``usage.prompt_tokens_details.cached_tokens``);
 - ``POST /v1/score_steps`` scores posted paths with the server's verifier between two decode
-  steps, incrementally (``verifiers/path_scorer.py``).
+  steps, incrementally (``verifiers/path_scorer.py``);
+- ``POST /pooling`` (also ``/v1/pooling``) is vLLM's reward-model request for the same
+  scoring: texts in the PRM's format (``input``), or a chat whose last user message is the
+  question and whose final assistant message holds the steps (``messages``), each step ending
+  at the verifier's tag (Math-Shepherd's ``ки``, Qwen2.5-Math-PRM's ``<extra_0>``). The text
+  is cut at the tags into the question and steps that /v1/score_steps takes, and scored by the
+  same path (``verifiers/tagged_text.py``); each step gets ``[p_bad, p_good]``, in
+  Qwen2.5-Math-PRM's order (index 1 = good), ``p_good`` being its /v1/score_steps score. In
+  Math-Shepherd's text the question and the first step are joined by a space nothing marks: the
+  first step is taken to be the last word before the first tag (no score depends on it); the
+  chat form names the question.
 """
 
 from ttsearch.serve.app import create_app, serve

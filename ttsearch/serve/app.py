@@ -12,7 +12,7 @@ import uuid
 
 from ttsearch import openai_protocol as protocol
 from ttsearch.api import Searcher
-from ttsearch.openai_protocol import ChatRequest, CompletionRequest, RequestError, ScoreStepsRequest
+from ttsearch.openai_protocol import ChatRequest, CompletionRequest, PoolingRequest, RequestError, ScoreStepsRequest
 from ttsearch.search.generation import Generation, GenerationParams
 from ttsearch.search.result import SearchResult
 from ttsearch.serve.service import Busy, SearchService, Ticket
@@ -20,9 +20,10 @@ from ttsearch.verifiers.path_scorer import ScoredPaths
 
 
 def create_app(service: SearchService, model_name: str, api_key: str | None = None, search_by_default: bool = False):
-    """The FastAPI app: GET /health, GET /v1/models, POST /v1/chat/completions, /v1/completions
-    and /v1/score_steps. ``search_by_default``: a chat request without a ``"search"`` object is
-    searched with the server's settings (otherwise it is a generation request)."""
+    """The FastAPI app: GET /health, GET /v1/models, POST /v1/chat/completions, /v1/completions,
+    /v1/score_steps and /pooling (also at /v1/pooling). ``search_by_default``: a chat request
+    without a ``"search"`` object is searched with the server's settings (otherwise it is a
+    generation request)."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -94,30 +95,72 @@ def create_app(service: SearchService, model_name: str, api_key: str | None = No
         echoes = [text if body.echo else None for _, text in prompts]
         return await generate(request, body, list(zip([ids for ids, _ in prompts], echoes)), params, chat=False)
 
+    async def scored(requests: list[tuple[str, list[list[str]]]]):
+        """Each (question, paths) scored by the service (``score_paths``), in order, or the
+        error reply for the first that cannot be."""
+        futures = []
+        try:
+            for question, paths in requests:
+                futures.append(service.score_paths(question, paths))
+        except RequestError as exc:
+            return error(400, str(exc))
+        except Busy as exc:
+            raise HTTPException(503, str(exc)) from exc
+        results = await asyncio.gather(*[asyncio.wrap_future(f) for f in futures], return_exceptions=True)
+        exc = next((r for r in results if isinstance(r, BaseException)), None)
+        if isinstance(exc, RequestError):
+            return error(400, str(exc))
+        if isinstance(exc, Busy):
+            raise HTTPException(503, str(exc)) from exc
+        if exc is not None:
+            return error(500, f"scoring failed: {exc}", kind="server_error")
+        return results
+
     @app.post("/v1/score_steps", dependencies=[Depends(authorized)])
     async def score_steps(body: ScoreStepsRequest):
         check_model(body.model)
-        try:
-            future = service.score_paths(body.question, body.paths)
-        except RequestError as exc:
-            return error(400, str(exc))
-        except Busy as exc:
-            raise HTTPException(503, str(exc)) from exc
-        try:
-            scored: ScoredPaths = await asyncio.wrap_future(future)
-        except RequestError as exc:
-            return error(400, str(exc))
-        except Busy as exc:
-            raise HTTPException(503, str(exc)) from exc
-        except Exception as exc:
-            return error(500, f"scoring failed: {exc}", kind="server_error")
+        results = await scored([(body.question, body.paths)])
+        if not isinstance(results, list):
+            return results
+        scored_paths: ScoredPaths = results[0]
         return {
             "id": f"score-{uuid.uuid4().hex}", "object": "score_steps", "created": int(time.time()),
             "model": model_name,
             "data": [{"index": i, "step_scores": scores, "aggregate": aggregate}
-                     for i, (scores, aggregate) in enumerate(zip(scored.step_scores, scored.aggregates))],
-            "usage": {"steps": scored.steps_scored + scored.steps_remembered, "steps_scored": scored.steps_scored,
-                      "steps_remembered": scored.steps_remembered, "verifier_tokens": scored.verifier_tokens},
+                     for i, (scores, aggregate) in enumerate(zip(scored_paths.step_scores, scored_paths.aggregates))],
+            "usage": {"steps": scored_paths.steps_scored + scored_paths.steps_remembered,
+                      "steps_scored": scored_paths.steps_scored, "steps_remembered": scored_paths.steps_remembered,
+                      "verifier_tokens": scored_paths.verifier_tokens},
+        }
+
+    @app.post("/pooling", dependencies=[Depends(authorized)])
+    @app.post("/v1/pooling", dependencies=[Depends(authorized)])
+    async def pooling(body: PoolingRequest):
+        """vLLM's reward-model pooling: per input, one ``[p_bad, p_good]`` pair per step tag, as
+        Qwen2.5-Math-PRM's STEP pooler orders its two classes (index 1 = the step is good).
+        ``p_good`` is the score /v1/score_steps gives the same step: the same service path
+        scores it, on the verifier's KV tree, remembering what earlier requests scored."""
+        check_model(body.model)
+        try:
+            texts = protocol.pooling_texts(service.scorer.verifier, body)
+        except RequestError as exc:
+            return error(400, str(exc), param=exc.param)
+        groups: dict[str, list[int]] = {}  # question -> its inputs: paths of one question share a tree
+        for i, text in enumerate(texts):
+            groups.setdefault(text.question, []).append(i)
+        results = await scored([(question, [texts[i].steps for i in members]) for question, members in groups.items()])
+        if not isinstance(results, list):
+            return results
+        step_scores: list = [None] * len(texts)
+        for members, result in zip(groups.values(), results):
+            for i, scores in zip(members, result.step_scores):
+                step_scores[i] = scores
+        tokens = sum(text.tokens for text in texts)
+        return {
+            "id": f"pool-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": model_name,
+            "data": [{"index": i, "object": "pooling", "data": [[1.0 - p, p] for p in scores]}
+                     for i, scores in enumerate(step_scores)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
         }
 
     async def search(body: ChatRequest, request: Request):

@@ -62,15 +62,37 @@ def sentinel_at(rendered: str, what: str) -> int:
 
 class StepFormat:
     """``prefix(question) -> (ids, context)``; ``steps(contexts, steps) -> [(ids, context)]``,
-    where each step's ids end at its read position. Contexts are immutable (forks share them)."""
+    where each step's ids end at its read position. Contexts are immutable (forks share them).
+
+    A format whose text ends every step with a tag, where the step's score is read, names it in
+    ``tag`` and can read a text written in it back into its question and steps (``split_text``,
+    ``join``, ``split_steps``): what ``POST /pooling`` takes. The others (``tag`` None) mark no
+    step in their text that a reader could find."""
 
     candidates: tuple[int, int] | None = None  # LM-head rows read (good, bad), for token-probability PRMs
+    tag: str | None = None  # the text that ends each step, where its score is read
+    layout = ""  # how a text in the format reads, for error messages
 
     def prefix(self, question: str) -> tuple[list[int], object]:
         raise NotImplementedError
 
     def steps(self, contexts: list, steps: list[str]) -> list[tuple[list[int], object]]:
         raise NotImplementedError
+
+    def split_text(self, text: str) -> tuple[str, str]:
+        """(question, solution): a text written in this format cut where its steps begin. A
+        ValueError says why the text cannot be read so."""
+        raise ValueError(f"the {type(self).__name__} marks no step in its text")
+
+    def join(self, question: str, solution: str) -> str:
+        """The text this format writes for ``question`` followed by the steps of ``solution``
+        (the inverse of ``split_text``)."""
+        raise ValueError(f"the {type(self).__name__} marks no step in its text")
+
+    def split_steps(self, solution: str) -> tuple[list[str], int]:
+        """The steps of ``solution``, each to its tag, as ``steps`` takes them; and how much of
+        ``solution`` they cover (to the end of the last tag: text after it is no step)."""
+        raise ValueError(f"the {type(self).__name__} marks no step in its text")
 
 
 @dataclass(frozen=True)
@@ -98,6 +120,8 @@ class TaggedFormat(StepFormat):
                 f"candidates {good!r}/{bad!r}: {f'{good} {bad}'!r} must encode to two known tokens, got {pair}"
             )
         self.candidates = (pair[0], pair[1])
+        self.layout = (f"'{{question}} {{step 1}} {tag}{{whitespace}}{{step 2}} {tag}...': one space before each tag, "
+                       "whitespace after it")
 
     def prefix(self, question):
         return self.tokenizer.encode(question), _TaggedContext(question, " ")
@@ -112,6 +136,35 @@ class TaggedFormat(StepFormat):
                 raise ValueError(f"step {step[:40]!r}: its tag {self.tag!r} merged with the text before it")
             out.append((tokens, _TaggedContext(text, step[len(body) :] or "\n")))
         return out
+
+    def split_text(self, text):
+        # The question and the first step are joined by one space, which nothing else marks; no
+        # score depends on which space it is (the PRM reads the same tokens). The first step is
+        # taken to be the last word before the first tag, so the question is as long as it can
+        # be: the verifier prefills it through its prefix cache, where requests sharing it meet.
+        first = text.find(self.tag)
+        if first < 0:
+            raise ValueError(f"no step tag {self.tag!r} in it: each step must end with {' ' + self.tag!r}")
+        head = text[:first]
+        head = head[:-1] if head.endswith(" ") else head  # the space the format writes before the tag
+        at = head.rfind(" ")
+        if at <= 0 or not head[:at].strip():
+            raise ValueError(f"the text before the first tag {self.tag!r} must be the question, a space and the "
+                             f"first step (the PRM's format is '{{question}} {{step}} {self.tag}'), got {head!r:.80}")
+        return text[:at], text[at + 1 :]
+
+    def join(self, question, solution):
+        return f"{question} {solution}"
+
+    def split_steps(self, solution):
+        pieces = solution.split(self.tag)
+        steps = []
+        for i, piece in enumerate(pieces[:-1]):
+            body = piece.lstrip() if i else piece  # the whitespace before it ends the step before
+            body = body[:-1] if body.endswith(" ") else body
+            following = pieces[i + 1]
+            steps.append(body + following[: len(following) - len(following.lstrip())])
+        return steps, len(solution) - len(pieces[-1])
 
 
 @dataclass(frozen=True)
@@ -174,19 +227,50 @@ class SeparatorFormat(StepFormat):
     def __init__(self, tokenizer, separator: str = "<extra_0>", system_prompt: str = SYSTEM):
         single_token(tokenizer, separator, "step separator")
         self.tokenizer = tokenizer
-        self.separator = separator
+        self.separator = self.tag = separator
         self.system_prompt = system_prompt
+        self.layout = f"the chat template's prompt with the question, then each step stripped, ending with {separator}"
         render_chat(tokenizer, [{"role": "user", "content": "x"}])  # refuse a tokenizer without a template now
 
+    def _messages(self, question: str) -> list[dict]:
+        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": question}]
+
     def prefix(self, question):
-        messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": question}]
-        text = render_chat(self.tokenizer, messages, add_generation_prompt=True)
+        text = render_chat(self.tokenizer, self._messages(question), add_generation_prompt=True)
         return self.tokenizer.encode(text), text
 
     def steps(self, contexts, steps):
         texts = [step.strip() + self.separator for step in steps]
         ids = continuation_ids(self.tokenizer, list(contexts), texts)
         return list(zip(ids, texts))
+
+    def _around_question(self) -> tuple[str, str]:
+        """The rendered prompt before and after the question."""
+        try:
+            rendered = render_chat(self.tokenizer, self._messages(SENTINEL), add_generation_prompt=True)
+            at = sentinel_at(rendered, "the user turn")
+        except ModelLoadError as exc:
+            raise ValueError(str(exc)) from exc
+        return rendered[:at], rendered[at + len(SENTINEL) :]
+
+    def split_text(self, text):
+        # the question is the user turn of the chat template, as the model card renders it
+        head, tail = self._around_question()
+        if not text.startswith(head):
+            raise ValueError(f"it does not start as the PRM's prompt does (its chat template with the system prompt "
+                             f"{self.system_prompt!r}): expected {head!r:.200}")
+        end = text.find(tail, len(head))
+        if end < 0:
+            raise ValueError(f"the question's turn does not end as the chat template ends it ({tail!r})")
+        return text[len(head) : end], text[end + len(tail) :]
+
+    def join(self, question, solution):
+        head, tail = self._around_question()
+        return head + question + tail + solution
+
+    def split_steps(self, solution):
+        pieces = solution.split(self.separator)  # after the last one, e.g. the turn's end: no step
+        return pieces[:-1], len(solution) - len(pieces[-1])
 
 
 class LineStepFormat(StepFormat):
