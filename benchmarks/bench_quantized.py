@@ -5,9 +5,10 @@ bf16 at load, side by side in one run:
 - ``test_stream_bandwidth``: this machine's streaming read bandwidth (a sum over a 1 GiB
   float32 buffer, every core);
 - ``test_decode[batch-weights]``: one batched ``Engine.step`` of ``batch`` sequences with
-  256-token contexts (as bench_decode.py), in bf16; tokens/s, the bytes of weights one step
-  reads (every matrix once, whatever the batch) and their rate as a fraction of the
-  streaming bandwidth.
+  256-token contexts (as bench_decode.py), in the machine's default dtype (bf16 where the CPU
+  multiplies it in hardware, else float32; ``BENCH_DTYPE`` picks another); tokens/s, the
+  bytes of weights one step reads (every matrix once, whatever the batch) and their rate as a
+  fraction of the streaming bandwidth.
 
     python -m pytest benchmarks/bench_quantized.py --benchmark-only \\
         --benchmark-json benchmarks/results/quantized_cpu_<machine>.json
@@ -16,6 +17,7 @@ bf16 at load, side by side in one run:
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import pytest
@@ -48,7 +50,8 @@ def test_stream_bandwidth(benchmark):
 
 @functools.cache
 def engine_for(weights: str) -> Engine:
-    return Engine("smollm2-135m", dtype="bfloat16", weights=weights, kv_cache_bytes=768 << 20, progress=False)
+    return Engine("smollm2-135m", dtype=os.environ.get("BENCH_DTYPE"), weights=weights, kv_cache_bytes=768 << 20,
+                  progress=False)
 
 
 # the two weights of a batch size run back to back: a ratio is read from neighbouring timings
@@ -61,6 +64,7 @@ def test_decode(benchmark, weights, batch):
     weight_bytes = engine.model.weight_bytes
     benchmark.extra_info.update({
         "weights": weights,
+        "dtype": str(engine.dtype).removeprefix("torch."),
         "batch": batch,
         "context": CONTEXT,
         "tokens_per_s": batch / step,

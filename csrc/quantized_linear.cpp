@@ -7,8 +7,9 @@
 // at a time, and dotted with every row (AVX512-VNNI's vpdpbusd, or AVX2's vpmaddubsw and
 // vpmaddwd), so W is read from memory once per call: 3.5x fewer bytes than bf16 for 4-bit
 // formats. Output features split across threads. More rows (prefill, wide searches): the
-// product is compute-bound, and a panel of W at a time is dequantized to x's dtype for
-// ATen's GEMM.
+// product is compute-bound. With AVX512-VNNI, an int8 GEMM: x laid out in tiles of 16 rows,
+// W unpacked 8 output features at a time, 64 int8 products per instruction (bf16's GEMM
+// does 32). Without it, a panel of W at a time is dequantized to x's dtype for ATen's GEMM.
 #include "cpu_utils.h"  // first: selects ATen's vector ISA
 
 #include <ATen/core/Tensor.h>
@@ -285,7 +286,7 @@ struct Group {
 // block at b. kOffset: whether a group's offset can be non-zero.
 struct Q4_0 {
   static constexpr int kElems = 32, kBytes = 18;
-  static constexpr bool kSigned = false, kOffset = true;
+  static constexpr bool kSigned = false, kOffset = true, kHalfScales = false;
   C10_ALWAYS_INLINE static Group group(const uint8_t* b, int) {
     const float d = f16(b);
     return {nibbles(b + 2), d, d, -8.f * d};
@@ -294,7 +295,7 @@ struct Q4_0 {
 
 struct Q4_1 {
   static constexpr int kElems = 32, kBytes = 20;
-  static constexpr bool kSigned = false, kOffset = true;
+  static constexpr bool kSigned = false, kOffset = true, kHalfScales = false;
   C10_ALWAYS_INLINE static Group group(const uint8_t* b, int) {
     const float d = f16(b);
     return {nibbles(b + 4), d, d, f16(b + 2)};
@@ -303,7 +304,7 @@ struct Q4_1 {
 
 struct Q5_0 {  // the fifth bit of weight e is bit e of the 32-bit word at byte 2
   static constexpr int kElems = 32, kBytes = 22;
-  static constexpr bool kSigned = false, kOffset = true;
+  static constexpr bool kSigned = false, kOffset = true, kHalfScales = false;
   C10_ALWAYS_INLINE static Group group(const uint8_t* b, int) {
     const float d = f16(b);
     return {nibbles(b + 6) | bits_as(u32(b + 2), 16), d, d, -16.f * d};
@@ -312,7 +313,7 @@ struct Q5_0 {  // the fifth bit of weight e is bit e of the 32-bit word at byte 
 
 struct Q5_1 {
   static constexpr int kElems = 32, kBytes = 24;
-  static constexpr bool kSigned = false, kOffset = true;
+  static constexpr bool kSigned = false, kOffset = true, kHalfScales = false;
   C10_ALWAYS_INLINE static Group group(const uint8_t* b, int) {
     const float d = f16(b);
     return {nibbles(b + 8) | bits_as(u32(b + 4), 16), d, d, f16(b + 2)};
@@ -321,7 +322,7 @@ struct Q5_1 {
 
 struct Q8_0 {
   static constexpr int kElems = 32, kBytes = 34;
-  static constexpr bool kSigned = true, kOffset = false;
+  static constexpr bool kSigned = true, kOffset = false, kHalfScales = false;
   C10_ALWAYS_INLINE static Group group(const uint8_t* b, int) {
     const float d = f16(b);
     return {load(b + 2), d, d, 0.f};
@@ -331,7 +332,7 @@ struct Q8_0 {
 // K-quants: 256 weights in sub-blocks of 32 (q4_K) or 16 (q6_K) with their own scales.
 struct Q4_K {
   static constexpr int kElems = 256, kBytes = 144;
-  static constexpr bool kSigned = false, kOffset = true;
+  static constexpr bool kSigned = false, kOffset = true, kHalfScales = false;
   C10_ALWAYS_INLINE static Group group(const uint8_t* b, int sub) {
     const uint8_t* s = b + 4;  // 8 six-bit scales and 8 six-bit mins in 12 bytes
     const int sc = sub < 4 ? s[sub] & 63 : (s[sub + 4] & 15) | ((s[sub - 4] >> 6) << 4);
@@ -344,7 +345,7 @@ struct Q4_K {
 
 struct Q6_K {
   static constexpr int kElems = 256, kBytes = 210;
-  static constexpr bool kSigned = true, kOffset = false;
+  static constexpr bool kSigned = true, kOffset = false, kHalfScales = true;  // a scale per 16 weights
   C10_ALWAYS_INLINE static Group group(const uint8_t* b, int i) {
     // in each half of 128 weights, group g of 32: nibble g / 2 of the (g % 2)-th 32 low bytes,
     // bits 2g, 2g + 1 of the 32 high bytes; one int8 scale per 16 weights
@@ -527,6 +528,195 @@ void dequantize_rows(const uint8_t* w, int64_t K, int64_t n0, int64_t count, T* 
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512VNNI__)
+// ---------------------------------------------------------------- int8 GEMM (AVX512-VNNI)
+// More rows than the fused kernel takes: x is laid out once in tiles of 16 rows, so that one
+// 512-bit register holds 4 features of 16 rows and vpdpbusd multiplies it by 4 weights of one
+// output feature, broadcast. A strip of kStripCols output features is unpacked from its blocks
+// once (into the calling thread's buffer, in L1) and multiplied by every tile of x: W is read
+// once per call, and the int8 products run at 64 per instruction (bf16's run at 32).
+//
+// vpdpbusd multiplies unsigned bytes by signed ones: x goes in as q + 128 (unsigned), the
+// weights as signed bytes, and each group's sum starts at -128 * (the sum of its weights).
+constexpr int kTileRows = 16;
+constexpr int kStripCols = 8;
+
+// x [M, K] rounded in groups of 32, in tiles of 16 rows: bytes [tile][K / 4][16 rows][4]
+// (q + 128), and per [tile][group][16 rows] its scale d and d * sum(q) (for the weights'
+// offsets). Rows past M are zeros with a zero scale.
+struct TiledRows {
+  int64_t K, groups, tiles;
+  std::vector<uint8_t> q;
+  std::vector<float> d, s;
+
+  template <typename T>
+  TiledRows(const T* x, int64_t M, int64_t K)
+      : K(K), groups(K / kGroup), tiles((M + kTileRows - 1) / kTileRows),
+        q(tiles * K * kTileRows, 128), d(tiles * groups * kTileRows, 0.f), s(tiles * groups * kTileRows, 0.f) {
+#pragma omp parallel for schedule(static) if (M * K >= 1 << 14)
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t tile = m / kTileRows, r = m % kTileRows;
+      for (int64_t g = 0; g < groups; ++g) {
+        Vec v[kGroup / kVec];
+        load_group(x + m * K, g, v);
+        const float dg = group_scale(v);
+        alignas(64) float xg[kGroup];
+        for (int i = 0; i < kGroup / kVec; ++i) v[i].store(xg + i * kVec);
+        alignas(32) int8_t qg[kGroup];
+        const int total = round_to_int8(xg, inverse_of(dg), qg);
+        const __m256i u = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(qg)), _mm256_set1_epi8(-128));
+        alignas(32) uint32_t quads[kGroup / 4];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(quads), u);
+        uint32_t* out = reinterpret_cast<uint32_t*>(q.data()) + (tile * (K / 4) + g * (kGroup / 4)) * kTileRows + r;
+        for (int i = 0; i < kGroup / 4; ++i) out[i * kTileRows] = quads[i];
+        d[(tile * groups + g) * kTileRows + r] = dg;
+        s[(tile * groups + g) * kTileRows + r] = dg * static_cast<float>(total);
+      }
+    }
+  }
+};
+
+// kStripCols output features unpacked: their weights as signed bytes [group][col][32], and per
+// [group][col] the scales of the two halves, the offset, and the sums' starts -128 * sum(q)
+// of the two halves (a format with one scale per 32 weights uses only the first).
+struct Strip {
+  std::vector<int32_t> q;
+  std::vector<float> lo, hi, offset;
+  std::vector<int32_t> start_lo, start_hi;
+
+  void resize(int64_t groups) {
+    const int64_t n = groups * kStripCols;
+    if (static_cast<int64_t>(lo.size()) >= n) return;
+    q.resize(n * kGroup / 4), lo.resize(n), hi.resize(n), offset.resize(n), start_lo.resize(n), start_hi.resize(n);
+  }
+};
+
+// the sums of bytes 0-15 and 16-31 of q, signed (vpsadbw sums 8 unsigned bytes: q + 128's)
+C10_ALWAYS_INLINE void half_sums(Bytes q, int32_t& low, int32_t& high) {
+  const __m256i eights = _mm256_sad_epu8(_mm256_xor_si256(q, _mm256_set1_epi8(-128)), _mm256_setzero_si256());
+  const __m256i pairs = _mm256_add_epi64(eights, _mm256_unpackhi_epi64(eights, eights));  // 0 + 1, 2 + 3
+  low = _mm256_cvtsi256_si32(pairs) - 16 * 128;
+  high = _mm_cvtsi128_si32(_mm256_extracti128_si256(pairs, 1)) - 16 * 128;
+}
+
+// Columns [n0, n0 + cols) of W into the strip, each row of blocks read in order.
+template <typename F>
+void unpack_strip(const uint8_t* w, int64_t row_bytes, int64_t groups, int64_t n0, int cols, Strip& strip) {
+  for (int c = 0; c < kStripCols; ++c) {
+    const uint8_t* row = w + (n0 + c) * row_bytes;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t i = g * kStripCols + c;
+      int32_t* quads = strip.q.data() + i * 8;
+      if (c >= cols) {  // past N: weights of zero
+        std::fill_n(quads, 8, 0);
+        strip.lo[i] = strip.hi[i] = strip.offset[i] = 0.f;
+        strip.start_lo[i] = strip.start_hi[i] = 0;
+        continue;
+      }
+      const Group u = group_of<F>(row, g);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(quads), u.q);
+      int32_t low, high;
+      half_sums(u.q, low, high);
+      strip.lo[i] = u.lo, strip.hi[i] = u.hi, strip.offset[i] = u.offset;
+      strip.start_lo[i] = -128 * (F::kHalfScales ? low : low + high);
+      strip.start_hi[i] = -128 * high;
+    }
+  }
+}
+
+// Quads [kFirst, kFirst + kCount) of one group: the tile's 16 rows (xq: the group's 8 quads of
+// 16 rows) times the strip's columns (wq: the group's [kStripCols][8] quads), from sums started
+// at `start`, then times d_x * scale into acc.
+template <int kFirst, int kCount>
+C10_ALWAYS_INLINE void group_product(const uint8_t* xq, const int32_t* wq, const int32_t* start, const float* scale,
+                                     __m512 dx, __m512 (&acc)[kStripCols]) {
+  __m512i sums[kStripCols];
+#pragma GCC unroll 8
+  for (int c = 0; c < kStripCols; ++c) sums[c] = _mm512_set1_epi32(start[c]);
+#pragma GCC unroll 8
+  for (int k = kFirst; k < kFirst + kCount; ++k) {
+    const __m512i xv = _mm512_loadu_si512(xq + k * 64);
+#pragma GCC unroll 8
+    for (int c = 0; c < kStripCols; ++c) sums[c] = _mm512_dpbusd_epi32(sums[c], xv, _mm512_set1_epi32(wq[c * 8 + k]));
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < kStripCols; ++c) {
+    acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[c]), _mm512_mul_ps(dx, _mm512_set1_ps(scale[c])), acc[c]);
+  }
+}
+
+// out[c][r] = row r of the tile times strip column c, for kStripCols columns and 16 rows
+template <typename F>
+void tile_times_strip(const TiledRows& x, int64_t tile, const Strip& strip, float* out) {
+  const int64_t groups = x.groups;
+  const uint8_t* xq = x.q.data() + tile * (x.K / 4) * 64;
+  const float* xd = x.d.data() + tile * groups * kTileRows;
+  const float* xs = x.s.data() + tile * groups * kTileRows;
+  __m512 acc[kStripCols];
+#pragma GCC unroll 8
+  for (int c = 0; c < kStripCols; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* xg = xq + g * 8 * 64;
+    const int32_t* wg = strip.q.data() + g * 8 * kStripCols;
+    const int64_t i = g * kStripCols;
+    const __m512 dx = _mm512_loadu_ps(xd + g * kTileRows);
+    if (F::kHalfScales) {
+      group_product<0, 4>(xg, wg, strip.start_lo.data() + i, strip.lo.data() + i, dx, acc);
+      group_product<4, 4>(xg, wg, strip.start_hi.data() + i, strip.hi.data() + i, dx, acc);
+    } else {
+      group_product<0, 8>(xg, wg, strip.start_lo.data() + i, strip.lo.data() + i, dx, acc);
+    }
+    if (F::kOffset) {
+      const __m512 sx = _mm512_loadu_ps(xs + g * kTileRows);
+#pragma GCC unroll 8
+      for (int c = 0; c < kStripCols; ++c) acc[c] = _mm512_fmadd_ps(sx, _mm512_set1_ps(strip.offset[i + c]), acc[c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < kStripCols; ++c) _mm512_storeu_ps(out + c * kTileRows, acc[c]);
+}
+
+// 8 floats stored as T (rounded to nearest even, as static_cast does)
+C10_ALWAYS_INLINE void store_columns(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+C10_ALWAYS_INLINE void store_columns(at::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+C10_ALWAYS_INLINE void store_columns(at::BFloat16* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), reinterpret_cast<__m128i>(_mm256_cvtneps_pbh(v)));
+}
+
+// y [M, N] of type T = x @ W.T through the int8 tiles
+template <typename F, typename T>
+void int8_gemm(const TiledRows& x, int64_t M, const uint8_t* w, int64_t N, T* y) {
+  const int64_t groups = x.groups, row_bytes = x.K / F::kElems * F::kBytes;
+  const int64_t strips = (N + kStripCols - 1) / kStripCols;
+#pragma omp parallel
+  {
+    thread_local Strip strip;
+    strip.resize(groups);
+    alignas(64) float out[kStripCols * kTileRows];
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < strips; ++i) {
+      const int64_t n0 = i * kStripCols;
+      const int cols = static_cast<int>(std::min<int64_t>(kStripCols, N - n0));
+      unpack_strip<F>(w, row_bytes, groups, n0, cols, strip);
+      for (int64_t tile = 0; tile < x.tiles; ++tile) {
+        tile_times_strip<F>(x, tile, strip, out);
+        const int64_t rows = std::min<int64_t>(kTileRows, M - tile * kTileRows);
+        for (int64_t r = 0; r < rows; ++r) {
+          T* yr = y + (tile * kTileRows + r) * N + n0;
+          if (cols == kStripCols) {
+            store_columns(yr, _mm256_i32gather_ps(out + r, _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112), 4));
+          } else {
+            for (int c = 0; c < cols; ++c) yr[c] = static_cast<T>(out[c * kTileRows + r]);
+          }
+        }
+      }
+    }
+  }
+}
+#endif
+
 template <typename F>
 at::Tensor linear(const at::Tensor& x, const at::Tensor& blocks) {
   const int64_t M = x.size(0), K = x.size(1), N = blocks.size(0);
@@ -539,8 +729,14 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& blocks) {
     });
     return y.to(x.scalar_type());
   }
-  at::Tensor xr = at::empty({M, K}, x.options());
   at::Tensor y = at::empty({M, N}, x.options());
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512VNNI__)
+  TTSEARCH_DISPATCH_FLOAT_TYPES(x.scalar_type(), "quantized_linear", [&] {
+    int8_gemm<F>(TiledRows(xc.data_ptr<scalar_t>(), M, K), M, w, N, y.data_ptr<scalar_t>());
+  });
+  return y;
+#endif
+  at::Tensor xr = at::empty({M, K}, x.options());
   const int64_t panel_rows = std::min(N, std::max<int64_t>(kMinPanelRows, kPanelBytes / (K * x.element_size())));
   TTSEARCH_DISPATCH_FLOAT_TYPES(x.scalar_type(), "quantized_linear", [&] {
     round_values(xc.data_ptr<scalar_t>(), M, K, xr.data_ptr<scalar_t>());

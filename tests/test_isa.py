@@ -216,7 +216,7 @@ def check_level(level: str) -> None:
     import test_ops_quantized as q  # every format through both paths of the quantized products
 
     for qtype in q.FORMATS:
-        for rows in (1, 5, 8, 9):
+        for rows in (1, 5, 8, 9, 40):
             for dtype in (torch.float32, torch.bfloat16):
                 q.test_the_kernels_match_the_reference("cpp", rows, qtype, dtype, None)
     for qtype in ("q8_0", "q4_1"):

@@ -37,10 +37,11 @@ except ImportError:
     triton_module = None
 NEEDS = {"cpp": pytest.mark.skipif(not HAS_CPP, reason="ttsearch._C is not loaded"),
          "triton": pytest.mark.skipif(triton_module is None, reason="triton is not importable")}
-# rows: one decode sequence, a few (the C++ kernel's fused path), more (its GEMM path); the
-# interpreter is slow, and one row and many cover the Triton tiles
+# rows: one decode sequence, a few (the C++ kernel's fused path), more (its GEMM path: one
+# tile of 16 rows part filled, one full, three with the last part filled); the interpreter is
+# slow, and one row and many cover the Triton tiles
 CASES = [pytest.param(impl, rows, marks=NEEDS[impl], id=f"{impl}-{rows}")
-         for impl, all_rows in (("cpp", (1, 3, 8, 9, 40)), ("triton", (1, 40))) for rows in all_rows]
+         for impl, all_rows in (("cpp", (1, 3, 8, 9, 16, 40)), ("triton", (1, 40))) for rows in all_rows]
 FORMATS = list(quantized.FORMATS)
 # where each format keeps its fp16 scales (and mins)
 SCALE_OFFSETS = {"q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "q8_0": [0], "q4_K": [0, 2], "q6_K": [208]}
@@ -111,8 +112,10 @@ def test_the_kernel_rounds_x_as_the_contract_says(qtype, rows):
 @pytest.mark.parametrize("qtype", FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_kernels_match_the_reference(impl, rows, qtype, dtype, monkeypatch):
-    # 480 features: 15 groups of 32, an odd count (the AVX-512 kernel takes groups in pairs)
-    out_features, in_features = 96, 480 if quantized.FORMATS[qtype].elems == 32 and rows % 2 else 512
+    # 480 features: 15 groups of 32, an odd count (the AVX-512 kernel takes groups in pairs);
+    # 100 outputs: the int8 GEMM's strips of 8 end in a part-filled one
+    in_features = 480 if quantized.FORMATS[qtype].elems == 32 and rows % 2 else 512
+    out_features = 100 if rows > 8 else 96
     blocks = random_blocks(out_features, in_features, qtype, seed=rows)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
     got = kernel(impl, monkeypatch)(x, blocks, qtype)
@@ -205,3 +208,22 @@ def test_smollm2_packed_decodes_as_its_dequantized_twin_in_float32(smollm2_engin
               f"greedy tokens equal for {same} of 32 steps")
         for w, e in engines.items():
             e.free(seqs[w])
+
+
+def test_auto_weights_are_packed_where_the_int8_gemm_runs_and_amx_does_not(monkeypatch):
+    from ttsearch.engine import engine as engine_module
+    from ttsearch.engine.engine import resolve_weights
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(engine_module, "has_amx", lambda: False)
+    for implementation, want in (("cpp-avx512_bf16", "packed"), ("cpp-avx512", "dequantized"),
+                                 ("cpp-avx2", "dequantized"), ("reference", "dequantized")):
+        monkeypatch.setitem(ops.IMPLEMENTATIONS, "cpu", implementation)
+        assert resolve_weights("auto", cpu) == want, implementation
+    monkeypatch.setitem(ops.IMPLEMENTATIONS, "cpu", "cpp-avx512_bf16")
+    assert resolve_weights("auto", cuda) == "dequantized"
+    monkeypatch.setattr(engine_module, "has_amx", lambda: True)
+    assert resolve_weights("auto", cpu) == "dequantized"
+    assert resolve_weights("packed", cuda) == "packed" and resolve_weights("dequantized", cpu) == "dequantized"
+    with pytest.raises(ValueError, match="weights='int4': expected one of auto, packed, dequantized"):
+        resolve_weights("int4", cpu)
