@@ -124,9 +124,11 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def smollm2_engine_fp32():
+    """SmolLM2 as transformers runs it: float32, its GGUF weights dequantized (packed weights,
+    the default on some CPUs, round activations to int8)."""
     from ttsearch import Engine
 
-    return Engine("smollm2-135m", dtype="float32", kv_cache_bytes=256 << 20, progress=False)
+    return Engine("smollm2-135m", dtype="float32", weights="dequantized", kv_cache_bytes=256 << 20, progress=False)
 
 
 def read_json(path: Path) -> dict:

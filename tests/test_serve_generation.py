@@ -108,6 +108,16 @@ def test_max_completion_tokens_cuts_with_length(client):
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 3
 
 
+def test_ignore_eos_writes_on_to_max_tokens(client, engine, monkeypatch):
+    monkeypatch.setattr(engine, "eos_token_ids", frozenset(range(engine.config.vocab_size)))  # any token ends it
+    reply = client.completions.create(model=MODEL, prompt="12 * 7 = 84", max_tokens=6, temperature=0)
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens == 1
+    for body in ({"ignore_eos": True}, {"extra_body": {"ignore_eos": True}}):  # top level, or as a client posts it
+        reply = client.completions.create(model=MODEL, prompt="12 * 7 = 84", max_tokens=6, temperature=0,
+                                          extra_body=body)
+        assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 6
+
+
 def test_continue_final_message_equals_completing_the_rendered_text(client, engine):
     messages = QUESTION + [{"role": "assistant", "content": "Step 1: 12 * 7 = 84.\n\n"}]
     chat = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12,

@@ -58,7 +58,7 @@ class Searcher:
 
     def __init__(self, model: str = "smollm2-135m", verifier="arithmetic", *, verifier_options: dict | None = None,
                  dtype: str | None = None, kv_cache_gib: float | None = None, policy=None, progress: bool = False,
-                 prefix_caching: bool = True, weights: str = "dequantized", config: SearchConfig | None = None,
+                 prefix_caching: bool = True, weights: str = "auto", config: SearchConfig | None = None,
                  **settings):
         if config is not None and settings:
             raise TypeError("Searcher: give config or settings, not both")

@@ -37,6 +37,9 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
                    help="beam search ends once n paths have finished (not search-and-learn's rule)")
     p.add_argument("--drop-length-cuts", action="store_const", const=True,
                    help="a path cut by a token limit is not an answer (not search-and-learn's rule)")
+    p.add_argument("--ignore-eos", action="store_const", const=True,
+                   help="a step does not end at EOS, so paths end at the step and token limits (for benchmarks "
+                        "that need equal work; not search-and-learn's rule)")
     p.add_argument("--optimal-table", help="compute_optimal: the table from `ttsearch fit`")
     p.add_argument("--resampling", help="particle_filter: multinomial | systematic")
     p.add_argument("--particle-weights", help="particle_filter: logit (of the reward, as Puri et al.) | reward")
@@ -50,7 +53,7 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
 
 SEARCH_FLAGS = ("strategy", "beam_width", "max_iterations", "max_tokens", "max_step_tokens", "lookahead",
                 "aggregation", "temperature", "top_p", "top_k", "seed", "problems_in_flight", "stop_at_n_finished",
-                "drop_length_cuts", "optimal_table", "resampling", "particle_weights", "resample_temperature",
+                "drop_length_cuts", "ignore_eos", "optimal_table", "resampling", "particle_weights", "resample_temperature",
                 "balance_temperature", "stop_agree", "stop_share", "stop_window")
 
 
@@ -256,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", required=True, help="results JSONL (appended; finished searches are skipped, "
                                                     "the file's settings must match)")
     run.add_argument("--dtype", choices=["float32", "bfloat16"])
-    run.add_argument("--weights", choices=["dequantized", "packed"], default="dequantized",
-                     help="a GGUF model's quantized matrices: dequantized at load, or kept packed in their blocks")
+    run.add_argument("--weights", choices=["auto", "dequantized", "packed"], default="auto",
+                     help="a GGUF model's quantized matrices: dequantized at load, or kept packed in their blocks "
+                          "(auto: packed on a CPU with AVX512-VNNI and no AMX, where that is no slower)")
     run.add_argument("--kv-cache-gib", type=float, help="the policy's KV pool in GiB (default 1)")
     run.add_argument("--workers", type=int, help="spread the problems over N Ray workers (a local Ray instance)")
     run.add_argument("--ray-address", help="join this Ray cluster (host:port or 'auto') instead of starting one")
@@ -279,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--verifier", help="arithmetic (default) | self | a registered name | a PRM's directory")
     srv.add_argument("--verifier-options", help="JSON options for the verifier")
     srv.add_argument("--dtype", choices=["float32", "bfloat16"])
-    srv.add_argument("--weights", choices=["dequantized", "packed"], default="dequantized",
-                     help="a GGUF model's quantized matrices: dequantized at load, or kept packed in their blocks")
+    srv.add_argument("--weights", choices=["auto", "dequantized", "packed"], default="auto",
+                     help="a GGUF model's quantized matrices: dequantized at load, or kept packed in their blocks "
+                          "(auto: packed on a CPU with AVX512-VNNI and no AMX, where that is no slower)")
     srv.add_argument("--kv-cache-gib", type=float, help="the policy's KV pool in GiB (default 1)")
     _add_search_flags(srv)
     srv.set_defaults(func=_serve)
@@ -320,8 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="smollm2-135m")
     gen.add_argument("--prompt", default=DEFAULT_PROMPT)
     gen.add_argument("--dtype", choices=["float32", "bfloat16"])
-    gen.add_argument("--weights", choices=["dequantized", "packed"], default="dequantized",
-                     help="a GGUF model's quantized matrices: dequantized at load, or kept packed in their blocks")
+    gen.add_argument("--weights", choices=["auto", "dequantized", "packed"], default="auto",
+                     help="a GGUF model's quantized matrices: dequantized at load, or kept packed in their blocks "
+                          "(auto: packed on a CPU with AVX512-VNNI and no AMX, where that is no slower)")
     gen.add_argument("--max-steps", type=int, default=8)
     gen.add_argument("--max-step-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)

@@ -39,7 +39,7 @@ DEMO_SETTINGS = dict(
 
 
 def run_demo(output_dir: str | Path = "runs/demo", limit: int | None = None, n: int | None = None,
-             weights: str = "dequantized") -> int:
+             weights: str = "auto") -> int:
     from ttsearch.engine.engine import Engine
     from ttsearch.eval.report import accuracy_rows, plot_accuracy
     from ttsearch.search import run

@@ -50,7 +50,6 @@ UNSUPPORTED = {
     "stop_token_ids": (None, []),
     "bad_words": (None, []),
     "allowed_token_ids": (None,),
-    "ignore_eos": (None, False),
     "skip_special_tokens": (None, True),
     "prompt_logprobs": (None,),
     "tools": (None, []),
@@ -85,6 +84,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
     best_of: int | None = None
 
     @model_validator(mode="before")
@@ -322,7 +322,7 @@ def generation_params(request: _Request, prompt_tokens: int, max_model_len: int,
         raise RequestError(f"logprobs={logprobs}: must be between 0 and {MAX_LOGPROBS}")
     return GenerationParams(n=request.n, max_tokens=max_tokens, stop=request.stops(),
                             include_stop_str_in_output=request.include_stop_str_in_output, temperature=temperature,
-                            top_p=top_p, top_k=top_k, seed=seed, logprobs=logprobs)
+                            top_p=top_p, top_k=top_k, seed=seed, logprobs=logprobs, ignore_eos=request.ignore_eos)
 
 
 def chat_logprobs_count(request: ChatRequest) -> int | None:

@@ -23,13 +23,16 @@ class SamplingParams:
     ``seed`` seeds a sequence's random stream the first time it samples; forks of the
     sequence get streams derived from it, so one seed reproduces a whole tree. ``logprobs``
     (None: off) asks for each sampled token's log-probability and the ``logprobs`` most
-    likely tokens' (``Engine.sample_step``)."""
+    likely tokens' (``Engine.sample_step``). ``ignore_eos``: a step does not end at EOS but
+    writes on to its stop string or token limit (vLLM's option, for runs that must do equal
+    work)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
     logprobs: int | None = None
+    ignore_eos: bool = False
 
     def __post_init__(self):
         if problem := self.out_of_range(self.temperature, self.top_p, self.top_k):
@@ -39,6 +42,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.seed must be an int, got {self.seed!r}")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and self.logprobs >= 0):
             raise ValueError(f"SamplingParams.logprobs must be None or an int >= 0, got {self.logprobs!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"SamplingParams.ignore_eos must be true or false, got {self.ignore_eos!r}")
 
     @staticmethod
     def out_of_range(temperature, top_p, top_k) -> tuple[str, str] | None:

@@ -126,7 +126,7 @@ class StepWriter:
 
     def _reason(self, step: StepInProgress) -> str | None:
         written = step.written
-        if written[-1] in self.engine.eos_token_ids:
+        if written[-1] in self.engine.eos_token_ids and not step.sampling.ignore_eos:
             return "eos"
         if step.stop:
             stops = (step.stop,) if isinstance(step.stop, str) else step.stop

@@ -72,6 +72,16 @@ def cpu_features() -> frozenset[str]:
     return frozenset(have)
 
 
+def multiplies_int8(level: str) -> bool:
+    """Whether ``level``'s ``quantized_linear`` takes many rows through its int8 GEMM (built
+    where the level has AVX512-VNNI); other levels dequantize panels of W for ATen's GEMM."""
+    return "avx512_vnni" in levels().get(level, ([], ()))[1]
+
+
+def has_amx() -> bool:
+    return "amx_bf16" in cpu_features()
+
+
 def has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AMX or AVX512_BF16): elsewhere bf16
     GEMMs are emulated, several times slower than float32."""

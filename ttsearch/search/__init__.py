@@ -23,7 +23,7 @@ def run(
     limit: int | None = None,
     fields: dict | None = None,
     dtype: str | None = None,
-    weights: str = "dequantized",
+    weights: str = "auto",
     kv_cache_bytes: int | None = None,
     policy=None,
     progress: bool = True,
@@ -108,17 +108,18 @@ def _budgets(config: SearchConfig, ns: list[int] | None) -> list[int]:
 
 
 def run_settings(config: SearchConfig, model, verifier, verifier_options: dict | None, dtype: str | None,
-                 weights: str = "dequantized") -> dict:
+                 weights: str = "auto") -> dict:
     """What a run's records depend on: the search settings (but the budget n and the batch
     size), the model (and whether its GGUF weights ran packed or dequantized), the verifier and
     the dtype. Stored in every record and checked on resume."""
-    from ttsearch.engine.engine import resolve_dtype
+    from ttsearch.engine.engine import resolve_dtype, resolve_weights
 
     settings = {k: v for k, v in config.to_dict().items() if k not in NOT_SETTINGS}
     if isinstance(model, str):
         import torch
 
-        model_name, model_dtype = model, resolve_dtype(dtype, torch.device("cpu"))
+        cpu = torch.device("cpu")
+        model_name, model_dtype, weights = model, resolve_dtype(dtype, cpu), resolve_weights(weights, cpu)
     else:
         model_name, model_dtype, weights = model.name, model.dtype, model.weights
     verifier_name = verifier if isinstance(verifier, str) else type(verifier).__name__

@@ -30,11 +30,12 @@ class GenerationParams:
     top_k: int = 0
     seed: int = 0
     logprobs: int | None = None  # None: none; k: the sampled token's and the top k
+    ignore_eos: bool = False  # write past EOS to a stop string or max_tokens
 
     @property
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-                              logprobs=self.logprobs)
+                              logprobs=self.logprobs, ignore_eos=self.ignore_eos)
 
 
 @dataclass(eq=False)

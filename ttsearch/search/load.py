@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def load_models(model: str = "smollm2-135m", verifier="arithmetic", *, verifier_options: dict | None = None,
-                dtype: str | None = None, weights: str = "dequantized", kv_cache_bytes: int | None = None,
+                dtype: str | None = None, weights: str = "auto", kv_cache_bytes: int | None = None,
                 policy=None, progress: bool = False, prefix_caching: bool = True, aggregation: str = "last"):
     """``(policy, verifier)``: the policy Engine (``policy`` if given, else ``model`` loaded with a
     KV pool of ``kv_cache_bytes``) and the verifier (``verifier`` if it is a Verifier, else the
