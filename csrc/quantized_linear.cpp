@@ -536,23 +536,25 @@ void dequantize_rows(const uint8_t* w, int64_t K, int64_t n0, int64_t count, T* 
 // once (into the calling thread's buffer, in L1) and multiplied by every tile of x: W is read
 // once per call, and the int8 products run at 64 per instruction (bf16's run at 32).
 //
-// vpdpbusd multiplies unsigned bytes by signed ones: x goes in as q + 128 (unsigned), the
-// weights as signed bytes, and each group's sum starts at -128 * (the sum of its weights).
+// vpdpbusd multiplies unsigned bytes by signed ones. The 4- and 5-bit formats store their
+// weights unsigned: they go in as they are, x signed. A signed format's weights (q8_0, q6_K)
+// go in signed, x plus 128 (unsigned), and each group's sum starts at -128 * the sum of its
+// weights. Either way each group's integer sum is exact, as in the fused kernel.
 constexpr int kTileRows = 16;
 constexpr int kStripCols = 8;
 
-// x [M, K] rounded in groups of 32, in tiles of 16 rows: bytes [tile][K / 4][16 rows][4]
-// (q + 128), and per [tile][group][16 rows] its scale d and d * sum(q) (for the weights'
-// offsets). Rows past M are zeros with a zero scale.
+// x [M, K] rounded in groups of 32, in tiles of 16 rows: bytes [tile][K / 4][16 rows][4] (plus
+// `shift`: 0 or 128), and per [tile][group][16 rows] its scale d and d * sum(q) (which the
+// weights' offsets multiply). Rows past M are zeros with a zero scale.
 struct TiledRows {
   int64_t K, groups, tiles;
   std::vector<uint8_t> q;
   std::vector<float> d, s;
 
   template <typename T>
-  TiledRows(const T* x, int64_t M, int64_t K)
-      : K(K), groups(K / kGroup), tiles((M + kTileRows - 1) / kTileRows),
-        q(tiles * K * kTileRows, 128), d(tiles * groups * kTileRows, 0.f), s(tiles * groups * kTileRows, 0.f) {
+  TiledRows(const T* x, int64_t M, int64_t K, uint8_t shift)
+      : K(K), groups(K / kGroup), tiles((M + kTileRows - 1) / kTileRows), q(tiles * K * kTileRows, shift),
+        d(tiles * groups * kTileRows, 0.f), s(d.size(), 0.f) {
 #pragma omp parallel for schedule(static) if (M * K >= 1 << 14)
     for (int64_t m = 0; m < M; ++m) {
       const int64_t tile = m / kTileRows, r = m % kTileRows;
@@ -564,21 +566,22 @@ struct TiledRows {
         for (int i = 0; i < kGroup / kVec; ++i) v[i].store(xg + i * kVec);
         alignas(32) int8_t qg[kGroup];
         const int total = round_to_int8(xg, inverse_of(dg), qg);
-        const __m256i u = _mm256_xor_si256(_mm256_load_si256(reinterpret_cast<const __m256i*>(qg)), _mm256_set1_epi8(-128));
-        alignas(32) uint32_t quads[kGroup / 4];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(quads), u);
-        uint32_t* out = reinterpret_cast<uint32_t*>(q.data()) + (tile * (K / 4) + g * (kGroup / 4)) * kTileRows + r;
+        uint8_t shifted[kGroup];
+        for (int e = 0; e < kGroup; ++e) shifted[e] = static_cast<uint8_t>(qg[e] + shift);
+        int32_t quads[kGroup / 4];
+        std::memcpy(quads, shifted, kGroup);
+        int32_t* out = reinterpret_cast<int32_t*>(q.data()) + (tile * (K / 4) + g * (kGroup / 4)) * kTileRows + r;
         for (int i = 0; i < kGroup / 4; ++i) out[i * kTileRows] = quads[i];
-        d[(tile * groups + g) * kTileRows + r] = dg;
-        s[(tile * groups + g) * kTileRows + r] = dg * static_cast<float>(total);
+        const int64_t at = (tile * groups + g) * kTileRows + r;
+        d[at] = dg, s[at] = dg * static_cast<float>(total);
       }
     }
   }
 };
 
-// kStripCols output features unpacked: their weights as signed bytes [group][col][32], and per
-// [group][col] the scales of the two halves, the offset, and the sums' starts -128 * sum(q)
-// of the two halves (a format with one scale per 32 weights uses only the first).
+// kStripCols output features unpacked: their weights as bytes [group][col][32], and per
+// [group][col] the scales of the two halves of the group (equal but in q6_K), the offset, and
+// (signed formats) the sums' starts: -128 * the sum of each half's weights.
 struct Strip {
   std::vector<int32_t> q;
   std::vector<float> lo, hi, offset;
@@ -593,7 +596,7 @@ struct Strip {
 
 // the sums of bytes 0-15 and 16-31 of q, signed (vpsadbw sums 8 unsigned bytes: q + 128's)
 C10_ALWAYS_INLINE void half_sums(Bytes q, int32_t& low, int32_t& high) {
-  const __m256i eights = _mm256_sad_epu8(_mm256_xor_si256(q, _mm256_set1_epi8(-128)), _mm256_setzero_si256());
+  const __m256i eights = _mm256_sad_epu8(_mm256_xor_si256(q, splat(-128)), _mm256_setzero_si256());
   const __m256i pairs = _mm256_add_epi64(eights, _mm256_unpackhi_epi64(eights, eights));  // 0 + 1, 2 + 3
   low = _mm256_cvtsi256_si32(pairs) - 16 * 128;
   high = _mm_cvtsi128_si32(_mm256_extracti128_si256(pairs, 1)) - 16 * 128;
@@ -615,29 +618,34 @@ void unpack_strip(const uint8_t* w, int64_t row_bytes, int64_t groups, int64_t n
       }
       const Group u = group_of<F>(row, g);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(quads), u.q);
-      int32_t low, high;
-      half_sums(u.q, low, high);
       strip.lo[i] = u.lo, strip.hi[i] = u.hi, strip.offset[i] = u.offset;
-      strip.start_lo[i] = -128 * (F::kHalfScales ? low : low + high);
-      strip.start_hi[i] = -128 * high;
+      if (F::kSigned) {
+        int32_t low, high;
+        half_sums(u.q, low, high);
+        strip.start_lo[i] = -128 * (F::kHalfScales ? low : low + high);
+        strip.start_hi[i] = -128 * high;
+      }
     }
   }
 }
 
 // Quads [kFirst, kFirst + kCount) of one group: the tile's 16 rows (xq: the group's 8 quads of
 // 16 rows) times the strip's columns (wq: the group's [kStripCols][8] quads), from sums started
-// at `start`, then times d_x * scale into acc.
-template <int kFirst, int kCount>
+// at `start` (signed formats), then times d_x * scale into acc.
+template <bool kSigned, int kFirst, int kCount>
 C10_ALWAYS_INLINE void group_product(const uint8_t* xq, const int32_t* wq, const int32_t* start, const float* scale,
                                      __m512 dx, __m512 (&acc)[kStripCols]) {
   __m512i sums[kStripCols];
 #pragma GCC unroll 8
-  for (int c = 0; c < kStripCols; ++c) sums[c] = _mm512_set1_epi32(start[c]);
+  for (int c = 0; c < kStripCols; ++c) sums[c] = kSigned ? _mm512_set1_epi32(start[c]) : _mm512_setzero_si512();
 #pragma GCC unroll 8
   for (int k = kFirst; k < kFirst + kCount; ++k) {
     const __m512i xv = _mm512_loadu_si512(xq + k * 64);
 #pragma GCC unroll 8
-    for (int c = 0; c < kStripCols; ++c) sums[c] = _mm512_dpbusd_epi32(sums[c], xv, _mm512_set1_epi32(wq[c * 8 + k]));
+    for (int c = 0; c < kStripCols; ++c) {
+      const __m512i wv = _mm512_set1_epi32(wq[c * 8 + k]);
+      sums[c] = kSigned ? _mm512_dpbusd_epi32(sums[c], xv, wv) : _mm512_dpbusd_epi32(sums[c], wv, xv);
+    }
   }
 #pragma GCC unroll 8
   for (int c = 0; c < kStripCols; ++c) {
@@ -650,24 +658,23 @@ template <typename F>
 void tile_times_strip(const TiledRows& x, int64_t tile, const Strip& strip, float* out) {
   const int64_t groups = x.groups;
   const uint8_t* xq = x.q.data() + tile * (x.K / 4) * 64;
-  const float* xd = x.d.data() + tile * groups * kTileRows;
-  const float* xs = x.s.data() + tile * groups * kTileRows;
+  const int64_t rows = tile * groups * kTileRows;
   __m512 acc[kStripCols];
 #pragma GCC unroll 8
   for (int c = 0; c < kStripCols; ++c) acc[c] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* xg = xq + g * 8 * 64;
     const int32_t* wg = strip.q.data() + g * 8 * kStripCols;
-    const int64_t i = g * kStripCols;
-    const __m512 dx = _mm512_loadu_ps(xd + g * kTileRows);
+    const int64_t i = g * kStripCols, at = rows + g * kTileRows;
+    const __m512 dx = _mm512_loadu_ps(x.d.data() + at);
     if (F::kHalfScales) {
-      group_product<0, 4>(xg, wg, strip.start_lo.data() + i, strip.lo.data() + i, dx, acc);
-      group_product<4, 4>(xg, wg, strip.start_hi.data() + i, strip.hi.data() + i, dx, acc);
+      group_product<F::kSigned, 0, 4>(xg, wg, strip.start_lo.data() + i, strip.lo.data() + i, dx, acc);
+      group_product<F::kSigned, 4, 4>(xg, wg, strip.start_hi.data() + i, strip.hi.data() + i, dx, acc);
     } else {
-      group_product<0, 8>(xg, wg, strip.start_lo.data() + i, strip.lo.data() + i, dx, acc);
+      group_product<F::kSigned, 0, 8>(xg, wg, strip.start_lo.data() + i, strip.lo.data() + i, dx, acc);
     }
     if (F::kOffset) {
-      const __m512 sx = _mm512_loadu_ps(xs + g * kTileRows);
+      const __m512 sx = _mm512_loadu_ps(x.s.data() + at);
 #pragma GCC unroll 8
       for (int c = 0; c < kStripCols; ++c) acc[c] = _mm512_fmadd_ps(sx, _mm512_set1_ps(strip.offset[i + c]), acc[c]);
     }
@@ -732,7 +739,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& blocks) {
   at::Tensor y = at::empty({M, N}, x.options());
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512VNNI__)
   TTSEARCH_DISPATCH_FLOAT_TYPES(x.scalar_type(), "quantized_linear", [&] {
-    int8_gemm<F>(TiledRows(xc.data_ptr<scalar_t>(), M, K), M, w, N, y.data_ptr<scalar_t>());
+    int8_gemm<F>(TiledRows(xc.data_ptr<scalar_t>(), M, K, F::kSigned ? 128 : 0), M, w, N, y.data_ptr<scalar_t>());
   });
   return y;
 #endif
