@@ -25,8 +25,8 @@ generated tokens differ: compare seconds per generated token beside seconds per 
     python -m pytest benchmarks/bench_backend.py --benchmark-only \\
         --benchmark-json benchmarks/results/backend_cpu_<machine>.json
 
-``BENCH_WEIGHTS=packed`` runs every side on the GGUF file's packed weights (``--weights
-packed`` on both servers, ``weights="packed"`` in process) instead of dequantized ones.
+``BENCH_WEIGHTS`` (auto, packed or dequantized; default auto, the engine's default) picks the
+GGUF file's weights on every side (``--weights`` on both servers, ``weights=`` in process).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ TEMPERATURE = 0.8
 PRM_OPTIONS = {"family": "math-shepherd", "tag": "ки"}
 MODEL = "smollm2-135m"
 # the model's weights on every side: dequantized to the dtype at load, or packed (GGUF's blocks)
-WEIGHTS = os.environ.get("BENCH_WEIGHTS", "dequantized")
+WEIGHTS = os.environ.get("BENCH_WEIGHTS", "auto")
 
 
 def problems():
@@ -186,7 +186,7 @@ def test_its_hub_particle_filtering(benchmark, servers, budget):
     alone, together = ours(budget, 1), ours(budget, PROBLEMS)
     benchmark.extra_info.update({
         "problems": PROBLEMS, "budget": budget, "max_steps": MAX_STEPS, "step_tokens": STEP_TOKENS,
-        "dtype": str(engine().dtype), "weights": WEIGHTS,
+        "dtype": str(engine().dtype), "weights": engine().weights,
         "load_average_1min_before_after": [load_before, os.getloadavg()[0]],
         "a_its_hub_through_server_with_reuse": reuse,
         "b_its_hub_through_server_without_reuse": no_reuse,

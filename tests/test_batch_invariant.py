@@ -65,13 +65,16 @@ def decode_logits(engine, prompt: list[int], others: int) -> tuple[torch.Tensor,
     return logits, tree
 
 
-def test_bf16_logits_are_bitwise_the_same_alone_and_in_any_batch(monkeypatch):
+@pytest.mark.parametrize("weights", ["dequantized", "packed"])
+def test_bf16_logits_are_bitwise_the_same_alone_and_in_any_batch(monkeypatch, weights):
     """SmolLM2 in bfloat16. By default a sequence's logits change in the last bits with its
     batch (this machine's bf16 GEMM blocks by the number of rows, and the forks' shared
-    prefix is read once by cascade attention); in batch-invariant mode they do not."""
+    prefix is read once by cascade attention); in batch-invariant mode they do not, with the
+    GGUF's weights dequantized or packed (whose products round x to int8 per row)."""
     from ttsearch.engine.engine import Engine
 
-    engine = Engine("smollm2-135m", dtype="bfloat16", kv_cache_bytes=64 << 20, block_size=16, progress=False)
+    engine = Engine("smollm2-135m", dtype="bfloat16", kv_cache_bytes=64 << 20, block_size=16, progress=False,
+                    weights=weights)
     prompt = list(range(300, 300 + 70))  # 4 full blocks shared with the forks, then a partial one
     _, tree = decode_logits(engine, prompt, 8)
     assert tree.nodes  # the default mode takes the cascade path for the forks
