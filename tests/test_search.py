@@ -266,8 +266,7 @@ def test_a_length_cut_or_an_empty_step_completes_a_beam():
     search, job, _ = run_one("beam_search", {}, cut={"0"}, n=4, beam_width=2, max_iterations=3, drop_length_cuts=True)
     assert [b.beam_id for b in search.unfinished] == [0] and all(b.finish != "length" for b in search.completions)
     assert make_record(job)["rules"] == {"semantics": "modified", "stop_at_n_finished": False,
-                                         "drop_length_cuts": True, "ignore_eos": False, "sort_completed": True,
-                                         "filter_duplicates": False}
+                                         "drop_length_cuts": True, "sort_completed": True, "filter_duplicates": False}
 
 
 def test_beam_search_without_open_beams_ends_early():
@@ -405,7 +404,6 @@ def test_a_problem_with_short_steps_does_not_wait_for_another_with_long_ones():
         ({"max_tokens": 0}, "max_tokens=0"),
         ({"max_step_tokens": -1}, "max_step_tokens=-1"),
         ({"sort_completed": "yes"}, "sort_completed='yes'"),
-        ({"ignore_eos": 1}, "ignore_eos=1"),
         ({"strategy": "compute_optimal"}, "optimal_table"),
         ({"strategy": "best_of_n", "lookahead": 2}, "lookahead"),
     ],
@@ -413,12 +411,6 @@ def test_a_problem_with_short_steps_does_not_wait_for_another_with_long_ones():
 def test_bad_configs_name_the_setting(settings, message):
     with pytest.raises(ConfigError, match=message):
         SearchConfig(**settings)
-
-
-def test_ignore_eos_reaches_the_steps_sampling_and_marks_the_rules_modified():
-    config = SearchConfig(ignore_eos=True)
-    assert config.sampling(3).ignore_eos and not SearchConfig().sampling(3).ignore_eos
-    assert config.rules()["semantics"] == "modified" and SearchConfig().rules()["semantics"] == "search-and-learn"
 
 
 def test_unknown_setting_in_a_config_file():

@@ -37,9 +37,6 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
                    help="beam search ends once n paths have finished (not search-and-learn's rule)")
     p.add_argument("--drop-length-cuts", action="store_const", const=True,
                    help="a path cut by a token limit is not an answer (not search-and-learn's rule)")
-    p.add_argument("--ignore-eos", action="store_const", const=True,
-                   help="a step does not end at EOS, so paths end at the step and token limits (for benchmarks "
-                        "that need equal work; not search-and-learn's rule)")
     p.add_argument("--optimal-table", help="compute_optimal: the table from `ttsearch fit`")
     p.add_argument("--resampling", help="particle_filter: multinomial | systematic")
     p.add_argument("--particle-weights", help="particle_filter: logit (of the reward, as Puri et al.) | reward")
@@ -53,7 +50,7 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
 
 SEARCH_FLAGS = ("strategy", "beam_width", "max_iterations", "max_tokens", "max_step_tokens", "lookahead",
                 "aggregation", "temperature", "top_p", "top_k", "seed", "problems_in_flight", "stop_at_n_finished",
-                "drop_length_cuts", "ignore_eos", "optimal_table", "resampling", "particle_weights", "resample_temperature",
+                "drop_length_cuts", "optimal_table", "resampling", "particle_weights", "resample_temperature",
                 "balance_temperature", "stop_agree", "stop_share", "stop_window")
 
 

@@ -24,8 +24,8 @@ class SamplingParams:
     sequence get streams derived from it, so one seed reproduces a whole tree. ``logprobs``
     (None: off) asks for each sampled token's log-probability and the ``logprobs`` most
     likely tokens' (``Engine.sample_step``). ``ignore_eos``: a step does not end at EOS but
-    writes on to its stop string or token limit (vLLM's option, for runs that must do equal
-    work)."""
+    writes on to its stop string or token limit (vLLM's request option, which benchmarks use
+    to fix the work done)."""
 
     temperature: float = 0.0
     top_p: float = 1.0

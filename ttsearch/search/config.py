@@ -49,7 +49,6 @@ class SearchConfig:
     filter_duplicates: bool = False  # beam search: of unfinished beams with the same text, rank only the first
     stop_at_n_finished: bool = False  # ours: beam search ends once it has n finished answers
     drop_length_cuts: bool = False  # ours: a path cut by a token limit is not an answer
-    ignore_eos: bool = False  # ours: a step does not end at EOS (paths end at the limits), for equal-work benchmarks
     resampling: str = "multinomial"  # particle_filter: multinomial or systematic resampling
     particle_weights: str = "logit"  # particle_filter: a particle's log-weight is logit(reward) (as Puri et al.'s code) or the reward
     resample_temperature: float = 1.0  # particle_filter: particles are drawn by softmax(log-weight / T)
@@ -100,7 +99,7 @@ class SearchConfig:
             bad("stop_share", "must be in [0, 1] (0: off)")
         if self.stop_agree > self.agreement_window:
             bad("stop_agree", f"cannot exceed stop_window={self.stop_window}: it counts equal answers among them")
-        for name in ("sort_completed", "filter_duplicates", "stop_at_n_finished", "drop_length_cuts", "ignore_eos"):
+        for name in ("sort_completed", "filter_duplicates", "stop_at_n_finished", "drop_length_cuts"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be true or false")
         if self.chat_template is not None and not (isinstance(self.chat_template, str) and self.chat_template):
@@ -127,7 +126,7 @@ class SearchConfig:
     def rules(self) -> dict:
         """Which search rules ran, for the records: the strategy's source's (search-and-learn's
         for its three) unless an option of ours is on."""
-        ours = {k: getattr(self, k) for k in ("stop_at_n_finished", "drop_length_cuts", "ignore_eos")}
+        ours = {k: getattr(self, k) for k in ("stop_at_n_finished", "drop_length_cuts")}
         if self.stops_early:
             ours.update(stop_agree=self.stop_agree, stop_share=self.stop_share, stop_window=self.agreement_window)
         source = SEARCHES[self.strategy].source if self.strategy in STRATEGIES else "custom"
@@ -136,8 +135,7 @@ class SearchConfig:
 
     def sampling(self, seed: int) -> SamplingParams:
         """The sampling of a search's steps, on the random stream ``seed``."""
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed,
-                              ignore_eos=self.ignore_eos)
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
