@@ -27,6 +27,8 @@ generated tokens differ: compare seconds per generated token beside seconds per 
 
 ``BENCH_WEIGHTS`` (auto, packed or dequantized; default auto, the engine's default) picks the
 GGUF file's weights on every side (``--weights`` on both servers, ``weights=`` in process).
+``BENCH_MAX_STEPS`` (default 4) sets MAX_STEPS: longer paths cost a server without reuse
+quadratically more prefill.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ except ImportError:  # pragma: no cover - its_hub is in the test group
 
 PROBLEMS = 3
 STEP = "\n\n"
-MAX_STEPS = 4
+MAX_STEPS = int(os.environ.get("BENCH_MAX_STEPS", 4))
 STEP_TOKENS = 128  # room for a step to end at its blank line: a step cut short ends our path, not its_hub's
 TEMPERATURE = 0.8
 PRM_OPTIONS = {"family": "math-shepherd", "tag": "ки"}
