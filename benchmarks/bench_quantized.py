@@ -56,7 +56,7 @@ def engine_for(weights: str) -> Engine:
 
 # the two weights of a batch size run back to back: a ratio is read from neighbouring timings
 @pytest.mark.parametrize("weights", WEIGHTS)
-@pytest.mark.parametrize("batch", [1, 4, 16, 64, 256])
+@pytest.mark.parametrize("batch", [1, 4, 8, 16, 64, 256])
 def test_decode(benchmark, weights, batch):
     engine = engine_for(weights)
     time_decode_step(benchmark, engine, batch, rounds=ROUNDS)

@@ -6,10 +6,11 @@
 // Up to kFusedRows rows of x (decoding): the weights are unpacked in registers, 32 bytes
 // at a time, and dotted with every row (AVX512-VNNI's vpdpbusd, or AVX2's vpmaddubsw and
 // vpmaddwd), so W is read from memory once per call: 3.5x fewer bytes than bf16 for 4-bit
-// formats. Output features split across threads. More rows (prefill, wide searches): the
-// product is compute-bound. With AVX512-VNNI, an int8 GEMM: x laid out in tiles of 16 rows,
-// W unpacked 8 output features at a time, 64 int8 products per instruction (bf16's GEMM
-// does 32). Without it, a panel of W at a time is dequantized to x's dtype for ATen's GEMM.
+// formats. Output features split across threads. More rows (wider decode batches, prefill):
+// the product is compute-bound. With AVX512-VNNI, an int8 GEMM: x laid out in tiles of 8 or
+// 16 rows, W unpacked 8 output features at a time, up to 64 int8 products per instruction
+// (bf16's GEMM does 32). Without it, past 8 rows, a panel of W at a time is dequantized to
+// x's dtype for ATen's GEMM.
 #include "cpu_utils.h"  // first: selects ATen's vector ISA
 
 #include <ATen/core/Tensor.h>
@@ -36,9 +37,14 @@ using cpu::kVec;
 using cpu::Vec;
 
 constexpr int kGroup = 32;           // features per int8 group of x, and per integer dot product
-// Up to 8 rows of x go through the fused kernel, their accumulators in registers. Past 8 on
-// a Zen 4 the int8 products per row cost more than dequantizing W once for ATen's bf16 GEMM.
+// Up to kFusedRows rows of x go through the fused kernel, their accumulators in registers:
+// past 4 on a Zen 4 the int8 GEMM's tiles of 8 rows are faster; without it, past 8, the int8
+// products per row cost more than dequantizing W once for ATen's bf16 GEMM.
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512VNNI__)
+constexpr int64_t kFusedRows = 4;
+#else
 constexpr int64_t kFusedRows = 8;
+#endif
 // Output features dequantized at a time for the GEMM: 4 MB of them (a small model's whole
 // matrix, a slice of a vocabulary-sized one), which stay in the last-level cache for the GEMM.
 constexpr int64_t kPanelBytes = 4 << 20;
@@ -485,7 +491,7 @@ void fused_rows(const RoundedRows& x, const uint8_t* w, int64_t N, float* y) {
 
 template <typename F>
 void fused(const RoundedRows& x, int64_t M, const uint8_t* w, int64_t N, float* y) {
-  static_assert(kFusedRows == 8, "one case per row count");
+  static_assert(kFusedRows <= 8, "one case per row count");
   switch (M) {
     case 1: return fused_rows<F, 1>(x, w, N, y);
     case 2: return fused_rows<F, 2>(x, w, N, y);
@@ -540,24 +546,61 @@ void dequantize_rows(const uint8_t* w, int64_t K, int64_t n0, int64_t count, T* 
 // weights unsigned: they go in as they are, x signed. A signed format's weights (q8_0, q6_K)
 // go in signed, x plus 128 (unsigned), and each group's sum starts at -128 * the sum of its
 // weights. Either way each group's integer sum is exact, as in the fused kernel.
-constexpr int kTileRows = 16;
 constexpr int kStripCols = 8;
 
-// x [M, K] rounded in groups of 32, in tiles of 16 rows: bytes [tile][K / 4][16 rows][4] (plus
-// `shift`: 0 or 128), and per [tile][group][16 rows] its scale d and d * sum(q) (which the
+// A register of kRows lanes, one row of x each: a tile of 16 rows (zmm), or of 8 (ymm) for a
+// batch that fills no more. A lane computes exactly as in the other width, so a row's result
+// does not depend on which tile width took it.
+template <int kRows>
+struct Lanes;
+template <>
+struct Lanes<16> {
+  using Ints = __m512i;
+  using Floats = __m512;
+  static Ints load(const void* p) { return _mm512_loadu_si512(p); }
+  static Ints splat(int32_t v) { return _mm512_set1_epi32(v); }
+  static Ints zeros() { return _mm512_setzero_si512(); }
+  static Ints dot(Ints acc, Ints u, Ints s) { return _mm512_dpbusd_epi32(acc, u, s); }
+  static Floats load_floats(const float* p) { return _mm512_loadu_ps(p); }
+  static Floats splat_float(float v) { return _mm512_set1_ps(v); }
+  static Floats zero_floats() { return _mm512_setzero_ps(); }
+  static Floats to_floats(Ints v) { return _mm512_cvtepi32_ps(v); }
+  static Floats mul(Floats a, Floats b) { return _mm512_mul_ps(a, b); }
+  static Floats fmadd(Floats a, Floats b, Floats c) { return _mm512_fmadd_ps(a, b, c); }
+  static void store(float* p, Floats v) { _mm512_storeu_ps(p, v); }
+};
+template <>
+struct Lanes<8> {
+  using Ints = __m256i;
+  using Floats = __m256;
+  static Ints load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static Ints splat(int32_t v) { return _mm256_set1_epi32(v); }
+  static Ints zeros() { return _mm256_setzero_si256(); }
+  static Ints dot(Ints acc, Ints u, Ints s) { return _mm256_dpbusd_epi32(acc, u, s); }
+  static Floats load_floats(const float* p) { return _mm256_loadu_ps(p); }
+  static Floats splat_float(float v) { return _mm256_set1_ps(v); }
+  static Floats zero_floats() { return _mm256_setzero_ps(); }
+  static Floats to_floats(Ints v) { return _mm256_cvtepi32_ps(v); }
+  static Floats mul(Floats a, Floats b) { return _mm256_mul_ps(a, b); }
+  static Floats fmadd(Floats a, Floats b, Floats c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, Floats v) { _mm256_storeu_ps(p, v); }
+};
+
+// x [M, K] rounded in groups of 32, in tiles of `rows` rows: bytes [tile][K / 4][rows][4] (plus
+// `shift`: 0 or 128), and per [tile][group][rows] its scale d and d * sum(q) (which the
 // weights' offsets multiply). Rows past M are zeros with a zero scale.
 struct TiledRows {
-  int64_t K, groups, tiles;
+  int64_t K, groups, rows, tiles;
   std::vector<uint8_t> q;
   std::vector<float> d, s;
 
   template <typename T>
-  TiledRows(const T* x, int64_t M, int64_t K, uint8_t shift)
-      : K(K), groups(K / kGroup), tiles((M + kTileRows - 1) / kTileRows), q(tiles * K * kTileRows, shift),
-        d(tiles * groups * kTileRows, 0.f), s(d.size(), 0.f) {
+  TiledRows(const T* x, int64_t M, int64_t K, uint8_t shift, int64_t rows)
+      : K(K), groups(K / kGroup), rows(rows), tiles((M + rows - 1) / rows), q(tiles * K * rows, shift),
+        d(tiles * groups * rows, 0.f), s(d.size(), 0.f) {
 #pragma omp parallel for schedule(static) if (M * K >= 1 << 14)
     for (int64_t m = 0; m < M; ++m) {
-      const int64_t tile = m / kTileRows, r = m % kTileRows;
+      const int64_t tile = m / rows, r = m % rows;
       for (int64_t g = 0; g < groups; ++g) {
         Vec v[kGroup / kVec];
         load_group(x + m * K, g, v);
@@ -570,9 +613,9 @@ struct TiledRows {
         for (int e = 0; e < kGroup; ++e) shifted[e] = static_cast<uint8_t>(qg[e] + shift);
         int32_t quads[kGroup / 4];
         std::memcpy(quads, shifted, kGroup);
-        int32_t* out = reinterpret_cast<int32_t*>(q.data()) + (tile * (K / 4) + g * (kGroup / 4)) * kTileRows + r;
-        for (int i = 0; i < kGroup / 4; ++i) out[i * kTileRows] = quads[i];
-        const int64_t at = (tile * groups + g) * kTileRows + r;
+        int32_t* out = reinterpret_cast<int32_t*>(q.data()) + (tile * (K / 4) + g * (kGroup / 4)) * rows + r;
+        for (int i = 0; i < kGroup / 4; ++i) out[i * rows] = quads[i];
+        const int64_t at = (tile * groups + g) * rows + r;
         d[at] = dg, s[at] = dg * static_cast<float>(total);
       }
     }
@@ -629,58 +672,61 @@ void unpack_strip(const uint8_t* w, int64_t row_bytes, int64_t groups, int64_t n
   }
 }
 
-// Quads [kFirst, kFirst + kCount) of one group: the tile's 16 rows (xq: the group's 8 quads of
-// 16 rows) times the strip's columns (wq: the group's [kStripCols][8] quads), from sums started
-// at `start` (signed formats), then times d_x * scale into acc.
-template <bool kSigned, int kFirst, int kCount>
+// Quads [kFirst, kFirst + kCount) of one group: the tile's rows (xq: the group's 8 quads of
+// kRows rows) times the strip's columns (wq: the group's [kStripCols][8] quads), from sums
+// started at `start` (signed formats), then times d_x * scale into acc.
+template <int kRows, bool kSigned, int kFirst, int kCount>
 C10_ALWAYS_INLINE void group_product(const uint8_t* xq, const int32_t* wq, const int32_t* start, const float* scale,
-                                     __m512 dx, __m512 (&acc)[kStripCols]) {
-  __m512i sums[kStripCols];
+                                     typename Lanes<kRows>::Floats dx,
+                                     typename Lanes<kRows>::Floats (&acc)[kStripCols]) {
+  using L = Lanes<kRows>;
+  typename L::Ints sums[kStripCols];
 #pragma GCC unroll 8
-  for (int c = 0; c < kStripCols; ++c) sums[c] = kSigned ? _mm512_set1_epi32(start[c]) : _mm512_setzero_si512();
+  for (int c = 0; c < kStripCols; ++c) sums[c] = kSigned ? L::splat(start[c]) : L::zeros();
 #pragma GCC unroll 8
   for (int k = kFirst; k < kFirst + kCount; ++k) {
-    const __m512i xv = _mm512_loadu_si512(xq + k * 64);
+    const typename L::Ints xv = L::load(xq + k * kRows * 4);
 #pragma GCC unroll 8
     for (int c = 0; c < kStripCols; ++c) {
-      const __m512i wv = _mm512_set1_epi32(wq[c * 8 + k]);
-      sums[c] = kSigned ? _mm512_dpbusd_epi32(sums[c], xv, wv) : _mm512_dpbusd_epi32(sums[c], wv, xv);
+      const typename L::Ints wv = L::splat(wq[c * 8 + k]);
+      sums[c] = kSigned ? L::dot(sums[c], xv, wv) : L::dot(sums[c], wv, xv);
     }
   }
 #pragma GCC unroll 8
   for (int c = 0; c < kStripCols; ++c) {
-    acc[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[c]), _mm512_mul_ps(dx, _mm512_set1_ps(scale[c])), acc[c]);
+    acc[c] = L::fmadd(L::to_floats(sums[c]), L::mul(dx, L::splat_float(scale[c])), acc[c]);
   }
 }
 
-// out[c][r] = row r of the tile times strip column c, for kStripCols columns and 16 rows
-template <typename F>
+// out[c][r] = row r of the tile times strip column c, for kStripCols columns and kRows rows
+template <typename F, int kRows>
 void tile_times_strip(const TiledRows& x, int64_t tile, const Strip& strip, float* out) {
+  using L = Lanes<kRows>;
   const int64_t groups = x.groups;
-  const uint8_t* xq = x.q.data() + tile * (x.K / 4) * 64;
-  const int64_t rows = tile * groups * kTileRows;
-  __m512 acc[kStripCols];
+  const uint8_t* xq = x.q.data() + tile * (x.K / 4) * kRows * 4;
+  const int64_t rows = tile * groups * kRows;
+  typename L::Floats acc[kStripCols];
 #pragma GCC unroll 8
-  for (int c = 0; c < kStripCols; ++c) acc[c] = _mm512_setzero_ps();
+  for (int c = 0; c < kStripCols; ++c) acc[c] = L::zero_floats();
   for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* xg = xq + g * 8 * 64;
+    const uint8_t* xg = xq + g * 8 * kRows * 4;
     const int32_t* wg = strip.q.data() + g * 8 * kStripCols;
-    const int64_t i = g * kStripCols, at = rows + g * kTileRows;
-    const __m512 dx = _mm512_loadu_ps(x.d.data() + at);
+    const int64_t i = g * kStripCols, at = rows + g * kRows;
+    const typename L::Floats dx = L::load_floats(x.d.data() + at);
     if (F::kHalfScales) {
-      group_product<F::kSigned, 0, 4>(xg, wg, strip.start_lo.data() + i, strip.lo.data() + i, dx, acc);
-      group_product<F::kSigned, 4, 4>(xg, wg, strip.start_hi.data() + i, strip.hi.data() + i, dx, acc);
+      group_product<kRows, F::kSigned, 0, 4>(xg, wg, strip.start_lo.data() + i, strip.lo.data() + i, dx, acc);
+      group_product<kRows, F::kSigned, 4, 4>(xg, wg, strip.start_hi.data() + i, strip.hi.data() + i, dx, acc);
     } else {
-      group_product<F::kSigned, 0, 8>(xg, wg, strip.start_lo.data() + i, strip.lo.data() + i, dx, acc);
+      group_product<kRows, F::kSigned, 0, 8>(xg, wg, strip.start_lo.data() + i, strip.lo.data() + i, dx, acc);
     }
     if (F::kOffset) {
-      const __m512 sx = _mm512_loadu_ps(x.s.data() + at);
+      const typename L::Floats sx = L::load_floats(x.s.data() + at);
 #pragma GCC unroll 8
-      for (int c = 0; c < kStripCols; ++c) acc[c] = _mm512_fmadd_ps(sx, _mm512_set1_ps(strip.offset[i + c]), acc[c]);
+      for (int c = 0; c < kStripCols; ++c) acc[c] = L::fmadd(sx, L::splat_float(strip.offset[i + c]), acc[c]);
     }
   }
 #pragma GCC unroll 8
-  for (int c = 0; c < kStripCols; ++c) _mm512_storeu_ps(out + c * kTileRows, acc[c]);
+  for (int c = 0; c < kStripCols; ++c) L::store(out + c * kRows, acc[c]);
 }
 
 // 8 floats stored as T (rounded to nearest even, as static_cast does)
@@ -693,7 +739,7 @@ C10_ALWAYS_INLINE void store_columns(at::BFloat16* p, __m256 v) {
 }
 
 // y [M, N] of type T = x @ W.T through the int8 tiles
-template <typename F, typename T>
+template <typename F, int kRows, typename T>
 void int8_gemm(const TiledRows& x, int64_t M, const uint8_t* w, int64_t N, T* y) {
   const int64_t groups = x.groups, row_bytes = x.K / F::kElems * F::kBytes;
   const int64_t strips = (N + kStripCols - 1) / kStripCols;
@@ -701,21 +747,22 @@ void int8_gemm(const TiledRows& x, int64_t M, const uint8_t* w, int64_t N, T* y)
   {
     thread_local Strip strip;
     strip.resize(groups);
-    alignas(64) float out[kStripCols * kTileRows];
+    alignas(64) float out[kStripCols * kRows];
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < strips; ++i) {
       const int64_t n0 = i * kStripCols;
       const int cols = static_cast<int>(std::min<int64_t>(kStripCols, N - n0));
       unpack_strip<F>(w, row_bytes, groups, n0, cols, strip);
       for (int64_t tile = 0; tile < x.tiles; ++tile) {
-        tile_times_strip<F>(x, tile, strip, out);
-        const int64_t rows = std::min<int64_t>(kTileRows, M - tile * kTileRows);
+        tile_times_strip<F, kRows>(x, tile, strip, out);
+        const int64_t rows = std::min<int64_t>(kRows, M - tile * kRows);
         for (int64_t r = 0; r < rows; ++r) {
-          T* yr = y + (tile * kTileRows + r) * N + n0;
-          if (cols == kStripCols) {
-            store_columns(yr, _mm256_i32gather_ps(out + r, _mm256_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112), 4));
+          T* yr = y + (tile * kRows + r) * N + n0;
+          if (cols == kStripCols) {  // column c of row r is at out[c * kRows + r]
+            store_columns(yr, _mm256_i32gather_ps(out + r, _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                                                               _mm256_set1_epi32(kRows)), 4));
           } else {
-            for (int c = 0; c < cols; ++c) yr[c] = static_cast<T>(out[c * kTileRows + r]);
+            for (int c = 0; c < cols; ++c) yr[c] = static_cast<T>(out[c * kRows + r]);
           }
         }
       }
@@ -739,7 +786,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& blocks) {
   at::Tensor y = at::empty({M, N}, x.options());
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512VNNI__)
   TTSEARCH_DISPATCH_FLOAT_TYPES(x.scalar_type(), "quantized_linear", [&] {
-    int8_gemm<F>(TiledRows(xc.data_ptr<scalar_t>(), M, K, F::kSigned ? 128 : 0), M, w, N, y.data_ptr<scalar_t>());
+    const uint8_t shift = F::kSigned ? 128 : 0;
+    if (M <= 8) {
+      int8_gemm<F, 8>(TiledRows(xc.data_ptr<scalar_t>(), M, K, shift, 8), M, w, N, y.data_ptr<scalar_t>());
+    } else {
+      int8_gemm<F, 16>(TiledRows(xc.data_ptr<scalar_t>(), M, K, shift, 16), M, w, N, y.data_ptr<scalar_t>());
+    }
   });
   return y;
 #endif

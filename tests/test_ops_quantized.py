@@ -24,7 +24,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import ttsearch.ops as ops  # noqa: E402
-from ttsearch.ops import quantized  # noqa: E402
+from ttsearch.ops import cpu_isa, quantized  # noqa: E402
 
 HAS_CPP = ops.IMPLEMENTATIONS["cpu"].startswith("cpp")
 try:
@@ -37,11 +37,12 @@ except ImportError:
     triton_module = None
 NEEDS = {"cpp": pytest.mark.skipif(not HAS_CPP, reason="ttsearch._C is not loaded"),
          "triton": pytest.mark.skipif(triton_module is None, reason="triton is not importable")}
-# rows: one decode sequence, a few (the C++ kernel's fused path), more (its GEMM path: one
-# tile of 16 rows part filled, one full, three with the last part filled); the interpreter is
-# slow, and one row and many cover the Triton tiles
+# rows: one decode sequence, a few (the C++ kernel's fused path up to 4 rows, or 8 without
+# AVX512-VNNI), more (its GEMM: one tile of 8 rows part filled and full, one of 16 part filled
+# and full, three with the last part filled); the interpreter is slow, and one row and many
+# cover the Triton tiles
 CASES = [pytest.param(impl, rows, marks=NEEDS[impl], id=f"{impl}-{rows}")
-         for impl, all_rows in (("cpp", (1, 3, 8, 9, 16, 40)), ("triton", (1, 40))) for rows in all_rows]
+         for impl, all_rows in (("cpp", (1, 3, 5, 8, 9, 16, 40)), ("triton", (1, 40))) for rows in all_rows]
 FORMATS = list(quantized.FORMATS)
 # where each format keeps its fp16 scales (and mins)
 SCALE_OFFSETS = {"q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "q8_0": [0], "q4_K": [0, 2], "q6_K": [208]}
@@ -115,7 +116,7 @@ def test_the_kernels_match_the_reference(impl, rows, qtype, dtype, monkeypatch):
     # 480 features: 15 groups of 32, an odd count (the AVX-512 kernel takes groups in pairs);
     # 100 outputs: the int8 GEMM's strips of 8 end in a part-filled one
     in_features = 480 if quantized.FORMATS[qtype].elems == 32 and rows % 2 else 512
-    out_features = 100 if rows > 8 else 96
+    out_features = 100 if rows > 4 else 96
     blocks = random_blocks(out_features, in_features, qtype, seed=rows)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
     got = kernel(impl, monkeypatch)(x, blocks, qtype)
@@ -123,6 +124,19 @@ def test_the_kernels_match_the_reference(impl, rows, qtype, dtype, monkeypatch):
     assert got.dtype == dtype and got.shape == (rows, out_features)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(got.float(), want.float(), atol=atol * want.abs().max().item(), rtol=rtol)
+
+
+@pytest.mark.skipif(not (HAS_CPP and cpu_isa.multiplies_int8(ops.IMPLEMENTATIONS["cpu"].removeprefix("cpp-"))),
+                    reason="the int8 GEMM is built on the avx512_bf16 level (AVX512-VNNI) only")
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_a_row_through_the_int8_gemm_is_the_same_in_any_batch(qtype):
+    """Past the fused kernel's 8 rows, and from 5 rows on: tiles of 8 rows (ymm) and of 16
+    (zmm) compute each row alike, so a row's result does not depend on its batch."""
+    blocks = random_blocks(100, 512, qtype, seed=3)
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    whole = ops.quantized_linear(x, blocks, qtype)
+    for rows in (5, 8, 9, 16, 17):
+        assert torch.equal(ops.quantized_linear(x[:rows], blocks, qtype), whole[:rows]), rows
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="ttsearch._C is not loaded")
