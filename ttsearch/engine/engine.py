@@ -53,10 +53,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def resolve_weights(weights: str, device: torch.device) -> str:
     """``"packed"`` or ``"dequantized"``: how a GGUF file's quantized matrices run. ``"auto"``
     keeps them packed where that was measured no slower at any batch size: a CPU whose kernels
-    multiply them in int8 (AVX512-VNNI, as a Zen 4; 1.9-2.3x at batch 1, 1.15x at 64) and that has
-    no AMX (whose bf16 GEMM on dequantized weights is expected to outrun int8 VNNI at search
-    batch sizes). Elsewhere dequantized: on an AVX2 CPU packed weights are faster up to batch 4
-    but slower from 16 rows on, and on a GPU cuBLAS's bf16 GEMM is the measured path."""
+    multiply them in int8 (AVX512-VNNI, as a Zen 4: about 2.2x at batch 1, 1.2x at 64, at
+    parity or ahead at 8-16) and that has no AMX (whose bf16 GEMM on dequantized weights is
+    expected to outrun int8 VNNI at search batch sizes). Elsewhere dequantized: on an AVX2 CPU
+    packed weights are faster up to batch 4 but slower from 16 rows on, and on a GPU cuBLAS's
+    bf16 GEMM is the measured path."""
     if weights == "auto":
         level = ops.IMPLEMENTATIONS["cpu"].removeprefix("cpp-")
         int8 = device.type == "cpu" and multiplies_int8(level) and not has_amx()
