@@ -25,7 +25,6 @@
 
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "ops.h"
@@ -45,11 +44,6 @@ constexpr int64_t kFusedRows = 4;
 #else
 constexpr int64_t kFusedRows = 8;
 #endif
-// Output features dequantized at a time for the GEMM: 4 MB of them (a small model's whole
-// matrix, a slice of a vocabulary-sized one), which stay in the last-level cache for the GEMM.
-constexpr int64_t kPanelBytes = 4 << 20;
-constexpr int64_t kMinPanelRows = 64;
-
 inline float f16(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
@@ -388,6 +382,19 @@ C10_ALWAYS_INLINE void load_group(const T* x, int64_t g, Vec* out) {
 
 C10_ALWAYS_INLINE float inverse_of(float d) { return d > 0.f ? 1.f / d : 0.f; }  // a group of zeros stays zero
 
+// Group g of x [*, K] of type T rounded to int8 at q; returns its scale d, and sets `total` to
+// the sum of its 32 rounded values.
+template <typename T>
+C10_ALWAYS_INLINE float round_group(const T* x, int64_t g, int8_t* q, int& total) {
+  Vec v[kGroup / kVec];
+  load_group(x, g, v);
+  const float d = group_scale(v);
+  alignas(64) float xg[kGroup];  // the group as floats, for the int8 rounding
+  for (int i = 0; i < kGroup / kVec; ++i) v[i].store(xg + i * kVec);
+  total = round_to_int8(xg, inverse_of(d), q);
+  return d;
+}
+
 // x [M, K] rounded in groups of 32 for the fused kernel: q = round(x / d) as int8, and per group,
 // repeated in each of its 8 dot-product lanes: d, and d * sum(q) / 8 (the lanes of a group add
 // up to its sum of rounded x, which an offset of the weights multiplies). Padded by one group, which
@@ -401,39 +408,13 @@ struct RoundedRows {
   RoundedRows(const T* x, int64_t M, int64_t K)
       : K(K), groups(K / kGroup), q(M * K + kGroup, 0), d((M * groups + 1) * 8, 0.f), s((M * groups + 1) * 8, 0.f) {
     for (int64_t g = 0; g < M * groups; ++g) {
-      Vec v[kGroup / kVec];
-      load_group(x, g, v);
-      const float dg = group_scale(v);
-      alignas(64) float xg[kGroup];  // the group as floats, for the int8 rounding
-      for (int i = 0; i < kGroup / kVec; ++i) v[i].store(xg + i * kVec);
-      const int total = round_to_int8(xg, inverse_of(dg), q.data() + g * kGroup);
+      int total;
+      const float dg = round_group(x, g, q.data() + g * kGroup, total);
       std::fill_n(d.data() + 8 * g, 8, dg);
       std::fill_n(s.data() + 8 * g, 8, dg * static_cast<float>(total) / 8.f);
     }
   }
 };
-
-// x [M, K] of type T rounded, as values d * q of type T (for the GEMM).
-template <typename T>
-void round_values(const T* x, int64_t M, int64_t K, T* out) {
-  for (int64_t g = 0; g < M * K / kGroup; ++g) {
-    Vec v[kGroup / kVec];
-    load_group(x, g, v);
-    const float dg = group_scale(v);
-    const Vec d(dg), inverse(inverse_of(dg));
-    for (int i = 0; i < kGroup / kVec; ++i) {  // round(): to nearest, ties to even
-      cpu::store_float(out + g * kGroup + i * kVec, (v[i] * inverse).round() * d);
-    }
-  }
-}
-
-// A buffer of at least `bytes`, kept for the calling thread's next call: a fresh one each call
-// would be zeroed page by page by the kernel, which cost more than the dequantizing it holds.
-inline uint8_t* scratch(int64_t bytes) {
-  thread_local at::Tensor buffer;
-  if (!buffer.defined() || buffer.numel() < bytes) buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
-  return buffer.data_ptr<uint8_t>();
-}
 
 // ---------------------------------------------------------------- the kernels
 
@@ -505,35 +486,6 @@ void fused(const RoundedRows& x, int64_t M, const uint8_t* w, int64_t N, float* 
   }
 }
 
-// 32 dequantized weights, lo * q + offset then hi * q + offset, stored at o as T
-template <bool kSigned, typename T>
-C10_ALWAYS_INLINE void store_group(T* o, const Bytes& q, float lo, float hi, float offset) {
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, at::BFloat16>) {  // both halves in one conversion and one store
-    const Vec low = at::vec::fmadd(Vec(lo), to_floats<kSigned>(q, 0), Vec(offset));
-    const Vec high = at::vec::fmadd(Vec(hi), to_floats<kSigned>(q, 1), Vec(offset));
-    _mm512_storeu_si512(o, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(high, low)));
-    return;
-  }
-#endif
-  for (int i = 0; i < kGroup / kVec; ++i) {
-    cpu::store_float(o + i * kVec, at::vec::fmadd(Vec(i * kVec < kGroup / 2 ? lo : hi), to_floats<kSigned>(q, i), Vec(offset)));
-  }
-}
-
-// W's rows [n0, n0 + count) dequantized into out [count, K] of type T.
-template <typename F, typename T>
-void dequantize_rows(const uint8_t* w, int64_t K, int64_t n0, int64_t count, T* out) {
-  const int64_t row_bytes = K / F::kElems * F::kBytes;
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < count; ++n) {
-    for (int64_t group = 0; group < K / kGroup; ++group) {
-      const Group u = group_of<F>(w + (n0 + n) * row_bytes, group);
-      store_group<F::kSigned>(out + n * K + group * kGroup, u.q, u.lo, u.hi, u.offset);
-    }
-  }
-}
-
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512VNNI__)
 // ---------------------------------------------------------------- int8 GEMM (AVX512-VNNI)
 // More rows than the fused kernel takes: x is laid out once in tiles of 16 rows, so that one
@@ -587,7 +539,7 @@ struct Lanes<8> {
 };
 
 // x [M, K] rounded in groups of 32, in tiles of `rows` rows: bytes [tile][K / 4][rows][4] (plus
-// `shift`: 0 or 128), and per [tile][group][rows] its scale d and d * sum(q) (which the
+// 128 where `plus_128`), and per [tile][group][rows] its scale d and d * sum(q) (which the
 // weights' offsets multiply). Rows past M are zeros with a zero scale.
 struct TiledRows {
   int64_t K, groups, rows, tiles;
@@ -595,26 +547,21 @@ struct TiledRows {
   std::vector<float> d, s;
 
   template <typename T>
-  TiledRows(const T* x, int64_t M, int64_t K, uint8_t shift, int64_t rows)
-      : K(K), groups(K / kGroup), rows(rows), tiles((M + rows - 1) / rows), q(tiles * K * rows, shift),
+  TiledRows(const T* x, int64_t M, int64_t K, bool plus_128, int64_t rows)
+      : K(K), groups(K / kGroup), rows(rows), tiles((M + rows - 1) / rows), q(tiles * K * rows, plus_128 ? 128 : 0),
         d(tiles * groups * rows, 0.f), s(d.size(), 0.f) {
+    const uint32_t flip = plus_128 ? 0x80808080u : 0u;  // q + 128 of each byte: its top bit flipped
 #pragma omp parallel for schedule(static) if (M * K >= 1 << 14)
     for (int64_t m = 0; m < M; ++m) {
       const int64_t tile = m / rows, r = m % rows;
       for (int64_t g = 0; g < groups; ++g) {
-        Vec v[kGroup / kVec];
-        load_group(x + m * K, g, v);
-        const float dg = group_scale(v);
-        alignas(64) float xg[kGroup];
-        for (int i = 0; i < kGroup / kVec; ++i) v[i].store(xg + i * kVec);
-        alignas(32) int8_t qg[kGroup];
-        const int total = round_to_int8(xg, inverse_of(dg), qg);
-        uint8_t shifted[kGroup];
-        for (int e = 0; e < kGroup; ++e) shifted[e] = static_cast<uint8_t>(qg[e] + shift);
-        int32_t quads[kGroup / 4];
-        std::memcpy(quads, shifted, kGroup);
-        int32_t* out = reinterpret_cast<int32_t*>(q.data()) + (tile * (K / 4) + g * (kGroup / 4)) * rows + r;
-        for (int i = 0; i < kGroup / 4; ++i) out[i * rows] = quads[i];
+        int8_t qg[kGroup];
+        int total;
+        const float dg = round_group(x + m * K, g, qg, total);
+        uint32_t quads[kGroup / 4];
+        std::memcpy(quads, qg, kGroup);
+        uint32_t* out = reinterpret_cast<uint32_t*>(q.data()) + (tile * (K / 4) + g * (kGroup / 4)) * rows + r;
+        for (int i = 0; i < kGroup / 4; ++i) out[i * rows] = quads[i] ^ flip;
         const int64_t at = (tile * groups + g) * rows + r;
         d[at] = dg, s[at] = dg * static_cast<float>(total);
       }
@@ -769,6 +716,92 @@ void int8_gemm(const TiledRows& x, int64_t M, const uint8_t* w, int64_t N, T* y)
     }
   }
 }
+
+// y [M, N] = x @ W.T for x [M, K] past the fused kernel's rows, in x's dtype: tiles of 8 rows
+// for a batch that fills no more, else of 16
+template <typename F>
+at::Tensor many_rows(const at::Tensor& x, const uint8_t* w, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  TTSEARCH_DISPATCH_FLOAT_TYPES(x.scalar_type(), "quantized_linear", [&] {
+    if (M <= 8) {
+      int8_gemm<F, 8>(TiledRows(x.data_ptr<scalar_t>(), M, K, F::kSigned, 8), M, w, N, y.data_ptr<scalar_t>());
+    } else {
+      int8_gemm<F, 16>(TiledRows(x.data_ptr<scalar_t>(), M, K, F::kSigned, 16), M, w, N, y.data_ptr<scalar_t>());
+    }
+  });
+  return y;
+}
+#else
+// ---------------------------------------------------------------- dequantize, then ATen's GEMM (other levels)
+// Output features dequantized at a time for the GEMM: 4 MB of them (a small model's whole
+// matrix, a slice of a vocabulary-sized one), which stay in the last-level cache for the GEMM.
+constexpr int64_t kPanelBytes = 4 << 20;
+constexpr int64_t kMinPanelRows = 64;
+
+// x [M, K] of type T rounded, as values d * q of type T (for the GEMM).
+template <typename T>
+void round_values(const T* x, int64_t M, int64_t K, T* out) {
+  for (int64_t g = 0; g < M * K / kGroup; ++g) {
+    Vec v[kGroup / kVec];
+    load_group(x, g, v);
+    const float dg = group_scale(v);
+    const Vec d(dg), inverse(inverse_of(dg));
+    for (int i = 0; i < kGroup / kVec; ++i) {  // round(): to nearest, ties to even
+      cpu::store_float(out + g * kGroup + i * kVec, (v[i] * inverse).round() * d);
+    }
+  }
+}
+
+// A buffer of at least `bytes`, kept for the calling thread's next call: a fresh one each call
+// would be zeroed page by page by the kernel, which cost more than the dequantizing it holds.
+inline uint8_t* scratch(int64_t bytes) {
+  thread_local at::Tensor buffer;
+  if (!buffer.defined() || buffer.numel() < bytes) buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
+  return buffer.data_ptr<uint8_t>();
+}
+
+// 32 dequantized weights, lo * q + offset then hi * q + offset, stored at o as T
+template <bool kSigned, typename T>
+C10_ALWAYS_INLINE void store_group(T* o, const Bytes& q, float lo, float hi, float offset) {
+  for (int i = 0; i < kGroup / kVec; ++i) {
+    cpu::store_float(o + i * kVec, at::vec::fmadd(Vec(i * kVec < kGroup / 2 ? lo : hi), to_floats<kSigned>(q, i), Vec(offset)));
+  }
+}
+
+// W's rows [n0, n0 + count) dequantized into out [count, K] of type T.
+template <typename F, typename T>
+void dequantize_rows(const uint8_t* w, int64_t K, int64_t n0, int64_t count, T* out) {
+  const int64_t row_bytes = K / F::kElems * F::kBytes;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < count; ++n) {
+    for (int64_t group = 0; group < K / kGroup; ++group) {
+      const Group u = group_of<F>(w + (n0 + n) * row_bytes, group);
+      store_group<F::kSigned>(out + n * K + group * kGroup, u.q, u.lo, u.hi, u.offset);
+    }
+  }
+}
+
+
+// y [M, N] = x @ W.T for x [M, K] past the fused kernel's rows, in x's dtype
+template <typename F>
+at::Tensor many_rows(const at::Tensor& x, const uint8_t* w, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor xr = at::empty({M, K}, x.options());
+  const int64_t panel_rows = std::min(N, std::max<int64_t>(kMinPanelRows, kPanelBytes / (K * x.element_size())));
+  TTSEARCH_DISPATCH_FLOAT_TYPES(x.scalar_type(), "quantized_linear", [&] {
+    round_values(x.data_ptr<scalar_t>(), M, K, xr.data_ptr<scalar_t>());
+    scalar_t* panel = reinterpret_cast<scalar_t*>(scratch(panel_rows * K * x.element_size()));
+    for (int64_t n0 = 0; n0 < N; n0 += panel_rows) {
+      const int64_t count = std::min(panel_rows, N - n0);
+      dequantize_rows<F, scalar_t>(w, K, n0, count, panel);
+      at::Tensor out = y.narrow(1, n0, count);
+      at::mm_out(out, xr, at::from_blob(panel, {count, K}, x.options()).t());
+    }
+  });
+  return y;
+}
 #endif
 
 template <typename F>
@@ -783,31 +816,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& blocks) {
     });
     return y.to(x.scalar_type());
   }
-  at::Tensor y = at::empty({M, N}, x.options());
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512VNNI__)
-  TTSEARCH_DISPATCH_FLOAT_TYPES(x.scalar_type(), "quantized_linear", [&] {
-    const uint8_t shift = F::kSigned ? 128 : 0;
-    if (M <= 8) {
-      int8_gemm<F, 8>(TiledRows(xc.data_ptr<scalar_t>(), M, K, shift, 8), M, w, N, y.data_ptr<scalar_t>());
-    } else {
-      int8_gemm<F, 16>(TiledRows(xc.data_ptr<scalar_t>(), M, K, shift, 16), M, w, N, y.data_ptr<scalar_t>());
-    }
-  });
-  return y;
-#endif
-  at::Tensor xr = at::empty({M, K}, x.options());
-  const int64_t panel_rows = std::min(N, std::max<int64_t>(kMinPanelRows, kPanelBytes / (K * x.element_size())));
-  TTSEARCH_DISPATCH_FLOAT_TYPES(x.scalar_type(), "quantized_linear", [&] {
-    round_values(xc.data_ptr<scalar_t>(), M, K, xr.data_ptr<scalar_t>());
-    scalar_t* panel = reinterpret_cast<scalar_t*>(scratch(panel_rows * K * x.element_size()));
-    for (int64_t n0 = 0; n0 < N; n0 += panel_rows) {
-      const int64_t count = std::min(panel_rows, N - n0);
-      dequantize_rows<F, scalar_t>(w, K, n0, count, panel);
-      at::Tensor out = y.narrow(1, n0, count);
-      at::mm_out(out, xr, at::from_blob(panel, {count, K}, x.options()).t());
-    }
-  });
-  return y;
+  return many_rows<F>(xc, w, N);
 }
 
 }  // namespace
