@@ -36,6 +36,9 @@ def create_app(service: SearchService, model_name: str, api_key: str | None = No
         return JSONResponse(status_code=status,
                             content={"error": {"message": message, "type": kind, "param": param, "code": None}})
 
+    def bad_request(exc: RequestError):
+        return error(400, str(exc), param=exc.param)
+
     @app.exception_handler(RequestValidationError)
     async def bad_body(request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
@@ -77,7 +80,7 @@ def create_app(service: SearchService, model_name: str, api_key: str | None = No
             params = protocol.generation_params(body, len(prompt), policy.max_model_len, max_tokens,
                                                 protocol.chat_logprobs_count(body), _seed(body.seed))
         except RequestError as exc:
-            return error(400, str(exc))
+            return bad_request(exc)
         return await generate(request, body, [(prompt, None)], params, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
@@ -91,7 +94,7 @@ def create_app(service: SearchService, model_name: str, api_key: str | None = No
             params = [protocol.generation_params(body, len(ids), policy.max_model_len, body.max_tokens, logprobs,
                                                  _seed(body.seed)) for ids, _ in prompts]
         except RequestError as exc:
-            return error(400, str(exc))
+            return bad_request(exc)
         echoes = [text if body.echo else None for _, text in prompts]
         return await generate(request, body, list(zip([ids for ids, _ in prompts], echoes)), params, chat=False)
 
@@ -103,13 +106,13 @@ def create_app(service: SearchService, model_name: str, api_key: str | None = No
             for question, paths in requests:
                 futures.append(service.score_paths(question, paths))
         except RequestError as exc:
-            return error(400, str(exc))
+            return bad_request(exc)
         except Busy as exc:
             raise HTTPException(503, str(exc)) from exc
         results = await asyncio.gather(*[asyncio.wrap_future(f) for f in futures], return_exceptions=True)
         exc = next((r for r in results if isinstance(r, BaseException)), None)
         if isinstance(exc, RequestError):
-            return error(400, str(exc))
+            return bad_request(exc)
         if isinstance(exc, Busy):
             raise HTTPException(503, str(exc)) from exc
         if exc is not None:
@@ -144,7 +147,7 @@ def create_app(service: SearchService, model_name: str, api_key: str | None = No
         try:
             texts = protocol.pooling_texts(service.scorer.verifier, body)
         except RequestError as exc:
-            return error(400, str(exc), param=exc.param)
+            return bad_request(exc)
         groups: dict[str, list[int]] = {}  # question -> its inputs: paths of one question share a tree
         for i, text in enumerate(texts):
             groups.setdefault(text.question, []).append(i)
@@ -172,7 +175,7 @@ def create_app(service: SearchService, model_name: str, api_key: str | None = No
             on_step = (lambda text: loop.call_soon_threadsafe(steps.put_nowait, text)) if body.stream else None
             ticket = service.submit(body.plain_messages(), config, on_step=on_step)
         except RequestError as exc:
-            return error(400, str(exc))
+            return bad_request(exc)
         except Busy as exc:
             raise HTTPException(503, str(exc)) from exc
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -207,7 +210,7 @@ def create_app(service: SearchService, model_name: str, api_key: str | None = No
                 service.cancel(ticket)
             if isinstance(exc, Busy):
                 raise HTTPException(503, str(exc)) from exc
-            return error(400, str(exc))
+            return bad_request(exc)
         reply_id, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         head = {"id": reply_id, "created": created, "model": model_name}
         if deltas is not None:
