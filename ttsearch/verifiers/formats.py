@@ -82,17 +82,20 @@ class StepFormat:
     def split_text(self, text: str) -> tuple[str, str]:
         """(question, solution): a text written in this format cut where its steps begin. A
         ValueError says why the text cannot be read so."""
-        raise ValueError(f"the {type(self).__name__} marks no step in its text")
+        raise self._untagged()
 
     def join(self, question: str, solution: str) -> str:
         """The text this format writes for ``question`` followed by the steps of ``solution``
         (the inverse of ``split_text``)."""
-        raise ValueError(f"the {type(self).__name__} marks no step in its text")
+        raise self._untagged()
 
     def split_steps(self, solution: str) -> tuple[list[str], int]:
         """The steps of ``solution``, each to its tag, as ``steps`` takes them; and how much of
         ``solution`` they cover (to the end of the last tag: text after it is no step)."""
-        raise ValueError(f"the {type(self).__name__} marks no step in its text")
+        raise self._untagged()
+
+    def _untagged(self) -> ValueError:
+        return ValueError(f"the {type(self).__name__} marks no step in its text")
 
 
 @dataclass(frozen=True)
